@@ -1,0 +1,35 @@
+# Two commands on a fresh machine:  make demo  (the main job)   make test  (the test suite)
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+
+export RAY_AUTH_MODE := disabled
+export PYTHONUNBUFFERED := 1
+
+.PHONY: venv demo audit search test test-fast bench ui clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# torch first, pinned: pip takes it from this machine's local wheel cache when present
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+# The main job on the embedded default (bundled MNIST digits, local Ray, MLflow on a local sqlite file).
+demo: venv
+	$(BIN)/python -m tldr_core.audit --dataset mnist-bundled --train-size 1000 --out runs/demo
+
+audit: demo
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf runs .pytest_cache
