@@ -92,15 +92,24 @@ def train_generator(classifier: nn.Module, num_classes: int, image_shape: tuple[
 
 @torch.no_grad()
 def generate(gen: ConditionedGenerator, per_class: int, *, seed: int = 0, device: str | torch.device = "cpu",
-             clamp: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+             clamp: bool = True, dropout: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Hot-conditioned reconstructions, `per_class` of each class in class order.
 
+    dropout=True keeps the generator's dropout active while batch norm uses its running statistics:
+    the paper draws diversity from heavy dropout during generation, and without it a generator that
+    learned to ignore z returns near-copies of one image per class.
     Returns (images (R, C, H, W) float32, clamped to [0, 1] unless clamp=False; labels (R,) int64).
     """
     gen = gen.to(device).eval()
+    if dropout:
+        for m in gen.modules():
+            if isinstance(m, (nn.Dropout, nn.Dropout2d)):
+                m.train()
+    torch.manual_seed(seed)  # dropout masks come from the global generator
     v, labels = balanced_conditioning(per_class, gen.num_classes, device)
     z = torch.randn(len(labels), gen.latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
     images = gen(z, v, labels)
+    gen.eval()
     if clamp:
         images = images.clamp(0, 1)
     return images.float().cpu(), labels.cpu()
