@@ -14,7 +14,6 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch first, pinned: pip takes it from this machine's local wheel cache when present
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e '.[test]'
 	@touch $@
@@ -25,6 +24,14 @@ demo: venv
 
 audit: demo
 
+# Ray Tune + Optuna search, every trial in MLflow (runs/mlflow.db), champion in the registry (docs/search.md).
+search: venv
+	$(BIN)/python tune/search.py --dataset mnist-bundled --trials 8
+
+# MLflow UI on the searches' database, http://127.0.0.1:5000 (loopback only).
+ui: venv
+	$(BIN)/python mlflow/serve.py
+
 test: venv
 	$(BIN)/python -m pytest -q
 
@@ -33,3 +40,7 @@ test-fast: venv
 
 clean:
 	rm -rf runs .pytest_cache
+
+# Benchmark suite: writes docs/benchmarks.md (~20 min on 2 busy cores). Laptop: make bench ARGS=--quick
+bench: venv
+	$(BIN)/python bench/run.py $(ARGS)

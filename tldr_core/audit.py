@@ -2,7 +2,7 @@
 
     python -m tldr_core.audit --dataset mnist-bundled --train-size 1000 --out runs/demo
 
-writes into --out: metrics.json, reconstructions.npz, grid.png, nearest.png, generator.pt.
+writes into --out: metrics.json, reconstructions.npz, grid.png, nearest.png, generator.pt, report.html.
 Files are written to a staging folder and moved into place at the end (metrics.json last), so a
 failed run never leaves output that looks complete.
 """
@@ -27,10 +27,11 @@ from .config import (GRAD_MODES, GRAD_SCOPES, MODES, PERTURBATIONS, VARIANTS, At
                      LossWeights, load_yaml_config)
 from .data import DATASETS, DataError, DatasetBundle, DatasetNotFoundError, load_dataset
 from .metrics import nn_ssim, score_baselines, score_reconstructions
+from .report import audit_report
 from .train import NonFiniteLossError, TrainResult, generate, resolve_device, summarize_history, train_generator
 from .viz import save_grid, save_nearest
 
-OUTPUT_FILES = ("metrics.json", "reconstructions.npz", "grid.png", "nearest.png", "generator.pt")
+OUTPUT_FILES = ("metrics.json", "reconstructions.npz", "grid.png", "nearest.png", "generator.pt", "report.html")
 
 
 @dataclass
@@ -60,7 +61,8 @@ def run_attack(classifier: nn.Module, bundle: DatasetBundle, cfg: AttackConfig, 
 
 
 def write_outputs(out: Path, bundle: DatasetBundle, cfg: AttackConfig, attack: AttackResult,
-                  baselines: dict[str, dict[str, float]], classifier_info: dict[str, Any]) -> Path:
+                  baselines: dict[str, dict[str, float]], classifier_info: dict[str, Any],
+                  classifier: nn.Module | None = None) -> Path:
     """Write every artefact into a staging folder, then move them into `out` (metrics.json last)."""
     out.mkdir(parents=True, exist_ok=True)
     stage = out / ".partial"
@@ -91,6 +93,10 @@ def write_outputs(out: Path, bundle: DatasetBundle, cfg: AttackConfig, attack: A
                       "steps_per_second": round(attack.train.steps / max(attack.train.seconds, 1e-9), 2)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    # report.html; adds record["template_attack"] when the classifier's first layer is fully connected
+    html, extra = audit_report(bundle, cfg, attack, baselines, record, classifier)
+    record.update(extra)
+    (stage / "report.html").write_text(html, encoding="utf-8")
     (stage / "metrics.json").write_text(json.dumps(record, indent=2, default=float))
     for name in sorted(OUTPUT_FILES, key=lambda n: n == "metrics.json"):  # metrics.json last: it marks completion
         (stage / name).replace(out / name)
@@ -198,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         log("scoring baselines (noise, class means, real held-out images) with the same code")
         baselines = score_baselines(bundle.train, bundle.heldout, bundle.test, bundle.num_classes, cfg.per_class,
                                     classifier=classifier, tau=args.tau, seed=cfg.seed)
-        path = write_outputs(Path(args.out), bundle, cfg, attack, baselines, info)
+        path = write_outputs(Path(args.out), bundle, cfg, attack, baselines, info, classifier=classifier)
     except (ConfigError, DataError, DatasetNotFoundError, CheckpointError, NonFiniteLossError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

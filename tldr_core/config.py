@@ -44,11 +44,11 @@ class LossWeights:
     kl_pert: float = 0.5
     ce: float = 1.0
     ce_pert: float = 0.5
-    cos: float = 0.5
-    ortho: float = 0.5
+    cos: float = 0.1
+    ortho: float = 0.1
     var: float = 0.004
     pix: float = 1.0
-    grad: float = 0.05
+    grad: float = 0.5
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -102,7 +102,7 @@ class AttackConfig:
     perturbation: str = "fgsm"     # fgsm: worst-case sign step; random: uniform sign noise
     grad_mode: str = "ghost"       # how the Grad term is computed (see losses.GRAD_FUNCS)
     grad_scope: str = "head"       # which weights θ: "head" (fully connected layers) or "all"
-    steps: int = 1500
+    steps: int = 1200
     batch_size: int = 64
     lr: float = 2e-3
     latent_dim: int = 64

@@ -17,19 +17,30 @@ in [0, 1] already and are used as given.
 
 The ``train``, ``heldout`` and ``test`` arguments are duck-typed: any object with ``.images``
 (N, C, H, W) float in [0, 1] and ``.labels`` (N,) int64 (e.g. ``tldr_core.data.Split``).
-Work is vectorised per class (one `ssim_matrix` per class); nothing loops over pairs.
+Work is vectorised per class; nothing loops over pairs.
+
+Nearest-neighbour search (``method``): "brute" computes the full per-class `ssim_matrix`;
+"pruned" (the default) gives the same nearest neighbours, values and coverage flags with far fewer
+exact SSIMs: provable upper bounds of SSIM from per-window statistics
+(:func:`tldr_core.ssim.ssim_upper_bound`: first luminance/contrast only, then with a PCA
+projection of the window patches) rule out references that cannot beat the best exact SSIM found
+so far (or reach ``tau``, for coverage); exact SSIM is computed, with the same `ssim_matrix` call
+brute force makes, only for the rest, best bound first. It falls back to brute force for small
+reference sets, images with negative pixels (the bound needs a non-negative luminance term) and
+non-CPU tensors. How much it saves depends on the data: see docs/benchmarks.md.
 """
 from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import Tensor
 
-from .ssim import ssim_matrix
+from .ssim import BOUND_MARGIN, WindowStats, ssim_matrix, ssim_upper_bound
 
 __all__ = [
     "METRIC_KEYS",
@@ -113,7 +124,158 @@ def _class_index(labels: Tensor, c: int) -> Tensor:
     return (labels == c).nonzero(as_tuple=True)[0]
 
 
-def nn_ssim(recon: Tensor, recon_labels: Tensor, ref: Tensor, ref_labels: Tensor) -> NearestResult:
+METHODS: tuple[str, ...] = ("pruned", "brute")
+
+_TIE_TOL = 1e-6  # SSIMs closer than this are ties (float32 rounding); ties go to the lowest index
+_PRUNE_MIN_REFS = 512  # below this many references per class brute force is as cheap
+_PROBE = 256  # references on which pruning must prove itself before the bound is computed for all
+_PROBE_KEEP = 0.5  # if the probe leaves more than this fraction, the class is scored by brute force
+_FIRST_ROUND = 32  # exact columns in the first refinement round (doubling each round, up to _MAX_ROUND)
+_MAX_ROUND = 1024
+_CACHE_BYTES = 1 << 30  # window statistics of reference sets kept for reuse (training/held-out sets)
+_STATS_CACHE: list[tuple[weakref.ref, tuple, WindowStats]] = []
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+@dataclass
+class SearchStats:
+    """What pruned searches did (benchmarks read :data:`SEARCH_STATS`): pairs, exact SSIMs
+    computed, classes scored by brute force after the probe, references searched."""
+
+    pairs: int = 0
+    exact_pairs: int = 0
+    brute_classes: int = 0
+    refs: int = 0
+
+    def add(self, **kw: int) -> None:
+        for k, v in kw.items():
+            setattr(self, k, getattr(self, k) + v)
+
+
+#: Running totals of every nearest-neighbour search (reset it by assigning a new SearchStats()).
+SEARCH_STATS = SearchStats()
+
+
+class _Ref:
+    """A reference image set (all classes). Window statistics of a subset (one class) are computed
+    when first needed and cached across calls while the caller's tensor lives unmodified (the same
+    training and held-out sets are scored many times per trial: reconstructions, nearest images,
+    baselines)."""
+
+    def __init__(self, original: Any, images: Tensor) -> None:
+        self.original, self.images = original, images
+
+    def stats(self, idx: Tensor) -> WindowStats:
+        o = self.original
+        if not isinstance(o, Tensor):
+            return WindowStats(self.images[idx])
+        key = (tuple(o.shape), o._version, idx.numel(), hash(idx.numpy().tobytes()))
+        for k, (ref, entry_key, st) in enumerate(_STATS_CACHE):
+            if ref() is o and entry_key == key:
+                _STATS_CACHE.insert(0, _STATS_CACHE.pop(k))
+                return st
+        st = WindowStats(self.images[idx])
+        if st.nbytes <= _CACHE_BYTES:
+            _STATS_CACHE.insert(0, (weakref.ref(o), key, st))
+            while sum(e[2].nbytes for e in _STATS_CACHE) > _CACHE_BYTES:
+                _STATS_CACHE.pop()
+        return st
+
+
+def _prunable(r: Tensor, ref: Tensor) -> bool:
+    return (r.device.type == "cpu" and ref.device.type == "cpu" and ref.shape[0] >= _PRUNE_MIN_REFS
+            and bool((r.min() >= 0) & (ref.min() >= 0))
+            and bool(torch.isfinite(r).all() & torch.isfinite(ref).all()))
+
+
+def _nearest(m: Tensor) -> tuple[Tensor, Tensor]:
+    """(max of each row, the lowest column index within _TIE_TOL of it) of m (n_r, n) float64."""
+    top = m.max(dim=1).values
+    j = (m >= (top - _TIE_TOL)[:, None]).to(torch.int8).argmax(dim=1)
+    return top, j
+
+
+def _search(r: Tensor, ref: _Ref, idx: Tensor, tau: float | None, method: str
+            ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Same-class search of reconstructions ``r`` (n_r) in the references ``ref.images[idx]`` (n_t).
+
+    Returns (values (n_r,) float64, index (n_r,) int64 into ``idx``, covered (n_t,) bool or None):
+    each r's max SSIM and its arg max (ties within 1e-6 to the lowest index), and with ``tau``
+    whether some r reaches SSIM >= tau with each reference. "pruned" returns what "brute" does.
+    """
+    images = ref.images[idx.to(ref.images.device)]
+    if method == "brute" or not _prunable(r, images):
+        m = ssim_matrix(r, images.to(r.device)).to("cpu", torch.float64)
+        SEARCH_STATS.add(pairs=m.numel(), exact_pairs=m.numel(), refs=m.shape[1], brute_classes=1)
+        return (*_nearest(m), (m.max(dim=0).values >= tau) if tau is not None else None)
+    return _search_pruned(r, images, lambda: ref.stats(idx), tau)
+
+
+def _search_pruned(r: Tensor, ref: Tensor, ref_stats: Callable[[], WindowStats], tau: float | None
+                   ) -> tuple[Tensor, Tensor, Tensor | None]:
+    n_r, n_t = r.shape[0], ref.shape[0]
+    sr = WindowStats(r)
+    exact = torch.full((n_r, n_t), -math.inf, dtype=torch.float64)
+    bound = torch.full((n_r, n_t), math.inf, dtype=torch.float64)
+    done = torch.zeros(n_t, dtype=torch.bool)
+    covered = torch.zeros(n_t, dtype=torch.bool)
+    n_exact = 0
+
+    def alive() -> Tensor:
+        best = exact.max(dim=1).values
+        need = (bound >= (best - BOUND_MARGIN)[:, None]).any(dim=0)
+        if tau is not None:
+            need |= bound.max(dim=0).values >= tau - BOUND_MARGIN
+        return need & ~done
+
+    def evaluate(cols: Tensor) -> None:
+        nonlocal n_exact
+        if cols.numel() < n_r:  # keep the reconstructions the held side of ssim_matrix, as brute force does
+            rest = (~done).nonzero(as_tuple=True)[0]
+            cols = torch.cat([cols, rest[~torch.isin(rest, cols)][: n_r - cols.numel()]])
+        cols = cols.sort().values
+        m = ssim_matrix(r, ref[cols]).to(torch.float64)  # the same call brute force makes, on fewer columns
+        exact[:, cols] = m
+        if tau is not None:
+            covered[cols] = m.max(dim=0).values >= tau
+        done[cols] = True
+        n_exact += m.numel()
+
+    def seed(upto: int) -> None:  # exact SSIM of each reconstruction's two best-bounded references
+        b = bound[:, :upto].masked_fill(done[:upto], -math.inf)
+        evaluate(b.topk(min(2, upto), dim=1).indices.flatten().unique())
+
+    p = min(n_t, _PROBE)
+    bound[:, :p] = ssim_upper_bound(sr, WindowStats(ref[:p]))
+    hopeless = tau is not None and (bound[:, :p].max(dim=0).values >= tau - BOUND_MARGIN).float().mean() > _PROBE_KEEP
+    if not hopeless:
+        seed(p)
+    if hopeless or alive()[:p].float().mean() > _PROBE_KEEP:  # the bound cannot prune here: brute force is cheaper
+        m = ssim_matrix(r, ref).to(torch.float64)
+        SEARCH_STATS.add(pairs=m.numel(), exact_pairs=m.numel() + n_exact, refs=n_t, brute_classes=1)
+        return (*_nearest(m), (m.max(dim=0).values >= tau) if tau is not None else None)
+    if p < n_t:
+        bound[:, p:] = ssim_upper_bound(sr, ref_stats().take(slice(p, n_t)))
+        seed(n_t)
+    size = _FIRST_ROUND
+    while (keep := alive()).any():  # exact SSIM for what the bound cannot rule out, best bound first
+        idx = keep.nonzero(as_tuple=True)[0]
+        best = exact.max(dim=1).values
+        prio = (bound[:, idx] - best[:, None]).max(dim=0).values
+        if tau is not None:
+            prio = torch.maximum(prio, bound[:, idx].max(dim=0).values - tau)
+        evaluate(idx[prio.argsort(descending=True)[:size]])
+        size = min(2 * size, _MAX_ROUND)
+    SEARCH_STATS.add(pairs=n_r * n_t, exact_pairs=n_exact, refs=n_t)
+    return (*_nearest(exact), covered if tau is not None else None)
+
+
+def nn_ssim(recon: Tensor, recon_labels: Tensor, ref: Tensor, ref_labels: Tensor, *,
+            method: str = "pruned") -> NearestResult:
     """Same-class nearest neighbour of each reconstruction in ``ref``, by SSIM.
 
     Args:
@@ -121,16 +283,19 @@ def nn_ssim(recon: Tensor, recon_labels: Tensor, ref: Tensor, ref_labels: Tensor
         recon_labels: (R,) int labels.
         ref: (N, C, H, W) reference images.
         ref_labels: (N,) int labels.
+        method: "pruned" (default) or "brute": identical results (module doc).
 
     Returns:
         NearestResult with ``values`` (R,) float64 and ``index`` (R,) int64 (into ``ref``), on
-        CPU. Ties go to the lowest reference index.
+        CPU. Ties (SSIMs within 1e-6, float32 rounding) go to the lowest reference index.
 
     Raises:
         ValueError: if a class present in ``recon_labels`` has no reference image.
     """
+    _check_method(method)
     recon = _images(recon, "recon")
-    ref = _images(ref, "ref")
+    ref_set = _Ref(ref, _images(ref, "ref"))
+    ref = ref_set.images
     _check_same_shape(recon, ref, "nn_ssim")
     rl = _labels(recon_labels, recon.shape[0], "recon_labels")
     fl = _labels(ref_labels, ref.shape[0], "ref_labels")
@@ -140,9 +305,8 @@ def nn_ssim(recon: Tensor, recon_labels: Tensor, ref: Tensor, ref_labels: Tensor
         ri, fi = _class_index(rl, c), _class_index(fl, c)
         if fi.numel() == 0:
             raise ValueError(f"nn_ssim: class {c} has reconstructions but no reference images")
-        m = ssim_matrix(recon[ri.to(recon.device)], ref[fi.to(ref.device)].to(recon.device))
-        v, j = m.max(dim=1)
-        values[ri] = v.to("cpu", torch.float64)
+        v, j, _ = _search(recon[ri.to(recon.device)], ref_set, fi, None, method)
+        values[ri] = v
         index[ri] = fi[j.cpu()]
     return NearestResult(values=values, index=index)
 
@@ -195,6 +359,7 @@ def score_reconstructions(
     tau: float = 0.5,
     n_boot: int = 1000,
     seed: int = 0,
+    method: str = "pruned",
 ) -> dict[str, float]:
     """All reconstruction metrics of method.md §6, as a flat dict of floats.
 
@@ -208,6 +373,7 @@ def score_reconstructions(
         tau: SSIM threshold of ``coverage``.
         n_boot: bootstrap resamples for the gap CI (>= 1).
         seed: bootstrap seed.
+        method: nearest-neighbour search, "pruned" (default) or "brute": identical results.
 
     Returns (keys exactly :data:`METRIC_KEYS`):
         n_recon:          R.
@@ -237,10 +403,12 @@ def score_reconstructions(
         ValueError: empty ``recon``; a class of ``recon_labels`` with no training or no held-out
             image; mismatched shapes; n_boot < 1.
     """
+    _check_method(method)
     recon = _images(recon, "recon").clamp(0.0, 1.0)
     rl = _labels(recon_labels, recon.shape[0], "recon_labels")
     t_img, t_lab = _split(train, "train")
     h_img, h_lab = _split(heldout, "heldout")
+    t_set, h_set = _Ref(getattr(train, "images", None), t_img), _Ref(getattr(heldout, "images", None), h_img)
     _check_same_shape(recon, t_img, "recon vs train")
     _check_same_shape(recon, h_img, "recon vs heldout")
     n = recon.shape[0]
@@ -264,12 +432,17 @@ def score_reconstructions(
             raise ValueError(f"class {c} has reconstructions but no held-out images")
         m = min(ti.numel(), hi.numel())
         r_c = recon[ri.to(dev)]
-        m_t = ssim_matrix(r_c, t_img[ti].to(dev)).to("cpu", torch.float64)  # (r_c, |T_c|)
-        m_h = ssim_matrix(r_c, h_img[hi[:m]].to(dev)).to("cpu", torch.float64)  # (r_c, m)
-        nn_t[ri] = m_t.max(dim=1).values
-        nn_tm[ri] = m_t[:, :m].max(dim=1).values
-        nn_h[ri] = m_h.max(dim=1).values
-        covered[ti] = m_t.max(dim=0).values >= tau
+        if method == "brute":  # the reference: full matrices
+            m_t = ssim_matrix(r_c, t_img[ti].to(dev)).to("cpu", torch.float64)  # (r_c, |T_c|)
+            m_h = ssim_matrix(r_c, h_img[hi[:m]].to(dev)).to("cpu", torch.float64)  # (r_c, m)
+            nn_t[ri] = m_t.max(dim=1).values
+            nn_tm[ri] = m_t[:, :m].max(dim=1).values
+            nn_h[ri] = m_h.max(dim=1).values
+            covered[ti] = m_t.max(dim=0).values >= tau
+        else:
+            nn_t[ri], _, covered[ti] = _search(r_c, t_set, ti, tau, method)
+            nn_tm[ri] = nn_t[ri] if m == ti.numel() else _search(r_c, t_set, ti[:m], None, method)[0]
+            nn_h[ri] = _search(r_c, h_set, hi[:m], None, method)[0]
         matched.append(m)
         k = ri.numel()
         if k >= 2:
@@ -368,6 +541,7 @@ def score_baselines(
     tau: float = 0.5,
     seed: int = 0,
     n_boot: int = 1000,
+    method: str = "pruned",
 ) -> dict[str, dict[str, float]]:
     """Each of :func:`baseline_sets` scored with :func:`score_reconstructions` (same code path).
 
@@ -376,7 +550,7 @@ def score_baselines(
     sets = baseline_sets(train, test, num_classes, per_class, seed=seed)
     return {
         name: score_reconstructions(
-            images, labels, train, heldout, classifier=classifier, tau=tau, n_boot=n_boot, seed=seed
+            images, labels, train, heldout, classifier=classifier, tau=tau, n_boot=n_boot, seed=seed, method=method
         )
         for name, (images, labels) in sets.items()
     }

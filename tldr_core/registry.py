@@ -95,7 +95,6 @@ class CheckpointPyfunc:
             x = x.reshape(-1, *spec["in_shape"])
             with torch.no_grad():
                 return torch.softmax(self.model(x), dim=1).numpy()
-        from .models import hot_matrix  # noqa: F401 - the generator's module, imported for clarity
         import torch.nn.functional as F
 
         if hasattr(model_input, "to_dict"):  # pandas DataFrame

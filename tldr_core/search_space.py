@@ -37,6 +37,8 @@ import yaml
 from .config import AttackConfig, ConfigError, LossWeights
 
 SWITCH_SUFFIX = "_on"
+#: Key of a trial's Tune config holding its 1-based trial number (Optuna's trial number + 1).
+TRIAL_NUMBER = "trial_number"
 #: AttackConfig fields the search command controls itself; a space may not set them.
 RESERVED = ("steps", "seed", "device", "per_class")
 DEFAULT_SPACE = Path(__file__).resolve().parent.parent / "tune" / "space.yaml"
@@ -177,6 +179,7 @@ class SearchSpace:
     # ------------------------------------------------------------------ Optuna define-by-run
     def __call__(self, trial: Any) -> dict[str, Any]:
         out: dict[str, Any] = {}
+        number = getattr(trial, "number", None)
         for name in LossWeights.names():
             spec = self.weights[name]
             if not spec.searched:
@@ -194,6 +197,8 @@ class SearchSpace:
             else:
                 out[name] = trial.suggest_float(name, spec.low, spec.high, log=spec.log)
         out.update(self.fixed)
+        if isinstance(number, int):
+            out[TRIAL_NUMBER] = number + 1
         return out
 
     # ------------------------------------------------------------------ helpers

@@ -28,6 +28,7 @@ TRIAL_ID = "tldr.trial_id"
 TRIAL_NUMBER = "tldr.trial_number"
 STATE = "tldr.state"          # running | finished | early-stopped | failed | interrupted
 ERROR = "tldr.error"
+NOTE = "tldr.note"
 OBJECTIVE = "tldr.objective"
 GENERATOR_MODEL = "tldr.generator_model_uri"
 GENERATOR_MODEL_ID = "tldr.generator_model_id"
@@ -110,9 +111,13 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
 
 
 def client(uri: str):
+    """An MlflowClient for `uri`; also sets the process-wide URI, which MLflow uses internally (model
+    logging, resolving `models:/m-...` sources on registration): never a stray ./mlruns or ./mlflow.db."""
+    import mlflow
     from mlflow import MlflowClient
 
     quiet_mlflow_env()
+    mlflow.set_tracking_uri(uri)
     return MlflowClient(tracking_uri=uri)
 
 
@@ -198,11 +203,12 @@ def set_tags(c, run_id: str, tags: Mapping[str, Any]) -> None:
 
 
 def terminate(c, run_id: str, status: str, state: str | None = None, error: str | None = None) -> None:
+    """End a run; `error` goes to tldr.error for FAILED runs and to tldr.note otherwise."""
     tags: dict[str, str] = {}
     if state:
         tags[STATE] = state
     if error:
-        tags[ERROR] = error[:5000]
+        tags[ERROR if status == "FAILED" else NOTE] = error[:5000]
     if tags:
         set_tags(c, run_id, tags)
     retry(lambda: c.set_terminated(run_id, status=status))
@@ -228,12 +234,6 @@ def trial_runs(c, experiment_id: str, search_run_id: str, trial_id: str | None =
             return runs
 
 
-def trial_number(trial_id: str) -> int:
-    """Tune trial ids end in a zero-padded counter ('9f2c1_00007' -> 7)."""
-    try:
-        return int(trial_id.rsplit("_", 1)[-1])
-    except ValueError:
-        return -1
 
 
 @dataclass
@@ -245,7 +245,7 @@ class TrialRun:
     experiment_id: str
 
     @classmethod
-    def start(cls, c, experiment_id: str, search_run_id: str, trial_id: str, run_name: str,
+    def start(cls, c, experiment_id: str, search_run_id: str, trial_id: str, number: int, run_name: str,
               tags: Mapping[str, Any] | None = None) -> "TrialRun":
         """Create the trial's run; a stale run of the same trial (an attempt interrupted before a resume)
         is deleted first, so every trial has exactly one active run."""
@@ -256,7 +256,7 @@ class TrialRun:
                 retry(lambda: c.set_terminated(old.info.run_id, status="KILLED"))
             retry(lambda: c.delete_run(old.info.run_id))
         all_tags = {PARENT: search_run_id, SEARCH_RUN: search_run_id, ROLE: "trial", TRIAL_ID: trial_id,
-                    TRIAL_NUMBER: str(trial_number(trial_id)), STATE: "running", "tldr.attempt": str(attempt),
+                    TRIAL_NUMBER: str(number), STATE: "running", "tldr.attempt": str(attempt),
                     **{k: str(v) for k, v in (tags or {}).items()}}
         run = retry(lambda: c.create_run(experiment_id, tags=all_tags, run_name=run_name))
         return cls(c, run.info.run_id, experiment_id)
