@@ -330,7 +330,7 @@ def audit_one(c, cand: Candidate, opts: Options, say: Callable[[str], None]) -> 
             model, _meta, _ref, _path = load_registered_classifier(c, cand.uri, Path(tmp) / "model")
             del model
         except Exception as exc:  # noqa: BLE001 - CheckpointError, RegistryError, missing artifacts...
-            msg = f"model does not load: {one_line(exc)}"
+            msg = f"model does not load: {one_line(str(exc).replace(str(Path(tmp) / 'model'), cand.uri))}"
             _set_tags(c, cand, {STATUS: "error", ERROR: msg, TIME: now_iso()})
             say(f"  {cand.uri}: error, skipped: {msg}")
             return "error"

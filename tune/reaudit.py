@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     tr.quiet_mlflow_env()
     uri = tr.normalize_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
     try:
-        for name, v, lo in (("--trials", args.trials, 1), ("--steps", args.steps, 4), ("--per-class", args.per_class, 1)):
+        limits = (("--trials", args.trials, 1), ("--steps", args.steps, 4), ("--per-class", args.per_class, 1))
+        for name, v, lo in limits:
             if v is not None and v < lo:
                 raise ra.ReauditError(f"{name} must be >= {lo}, got {v}")
         if args.max_age_days < 0:

@@ -432,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
         st = _settings_from_args(args)
         tr.check_tracking_uri(st.tracking_uri)
         _check_ray_address(args.address)
+        if args.address not in (None, "auto") and tr.is_local_store(st.tracking_uri):
+            say(f"warning: trials on the cluster at {args.address} write to {st.tracking_uri}, a file on this "
+                "machine; unless the cluster shares it, pass --tracking-uri http://<mlflow-server>:5000")
         resume_run = None
         if args.resume:
             c = tr.client(st.tracking_uri)
@@ -507,7 +510,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt:
         status = "KILLED"
-        print("\ninterrupted before the trials started", file=sys.stderr)
+        print("\ninterrupted", file=sys.stderr)
+        if search is not None and search.run_id and search.experiment_id:
+            try:
+                tr.close_open_trial_runs(search.c, search.experiment_id, search.run_id, "KILLED", "interrupted",
+                                         "search interrupted; the trial restarts on --resume")
+                tr.set_tags(search.c, search.run_id, {tr.STATE: "interrupted"})
+                print(f"continue with:  python tune/search.py --resume {search.run_id}", file=sys.stderr)
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
         return 130
     except (SearchError, ConfigError, tr.TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
