@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    # No background job runner (GenAI evaluation jobs): not needed to browse runs, and without it
+    # the server stops at the first Ctrl-C instead of lingering.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     print(f"MLflow UI on http://{'127.0.0.1' if args.host in ('127.0.0.1', '0.0.0.0') else args.host}:{args.port}"
           f"  (database {args.backend_store_uri or Path(args.db).resolve()}; Ctrl-C stops it)", flush=True)
     os.execv(cmd[0], cmd) if os.path.isabs(cmd[0]) else os.execvp(cmd[0], cmd)

@@ -40,6 +40,7 @@ def test_risk_levels_follow_the_stated_thresholds():
     assert assess(_m(gap=0.05, lo=0.03, hi=0.07), BASE).level == "HIGH"
     assert assess(_m(gap=0.02, lo=0.01, hi=0.03, coverage=0.2), BASE).level == "HIGH"
     assert assess(_m(gap=0.02, lo=0.01, hi=0.03), BASE).level == "MEDIUM"
+    assert assess(_m(gap=0.004, lo=0.001, hi=0.007), BASE).level == "LOW"  # CI above 0 but within run-to-run noise
     r = assess(_m(quality=0.6), BASE)  # as close as the class-mean image (0.55), no gap
     assert r.level == "MEDIUM" and "class-level" in r.reason and r.realism == pytest.approx(1.1)
     r = assess(_m(quality=0.35), BASE)  # 60% of the way from noise to the class mean: LOW, and says so

@@ -8,8 +8,10 @@ as report.html, the search's champion and the defence comparison use the same pi
 Risk level (stated on the page too), per attack, the page taking the worst:
 HIGH   the memorisation gap's 95% CI lower bound > HIGH_GAP_CI_LOW, or coverage@tau > HIGH_COVERAGE
        while the gap is significant (specific training images come back);
-MEDIUM the gap is significant (CI above 0), or the reconstructions' quality reaches the class-mean
-       baseline's (they resemble training images as much as each class's average training image does);
+MEDIUM the gap is significant: its CI lower bound > MEDIUM_GAP_CI_LOW (0.005, the run-to-run noise of the gap
+       measured in method.md §7: the bootstrap CI covers only the resampling of reconstructions, and on
+       the defence comparison it excluded 0 on both sides for variants with no effect); or the
+       reconstructions' quality reaches the class-mean baseline's (a class-level leak);
 LOW    otherwise.
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .report_html import esc, grid_html, kv_table, metrics_table, page, pairs_ht
 from .templates import applies as templates_apply, run_template_attack
 
 HIGH_GAP_CI_LOW = 0.02
+MEDIUM_GAP_CI_LOW = 0.005
 HIGH_COVERAGE = 0.05
 MEDIUM_REALISM = 1.0  # quality as a fraction of the way from the noise to the class-mean baseline
 LEVELS = ("LOW", "MEDIUM", "HIGH")
@@ -59,17 +62,19 @@ def assess(m: dict[str, float], baselines: dict[str, dict[str, float]]) -> Risk:
     if m["gap_ci_low"] > HIGH_GAP_CI_LOW:
         return Risk("HIGH", f"clearly closer to this model's own training images than to unseen images of the same "
                             f"classes ({gap}): the model gives away individual training images", realism)
-    if m["gap_significant"] and m["coverage"] > HIGH_COVERAGE:
+    significant = m["gap_ci_low"] > MEDIUM_GAP_CI_LOW
+    if significant and m["coverage"] > HIGH_COVERAGE:
         return Risk("HIGH", f"{m['coverage']:.0%} of the training images have one at SSIM >= {m['tau']:g}, and they "
                             f"favour training over unseen images ({gap})", realism)
-    if m["gap_significant"]:
+    if significant:
         return Risk("MEDIUM", f"slightly but significantly closer to the training images than to unseen ones ({gap})",
                     realism)
     if realism >= MEDIUM_REALISM:
         return Risk("MEDIUM", f"as close to the training images as each class's average image ({look}) but no "
                               f"closer to them than to unseen ones ({gap}): a class-level leak, not of individual "
                               f"images", realism)
-    return Risk("LOW", f"no closer to the training images than to unseen images of the same classes ({gap}), and "
+    return Risk("LOW", f"no closer to the training images than to unseen images of the same classes beyond the "
+                       f"gap's run-to-run noise ({gap}), and "
                        f"they resemble the data less than a class average does ({look}; {realism:.0%} of the way "
                        f"from noise to it)", realism)
 
@@ -82,7 +87,9 @@ def thresholds_html(tau: float) -> str:
     return ('<ul class="th">'
             f"<li><b>HIGH</b>: the memorisation gap's 95% CI lower bound is above {HIGH_GAP_CI_LOW}, or "
             f"coverage@{tau:g} is above {HIGH_COVERAGE} while the gap is significant.</li>"
-            "<li><b>MEDIUM</b>: the gap is significant (its CI lies above 0), or the reconstructions' quality reaches "
+            f"<li><b>MEDIUM</b>: the gap is significant: its CI lower bound is above {MEDIUM_GAP_CI_LOW} (the gap's "
+            "run-to-run noise; the bootstrap CI alone covers only the choice of reconstructions); or the "
+            "reconstructions' quality reaches "
             "the class-mean baseline's (they resemble the training images as much as each class's average training "
             "image does: a class-level leak, serious when a class is a person).</li>"
             "<li><b>LOW</b>: neither. The page's verdict is the worst attack's level.</li></ul>"

@@ -150,3 +150,28 @@ def verdict_html(level: str, headline: str, sentence: str, items: Sequence[str] 
     lis = "".join(f"<li>{esc(t)}</li>" for t in items)
     return (f'<div class="verdict" style="background:{COLOURS[level]}"><b class="lvl">{esc(level)} risk: '
             f"{esc(headline)}</b>{esc(sentence)}{f'<ul>{lis}</ul>' if lis else ''}</div>")
+
+def montage(results: Sequence[tuple[str, Any]], class_names: Sequence[str], title: str):
+    """A matplotlib figure: one row per (name, result), one column per class, each class's best-matching
+    image (results have .images, .labels and .nearest_ssim, like AttackResult and TemplateResult)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(class_names)
+    fig, axes = plt.subplots(len(results), k, figsize=(k * 0.62 + 1.4, len(results) * 0.68 + 0.5), squeeze=False)
+    for i, (name, res) in enumerate(results):
+        for c in range(k):
+            ax = axes[i][c]
+            ax.set_xticks([]), ax.set_yticks([])
+            idx = (res.labels == c).nonzero().flatten()
+            if len(idx):
+                img = res.images[idx[torch.argmax(res.nearest_ssim[idx])]].clamp(0, 1).numpy()
+                ax.imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray", vmin=0, vmax=1)
+            if i == 0:
+                ax.set_title(str(class_names[c]), fontsize=8)
+        axes[i][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(pad=0.3, rect=(0, 0, 1, 0.97))
+    return fig

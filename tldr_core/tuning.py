@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -144,6 +145,7 @@ def run_trial(config: dict[str, Any], inputs: TrialInputs | None = None) -> None
                                 "classifier": inputs.classifier_ref.get("uri"), "trial_id": trial_id})
         info = log_checkpoint_model(c, run.run_id, ckpt, "generator")
         run.set_tags({tr.GENERATOR_MODEL: info.model_uri, tr.GENERATOR_MODEL_ID: getattr(info, "model_id", "") or ""})
+        shutil.rmtree(work, ignore_errors=True)  # everything is in MLflow now
         run.end("FINISHED", "finished")
     except SystemExit:
         # Ray Tune stops a trial (ASHA) by raising SystemExit inside tune.report()

@@ -245,6 +245,8 @@ class Search:
         self.c = tr.client(st.tracking_uri)
         self.experiment_id: str | None = None
         self.run_id: str | None = resume_run.info.run_id if resume_run else None
+        self.args_address: str | None = None
+        self.remove_after: Path | None = None
 
     def _elapsed(self) -> str:
         return f"{time.time() - self.t0:.0f}s"
@@ -344,6 +346,8 @@ class Search:
             env.update({"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                         "TMPDIR": str(tmp), "TLDR_RUNS": str(tr.runs_dir())})
             temp_dir = _ray_temp_dir()
+            if not str(temp_dir).startswith(str(tr.runs_dir())) and not temp_dir.exists():
+                self.remove_after = temp_dir  # a short stand-in outside runs/: removed when the search ends
             temp_dir.mkdir(parents=True, exist_ok=True)
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                      _temp_dir=str(temp_dir), runtime_env={"env_vars": env}, logging_level="ERROR",
@@ -540,6 +544,10 @@ def main(argv: list[str] | None = None) -> int:
 
             if ray.is_initialized():
                 ray.shutdown()
+        if search is not None and getattr(search, "remove_after", None):
+            import shutil
+
+            shutil.rmtree(search.remove_after, ignore_errors=True)
 
 
 def _report(st: SearchSettings, search: Search, summary: dict[str, Any], promo, baselines, say) -> None:
