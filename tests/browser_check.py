@@ -107,7 +107,8 @@ def check_page(html_path: str | Path, screenshot: str | Path | None = None, widt
             page.call("Page.navigate", url=url)
             page.wait_for("Page.loadEventFired", timeout)
             time.sleep(0.3)  # late console messages
-            images = json.loads(page.call("Runtime.evaluate", expression=IMAGES_JS, returnByValue=True)["result"]["value"])
+            images = json.loads(page.call("Runtime.evaluate", expression=IMAGES_JS,
+                                          returnByValue=True)["result"]["value"])
             title = page.call("Runtime.evaluate", expression="document.title", returnByValue=True)["result"]["value"]
             height = int(page.call("Runtime.evaluate", expression="document.documentElement.scrollHeight",
                                    returnByValue=True)["result"]["value"])

@@ -128,8 +128,9 @@ def test_reproduce_command_uses_flags_or_the_classifier_file():
            "settings": {**d.flat(), "steps": d.steps + 7, "grad": d.weights.grad * 2 + 1, "latent_dim": 17},
            "metrics": {"tau": 0.5}}
     cmd = reproduce_command(rec)
-    assert "--arch cnn" in cmd and f"--steps {d.steps + 7}" in cmd and f"--grad {d.weights.grad * 2 + 1}" in cmd
+    assert "--arch cnn" in cmd and f"--steps {d.steps + 7}" in cmd and f"--grad {d.weights.grad * 2 + 1:g}" in cmd
     assert "--classifier " not in cmd and "--device" not in cmd and "latent_dim: 17" in cmd
+    assert f"--kl-pert {d.weights.kl_pert:g}" in cmd  # every weight, always: defaults may change
     rec["classifier"]["settings"]["optimizer"] = "sgd"  # not expressible by audit flags: point at the file
     assert "--classifier c.pt" in reproduce_command(rec)
 

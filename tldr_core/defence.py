@@ -81,7 +81,8 @@ def variant_settings(v: Variant, arch: str, epochs: int, base_t: int, seed: int)
 
 
 def attack_config(config: str | None = None, *, steps: int | None = None, per_class: int | None = None,
-                  batch_size: int | None = None, seed: int = 0, device: str = "cpu", smoke: bool = False) -> AttackConfig:
+                  batch_size: int | None = None, seed: int = 0, device: str = "cpu",
+                  smoke: bool = False) -> AttackConfig:
     """The one generator configuration used for every variant: DEFENCE_WEIGHTS/DEFENCE_ATTACK, or a YAML file,
     then the flags."""
     base = load_yaml_config(config) if config else AttackConfig(weights=DEFENCE_WEIGHTS, **DEFENCE_ATTACK)

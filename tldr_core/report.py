@@ -46,7 +46,7 @@ class Risk:
     @property
     def headline(self) -> str:
         if self.level == "HIGH":
-            return "this model gives away training images"
+            return "this model gives away its training data"
         if self.level == "MEDIUM":
             return ("this model gives away what its classes look like" if "class-level" in self.reason
                     else "this model leaks a little about its training images")
@@ -61,10 +61,12 @@ def assess(m: dict[str, float], baselines: dict[str, dict[str, float]]) -> Risk:
     look = f"quality {m['quality']:.2f} against {qc:.2f} for the class-mean image"
     if m["gap_ci_low"] > HIGH_GAP_CI_LOW:
         return Risk("HIGH", f"clearly closer to this model's own training images than to unseen images of the same "
-                            f"classes ({gap}): the model gives away individual training images", realism)
+                            f"classes ({gap}): what comes out is specific to its training set, not just to the "
+                            f"classes", realism)
     significant = m["gap_ci_low"] > MEDIUM_GAP_CI_LOW
     if significant and m["coverage"] > HIGH_COVERAGE:
-        return Risk("HIGH", f"{m['coverage']:.0%} of the training images have one at SSIM >= {m['tau']:g}, and they "
+        return Risk("HIGH", f"{m['coverage']:.0%} of the training images have one at SSIM >= "
+                            f"{m.get('tau', 0.5):g}, and they "
                             f"favour training over unseen images ({gap})", realism)
     if significant:
         return Risk("MEDIUM", f"slightly but significantly closer to the training images than to unseen ones ({gap})",
@@ -93,10 +95,12 @@ def thresholds_html(tau: float) -> str:
             "the class-mean baseline's (they resemble the training images as much as each class's average training "
             "image does: a class-level leak, serious when a class is a person).</li>"
             "<li><b>LOW</b>: neither. The page's verdict is the worst attack's level.</li></ul>"
-            '<p class="note"><b>quality</b>: mean SSIM of each reconstruction to its most similar training image of the '
+            '<p class="note"><b>quality</b>: mean SSIM of each reconstruction to its most similar training image of '
+            "the "
             "same class (1 = identical). <b>quality vs H'</b>: the same against an equally large set of images the "
             "model never saw. <b>gap</b> = the difference, paired per reconstruction, with a bootstrap 95% CI: above "
-            f"zero means the model reproduces <i>its</i> training images, not just the classes. <b>coverage@{tau:g}</b>: "
+            "zero means the model reproduces <i>its</i> training images, not just the classes. "
+            f"<b>coverage@{tau:g}</b>: "
             f"share of training images with a reconstruction at SSIM &ge; {tau:g}. <b>label agreement</b>: share the "
             "classifier assigns to the intended class. <b>diversity</b>: 1 - mean SSIM between reconstructions of a "
             "class. Baselines are scored by the same code: uniform noise, each class's mean training image, and real "
@@ -111,7 +115,8 @@ def reproduce_command(record: dict[str, Any]) -> str:
     """The audit command line that reproduces an audit record (metrics.json's layout)."""
     ds, cl, st = record.get("dataset", {}), record.get("classifier", {}), record.get("settings", {})
     cs = cl.get("settings", {}) or {}
-    parts = ["python -m tldr_core.audit", f"--dataset {ds.get('name', '?')}", f"--train-size {ds.get('train_size', '?')}"]
+    parts = ["python -m tldr_core.audit", f"--dataset {ds.get('name', '?')}",
+             f"--train-size {ds.get('train_size', '?')}"]
     default = ClassifierSettings(arch=cs.get("arch", "cnn")).__dict__
     if cs and all(cs.get(k) == v for k, v in default.items() if k not in ("arch", "epochs", "seed")):
         parts += [f"--arch {cs['arch']}", f"--classifier-epochs {cs['epochs']}", f"--data-seed {cs['seed']}"]
@@ -119,11 +124,13 @@ def reproduce_command(record: dict[str, Any]) -> str:
         parts.append(f"--classifier {cl['path']}")
     base, yaml_only = AttackConfig().flat(), []
     for k, v in st.items():
-        if k in base and v != base[k] and k != "device":
-            if k in CLI_ATTACK_KEYS or k in LossWeights.names():
+        if k in base and v != base[k] and k != "device" and k not in LossWeights.names():
+            if k in CLI_ATTACK_KEYS:
                 parts.append(f"--{k.replace('_', '-')} {v}")
             else:
                 yaml_only.append(f"{k}: {v}")
+    if any(k in st for k in LossWeights.names()):  # all nine, always: the defaults may change
+        parts.append(" ".join(f"--{k.replace('_', '-')} {st[k]:g}" for k in LossWeights.names() if k in st))
     tau = record.get("metrics", {}).get("tau")
     if tau is not None and tau != 0.5:
         parts.append(f"--tau {tau:g}")
@@ -147,7 +154,9 @@ def describe_model(spec: dict[str, Any] | None, settings: dict[str, Any] | None)
 
 
 def _top_pairs(images, labels, refs, scores, names, left: str, n: int = 7) -> str:
-    idx = torch.argsort(scores, descending=True)[:n]
+    """The best-matching image of each class, the `n` best of those."""
+    best = [int(i[scores[i].argmax()]) for c in labels.unique() for i in [(labels == c).nonzero().flatten()]]
+    idx = torch.tensor(best)[torch.argsort(scores[best], descending=True)][:n]
     return pairs_html(images[idx], labels[idx], refs[idx], scores[idx], names, left, "nearest training", per_class=n)
 
 
@@ -194,8 +203,8 @@ def render_report(bundle, baselines: dict[str, dict[str, float]], *, attack=None
          f"<p class='idline'><b>Model</b> {esc(model_line)}{esc(acc)}. <b>Data</b> {esc(bundle.name)}: trained on "
          f"{len(bundle.train)} images, compared with {len(bundle.heldout)} it never saw.</p>",
          verdict_html(level, risks[w].headline, sentence),
-         "<div class='top'><h2>What came out: the closest reconstructions, beside the training image each is "
-         "most like</h2>"]
+         "<div class='top'><h2>What came out: each class's closest reconstruction, beside the training image it "
+         "is most like</h2>"]
     for name, a in attacks:
         b += [f"<h3>{esc(name)}</h3>",
               _top_pairs(a.images, a.labels, train[a.nearest_index], a.nearest_ssim, names, "reconstruction")]

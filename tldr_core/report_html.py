@@ -134,7 +134,8 @@ figcaption{font-size:10.5px;color:#555;max-width:64px;line-height:1.15;margin-to
 .pairs{display:flex;flex-wrap:wrap;gap:8px}.pair{border:1px solid #e3e3e3;border-radius:6px;padding:4px 5px}
 .figs{display:flex;gap:3px}.pc{font-size:12px;white-space:nowrap}
 .idline{font-size:15px;margin:0 0 12px}details{margin:6px 0}summary{cursor:pointer;color:#333}
-.top{margin:10px 0 4px}.top h3{font-size:15px;margin:10px 0 4px}.note{color:#555;font-size:14px}pre{background:#f5f5f7;padding:10px;overflow-x:auto;
+.top{margin:10px 0 4px}.top h3{font-size:15px;margin:10px 0 4px}.note{color:#555;font-size:14px}
+pre{background:#f5f5f7;padding:10px;overflow-x:auto;
 font-size:12.5px;white-space:pre-wrap}ul.th li{margin:2px 0}
 """
 

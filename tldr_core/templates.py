@@ -25,8 +25,8 @@ four candidate images are made: min-max rescaling of ``t`` and of ``-t`` (the re
 uses) and the positive part ``max(t, 0) / max(t)`` of ``t`` and ``-t`` (pixels the class pushes
 *down* become black, like a digit's background). The attacker keeps, per class, the candidate the
 classifier itself gives the highest probability of that class. The choice uses only the model,
-never the training data, so the scores stay honest; on MNIST-like data it picks the positive part
-of ``+t`` (see docs/defence.md).
+never the training data, so the scores stay honest; on MNIST it keeps ``+t``, mostly its positive
+part (docs/defence.md).
 """
 from __future__ import annotations
 
@@ -99,7 +99,8 @@ def class_directions(model: nn.Module, in_shape: tuple[int, int, int] | None = N
         return w1.clone(), "linear"
     fc = getattr(model, "fc", None)
     if (isinstance(out, nn.Linear) and out.out_features == k and isinstance(fc, nn.Sequential)
-            and [m for m in fc.modules() if isinstance(m, nn.Linear)] == [first] and out.in_features == first.out_features):
+            and [m for m in fc.modules() if isinstance(m, nn.Linear)] == [first]
+            and out.in_features == first.out_features):
         return out.weight.detach().float() @ w1, "linear-path"
     return _jacobian_directions(model, first, in_shape, k), "jacobian"
 
