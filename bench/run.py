@@ -169,8 +169,6 @@ def bench_grad(q: bool) -> dict[str, Any]:
             ref = losses.grad_norm_loop(clf, x0, y, scope).detach()
             times = {}
             for mode in ("loop", "per-sample", "batch", "ghost"):
-                if mode == "ghost" and scope == "all":
-                    continue
                 fn = losses.GRAD_FUNCS[mode]
 
                 def f(fn=fn):

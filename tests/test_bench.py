@@ -1,5 +1,6 @@
-"""Correctness of what ISSUE 6 added: the SSIM upper bound, the pruned exact nearest-neighbour search
-(identical to brute force), and a smoke run of the benchmark suite. No timing assertions here:
+"""Correctness of what ISSUE 6 added: the SSIM upper bound, the pruned (provable) and prefilter
+(estimate-ranked, checked empirically) nearest-neighbour searches, each identical to brute force here,
+and a smoke run of the benchmark suite. No timing assertions here:
 speed lives in docs/benchmarks.md (bench/run.py)."""
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def _small_search(monkeypatch):
     monkeypatch.setattr(metrics, "_PRUNE_MIN_REFS", 16)
     monkeypatch.setattr(metrics, "_PROBE", 48)
     monkeypatch.setattr(metrics, "_FIRST_ROUND", 4)
+    monkeypatch.setattr(metrics, "_PREFILTER_MIN_REFS", 16)
     metrics._STATS_CACHE.clear()
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -51,13 +53,16 @@ def near_copies(x: torch.Tensor, seed: int, sigma: float = 0.05) -> torch.Tensor
 
 
 def assert_same_nn(recon, rl, ref, fl):
-    metrics.SEARCH_STATS = metrics.SearchStats()
-    a = metrics.nn_ssim(recon, rl, ref, fl, method="pruned")
-    pruned_stats = metrics.SEARCH_STATS
+    """Both fast searches equal brute force; returns the pruned result and its statistics."""
     b = metrics.nn_ssim(recon, rl, ref, fl, method="brute")
-    assert torch.equal(a.index, b.index)
-    torch.testing.assert_close(a.values, b.values, atol=1e-6, rtol=0)
-    return a, pruned_stats
+    out = {}
+    for method in ("pruned", "prefilter"):
+        metrics.SEARCH_STATS = metrics.SearchStats()
+        a = metrics.nn_ssim(recon, rl, ref, fl, method=method)
+        assert torch.equal(a.index, b.index), method
+        torch.testing.assert_close(a.values, b.values, atol=1e-6, rtol=0)
+        out[method] = (a, metrics.SEARCH_STATS)
+    return out["pruned"]
 
 
 # ---- the bound ----------------------------------------------------------------------------------
@@ -146,12 +151,28 @@ def test_score_reconstructions_pruned_equals_brute(tau):
     rl = torch.cat([train.labels[:8], torch.arange(8) % 4])
     b = metrics.score_reconstructions(recon, rl, train, held, tau=tau, n_boot=50, method="brute")
     p = metrics.score_reconstructions(recon, rl, train, held, tau=tau, n_boot=50, method="pruned")
-    p2 = metrics.score_reconstructions(recon, rl, train, held, tau=tau, n_boot=50)  # default, statistics cached
+    p2 = metrics.score_reconstructions(recon, rl, train, held, tau=tau, n_boot=50, method="pruned")  # cached stats
+    p3 = metrics.score_reconstructions(recon, rl, train, held, tau=tau, n_boot=50)  # default: prefilter
     for k in metrics.METRIC_KEYS:
         if k == "label_agreement":
             continue
-        assert p[k] == pytest.approx(b[k], abs=1e-6), k
-        assert p2[k] == pytest.approx(b[k], abs=1e-6), k
+        for got in (p, p2, p3):
+            assert got[k] == pytest.approx(b[k], abs=1e-6), k
+    if tau < 0.9:
+        assert b["coverage"] > 0  # the coverage flags were really exercised
+
+
+def test_prefilter_scores_few_pairs_exactly():
+    ref = smooth(2000, seed=51)
+    fl = torch.arange(2000) % 2
+    recon = torch.cat([near_copies(ref[:4], 52), smooth(4, seed=53)])
+    rl = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
+    b = metrics.nn_ssim(recon, rl, ref, fl, method="brute")
+    metrics.SEARCH_STATS = metrics.SearchStats()
+    a = metrics.nn_ssim(recon, rl, ref, fl, method="prefilter")
+    assert torch.equal(a.index, b.index)
+    st = metrics.SEARCH_STATS
+    assert st.pairs == 8 * 1000 and st.exact_pairs < 0.2 * st.pairs
 
 
 def test_unequal_heldout_sizes_and_cache_invalidation():
@@ -161,11 +182,11 @@ def test_unequal_heldout_sizes_and_cache_invalidation():
     recon = near_copies(train.images[:6], 32)
     rl = train.labels[:6]
     first = metrics.score_reconstructions(recon, rl, train, held, n_boot=20)
-    assert first == pytest.approx(metrics.score_reconstructions(recon, rl, train, held, n_boot=20, method="brute"),
+    assert first == pytest.approx(metrics.score_reconstructions(recon, rl, train, held, n_boot=20, method="brute"), abs=1e-6,
                                   nan_ok=True)
     train.images[:6] = torch.rand(6, 1, 16, 16)  # in-place change: cached statistics must not be reused
     again = metrics.score_reconstructions(recon, rl, train, held, n_boot=20)
-    assert again == pytest.approx(metrics.score_reconstructions(recon, rl, train, held, n_boot=20, method="brute"),
+    assert again == pytest.approx(metrics.score_reconstructions(recon, rl, train, held, n_boot=20, method="brute"), abs=1e-6,
                                   nan_ok=True)
 
 

@@ -43,7 +43,7 @@ def test_yaml_flat_and_nested_and_unknown_keys(tmp_path):
 
 @pytest.mark.parametrize("kw", [dict(variant="lable"), dict(mode="x"), dict(steps=0), dict(batch_size=1),
                                 dict(lr=0.0), dict(epsilon=-0.1), dict(device="tpu"),
-                                dict(grad_mode="ghost", grad_scope="all")])
+                                dict(grad_mode="fast"), dict(grad_scope="conv")])
 def test_invalid_attack_settings(kw):
     with pytest.raises(ConfigError):
         AttackConfig(**kw)

@@ -69,16 +69,51 @@ def test_grad_norm_linear_model_closed_form():
         torch.testing.assert_close(fn(model, x, y), expected, atol=1e-5, rtol=1e-5)
 
 
+def _random_batch_norm(model):
+    """Non-trivial running statistics and affine parameters (a fresh BatchNorm is the identity)."""
+    g = torch.Generator().manual_seed(3)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.randn(n, generator=g))
+            m.bias.data.copy_(torch.randn(n, generator=g))
+
+
 @pytest.mark.parametrize("scope", ["head", "all"])
 def test_per_sample_grad_equals_loop_reference(tiny_cnn, scope):
+    _random_batch_norm(tiny_cnn)
     x = torch.rand(6, 1, 12, 12)
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     ref = losses.grad_norm_loop(tiny_cnn, x, y, scope)
     torch.testing.assert_close(losses.grad_norm_per_sample(tiny_cnn, x, y, scope), ref, atol=1e-5, rtol=1e-5)
-    if scope == "head":
-        torch.testing.assert_close(losses.grad_norm_ghost(tiny_cnn, x, y, scope), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(losses.grad_norm_ghost(tiny_cnn, x, y, scope), ref, atol=1e-5, rtol=1e-5)
     # batch-level form: the norm of the mean gradient is at most the mean of the norms (triangle inequality)
     assert losses.grad_norm_batch(tiny_cnn, x, y, scope).item() <= ref.mean().item() + 1e-6
+
+
+@pytest.mark.parametrize("scope", ["head", "all"])
+def test_ghost_grad_image_gradient_equals_loop(tiny_cnn, scope):
+    _random_batch_norm(tiny_cnn)
+    # The attack differentiates Grad w.r.t. the images: the closed forms must carry the same gradient.
+    x0 = torch.rand(5, 1, 12, 12)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    grads = []
+    for fn in (losses.grad_norm_loop, losses.grad_norm_ghost):
+        x = x0.clone().requires_grad_(True)
+        fn(tiny_cnn, x, y, scope).pow(2).sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
+
+
+def test_ghost_grad_refuses_training_mode_batch_norm(tiny_cnn):
+    tiny_cnn.train()
+    try:
+        with pytest.raises(ValueError, match="eval mode"):
+            losses.grad_norm_ghost(tiny_cnn, torch.rand(2, 1, 12, 12), torch.tensor([0, 1]), "all")
+    finally:
+        tiny_cnn.eval()
 
 
 @pytest.mark.parametrize("mode", ["per-sample", "ghost", "loop", "batch"])

@@ -88,6 +88,17 @@ def _set(path: str, value):
 
 
 _DELETE = object()
+def test_defaults_as_initial_point():
+    data = yaml.safe_load(DEFAULT_SPACE.read_text())
+    data["initial_points"] = ["defaults"]
+    space = space_from_dict(data)
+    (point,) = space.initial_points
+    cfg = space.attack_config(point)
+    assert cfg.weights == LossWeights() and cfg.variant == AttackConfig().variant
+    params = space.to_optuna_params(point)
+    assert all(params[switch_name(n)] is True for n in LossWeights.names())
+
+
 BAD_SPACES = {
     "unknown weight": (_set("weights.klx", 1.0), "unknown loss term"),
     "missing weight": (_set("weights.grad", _DELETE), "no entry for ['grad']"),

@@ -121,8 +121,6 @@ class AttackConfig:
         check(self.perturbation in PERTURBATIONS,
               f"unknown perturbation {self.perturbation!r}; choose one of {PERTURBATIONS}")
         check(self.grad_mode in GRAD_MODES, f"unknown grad_mode {self.grad_mode!r}; choose one of {GRAD_MODES}")
-        check(not (self.grad_mode == "ghost" and self.grad_scope == "all"),
-              "grad_mode ghost works for grad_scope head only; use grad_mode per-sample for scope all")
         check(self.grad_scope in GRAD_SCOPES, f"unknown grad_scope {self.grad_scope!r}; choose one of {GRAD_SCOPES}")
         check(isinstance(self.weights, LossWeights), "weights must be a LossWeights")
         for name in ("steps", "batch_size", "latent_dim", "per_class"):

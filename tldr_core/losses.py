@@ -128,30 +128,67 @@ def grad_norm_batch(classifier: nn.Module, images: torch.Tensor, labels: torch.T
     return torch.sqrt(sum(g.pow(2).sum() for g in gs) + _EPS).reshape(1)
 
 
+def _layer_sq_norms(layer: nn.Module, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """(B,) ||∇_θ L_i||² of one layer's own parameters, from its input ``a`` and output gradient ``d``.
+
+    Linear  y = W a + b: ∇W_i = δ_i a_iᵀ (an outer product), so the norm needs no per-sample
+            gradient: ||δ_i||² (||a_i||² + 1) (Goodfellow 2015's "ghost" identity).
+    Conv2d: ∇W_i = δ_i · unfold(a_i)ᵀ, one batched matrix product (B, out, in·k·k): small for
+            convolutions, whose weights are few; ∇b_i = δ_i summed over positions.
+    BatchNorm (eval mode, running statistics): ∇γ_i = Σ_positions δ_i x̂_i, ∇β_i = Σ_positions δ_i.
+    """
+    has_bias = getattr(layer, "bias", None) is not None
+    if isinstance(layer, nn.Linear):
+        return d.pow(2).sum(1) * (a.pow(2).sum(1) + (1.0 if has_bias else 0.0))
+    b = a.shape[0]
+    if isinstance(layer, nn.Conv2d):
+        if layer.groups != 1 or not isinstance(layer.padding, tuple):
+            raise ValueError("ghost Grad supports ungrouped Conv2d with numeric padding; use grad_mode per-sample")
+        cols = F.unfold(a, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+        d = d.flatten(2)  # (B, out, L)
+        sq = torch.bmm(d, cols.transpose(1, 2)).pow(2).sum((1, 2))
+        return sq + (d.sum(2).pow(2).sum(1) if has_bias else 0.0)
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+        if layer.training or layer.running_mean is None:
+            raise ValueError("ghost Grad needs BatchNorm in eval mode (samples must not interact)")
+        shape = (1, -1) + (1,) * (a.dim() - 2)
+        xhat = (a - layer.running_mean.view(shape)) / torch.sqrt(layer.running_var.view(shape) + layer.eps)
+        dims = tuple(range(2, a.dim()))
+        g = (d * xhat).sum(dims) if dims else d * xhat
+        beta = d.sum(dims) if dims else d
+        return (g.pow(2).sum(1) if layer.weight is not None else 0.0) + (beta.pow(2).sum(1) if has_bias else 0.0)
+    raise ValueError(f"ghost Grad does not support {type(layer).__name__} parameters; use grad_mode per-sample")
+
+
 def grad_norm_ghost(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                     scope: str = "head") -> torch.Tensor:
-    """(B,) the per-sample norms of `grad_norm_per_sample`, exact, for the fully connected head only.
+    """(B,) the per-sample norms of `grad_norm_per_sample`, exact, vectorised layer by layer.
 
-    For a linear layer y = W a + b the per-sample weight gradient is the outer product δ_i a_iᵀ, so
-    ||∇W||² + ||∇b||² = ||δ_i||² (||a_i||² + 1) with δ_i = ∂L_i/∂y_i: one batched (double) backward
-    and no per-sample gradient is ever materialised (Goodfellow 2015's trick).
+    One batched forward records each parametrised layer's input and output; one batched (double)
+    backward of the *summed* loss gives every sample's own output gradient δ_i (samples do not
+    interact: dropout and batch norm in eval mode); each layer's per-sample norm follows from
+    (a_i, δ_i) in closed form (`_layer_sq_norms`). Fully connected weights, the big ones, are never
+    materialised per sample. Differentiable w.r.t. `images`. Scope "head" runs the trunk outside.
     """
-    if scope != "head":
-        raise ValueError("the ghost-norm Grad works for the fully connected head only; use grad_mode per-sample")
-    x = classifier.trunk(images)
+    names = set(grad_parameters(classifier, scope))
+    module, x = _scoped(classifier, images, scope)
     if not x.requires_grad:  # constant images (scoring, tests): the δ's still need a graph
         x = x.detach().requires_grad_(True)
-    inputs, outputs = [], []
-    for layer in [*classifier.fc, classifier.out]:
-        if isinstance(layer, nn.Linear):
-            inputs.append(x)
-            x = layer(x)
-            outputs.append(x)
-        else:
-            x = layer(x)
+    layers = {n: m for n, m in classifier.named_modules()
+              if any(f"{n}.{p}" in names for p, _ in m.named_parameters(recurse=False))}
+    record: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = [m.register_forward_hook(lambda m, inp, out: record.__setitem__(m, (inp[0], out)))
+             for m in layers.values()]
+    try:
+        logits = module(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    mods = list(record)
     # Summed (not averaged) loss: ∂L/∂y_i is then exactly sample i's own δ_i.
-    deltas = torch.autograd.grad(F.cross_entropy(x, labels, reduction="sum"), outputs, create_graph=True)
-    sq = sum(d.pow(2).sum(1) * (a.pow(2).sum(1) + 1) for a, d in zip(inputs, deltas))
+    deltas = torch.autograd.grad(F.cross_entropy(logits, labels, reduction="sum"),
+                                 [record[m][1] for m in mods], create_graph=True)
+    sq = sum(_layer_sq_norms(m, record[m][0], d) for m, d in zip(mods, deltas))
     return torch.sqrt(sq + _EPS)
 
 

@@ -19,15 +19,20 @@ The ``train``, ``heldout`` and ``test`` arguments are duck-typed: any object wit
 (N, C, H, W) float in [0, 1] and ``.labels`` (N,) int64 (e.g. ``tldr_core.data.Split``).
 Work is vectorised per class; nothing loops over pairs.
 
-Nearest-neighbour search (``method``): "brute" computes the full per-class `ssim_matrix`;
-"pruned" (the default) gives the same nearest neighbours, values and coverage flags with far fewer
-exact SSIMs: provable upper bounds of SSIM from per-window statistics
-(:func:`tldr_core.ssim.ssim_upper_bound`: first luminance/contrast only, then with a PCA
-projection of the window patches) rule out references that cannot beat the best exact SSIM found
-so far (or reach ``tau``, for coverage); exact SSIM is computed, with the same `ssim_matrix` call
-brute force makes, only for the rest, best bound first. It falls back to brute force for small
-reference sets, images with negative pixels (the bound needs a non-negative luminance term) and
-non-CPU tensors. How much it saves depends on the data: see docs/benchmarks.md.
+Nearest-neighbour search (``method``), all three reporting exact SSIMs:
+- "brute": the full per-class `ssim_matrix` (the reference).
+- "prefilter" (the default): every reference is ranked by a cheap estimate of SSIM (the SSIM
+  map averaged over every 4th window position), and exact SSIM is computed only for references
+  that can matter: each reconstruction's best-ranked few, then all whose estimate lies within a
+  calibrated margin of the best exact SSIM found (or of ``tau``, for coverage). Not a proof: it
+  has matched brute force on every set it was checked on (tests/test_bench.py, and each row of
+  docs/benchmarks.md up to 50,000 CIFAR-sized images, where it is ~6-7x faster). Classes with
+  fewer than 256 references are scored by brute force (as cheap).
+- "pruned": provably the same as brute force: upper bounds of SSIM from per-window statistics
+  (:func:`tldr_core.ssim.ssim_upper_bound`) rule references out and exact SSIM is computed for
+  the rest, best bound first. It only saves work when reconstructions nearly copy references
+  (the bound ignores structure); otherwise it costs about what brute force does. It falls back
+  to brute force for small reference sets, negative pixels and non-CPU tensors.
 """
 from __future__ import annotations
 
@@ -124,7 +129,7 @@ def _class_index(labels: Tensor, c: int) -> Tensor:
     return (labels == c).nonzero(as_tuple=True)[0]
 
 
-METHODS: tuple[str, ...] = ("pruned", "brute")
+METHODS: tuple[str, ...] = ("prefilter", "pruned", "brute")
 
 _TIE_TOL = 1e-6  # SSIMs closer than this are ties (float32 rounding); ties go to the lowest index
 _PRUNE_MIN_REFS = 512  # below this many references per class brute force is as cheap
@@ -132,6 +137,11 @@ _PROBE = 256  # references on which pruning must prove itself before the bound i
 _PROBE_KEEP = 0.5  # if the probe leaves more than this fraction, the class is scored by brute force
 _FIRST_ROUND = 32  # exact columns in the first refinement round (doubling each round, up to _MAX_ROUND)
 _MAX_ROUND = 1024
+_PREFILTER_MIN_REFS = 256  # below this many references per class brute force is as cheap
+_PREFILTER_STRIDE = 4  # the ranking estimate averages the SSIM map over every 4th window position (~1/14)
+_PREFILTER_TOPK = 8  # each reconstruction's best-ranked references scored exactly first (calibration)
+_PREFILTER_SIGMAS = 6.0  # margin = this many standard deviations of (exact - estimate) seen in calibration
+_PREFILTER_MIN_MARGIN = 0.03
 _CACHE_BYTES = 1 << 30  # window statistics of reference sets kept for reuse (training/held-out sets)
 _STATS_CACHE: list[tuple[weakref.ref, tuple, WindowStats]] = []
 
@@ -208,7 +218,9 @@ def _search(r: Tensor, ref: _Ref, idx: Tensor, tau: float | None, method: str
     whether some r reaches SSIM >= tau with each reference. "pruned" returns what "brute" does.
     """
     images = ref.images[idx.to(ref.images.device)]
-    if method == "brute" or not _prunable(r, images):
+    if method == "prefilter" and images.shape[0] >= _PREFILTER_MIN_REFS:
+        return _search_prefilter(r, images.to(r.device), tau)
+    if method != "pruned" or not _prunable(r, images):
         m = ssim_matrix(r, images.to(r.device)).to("cpu", torch.float64)
         SEARCH_STATS.add(pairs=m.numel(), exact_pairs=m.numel(), refs=m.shape[1], brute_classes=1)
         return (*_nearest(m), (m.max(dim=0).values >= tau) if tau is not None else None)
@@ -274,8 +286,52 @@ def _search_pruned(r: Tensor, ref: Tensor, ref_stats: Callable[[], WindowStats],
     return (*_nearest(exact), covered if tau is not None else None)
 
 
+def _search_prefilter(r: Tensor, ref: Tensor, tau: float | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Rank every reference by a cheap SSIM estimate, then compute exact SSIM where it can matter.
+
+    The estimate is the SSIM map averaged over every 4th window position in each direction
+    (``ssim_matrix(stride=4)``, ~1/14 of the windows at 32x32). Each reconstruction's 8 best-ranked
+    references are scored exactly first; their (exact - estimate) residuals calibrate a margin
+    (6 standard deviations, at least 0.03); then every reference whose estimate comes within that
+    margin of some reconstruction's best exact SSIM (or of ``tau``, for coverage) is scored exactly
+    too. Reported values are always exact SSIMs (the same `ssim_matrix` call brute force makes);
+    the only risk is that a true nearest neighbour's estimate falls more than the margin below
+    it. That is checked empirically against brute force, not proven (tests/test_metrics.py,
+    docs/benchmarks.md); use method "brute" (or the provable but slower "pruned") where that
+    matters more than time.
+    """
+    n_r, n_t = r.shape[0], ref.shape[0]
+    est = ssim_matrix(r, ref, stride=_PREFILTER_STRIDE).to("cpu", torch.float64)
+    exact = torch.full((n_r, n_t), -math.inf, dtype=torch.float64)
+    done = torch.zeros(n_t, dtype=torch.bool)
+    covered = torch.zeros(n_t, dtype=torch.bool)
+
+    def evaluate(cols: Tensor) -> None:
+        if 0 < cols.numel() < n_r:  # keep the reconstructions the held side of ssim_matrix, as brute force does
+            rest = (~done).nonzero(as_tuple=True)[0]
+            cols = torch.cat([cols, rest[~torch.isin(rest, cols)][: n_r - cols.numel()]])
+        if cols.numel() == 0:
+            return
+        cols = cols.sort().values
+        m = ssim_matrix(r, ref[cols.to(ref.device)]).to("cpu", torch.float64)
+        exact[:, cols] = m
+        if tau is not None:
+            covered[cols] = m.max(dim=0).values >= tau
+        done[cols] = True
+
+    evaluate(est.topk(min(_PREFILTER_TOPK, n_t), dim=1).indices.flatten().unique())
+    resid = (exact[:, done] - est[:, done]).flatten()
+    margin = max(_PREFILTER_MIN_MARGIN, _PREFILTER_SIGMAS * float(resid.std()) if resid.numel() > 1 else 0.0)
+    need = (est >= (exact.max(dim=1).values - margin)[:, None]).any(dim=0)
+    if tau is not None:
+        need |= est.max(dim=0).values >= tau - margin
+    evaluate((need & ~done).nonzero(as_tuple=True)[0])
+    SEARCH_STATS.add(pairs=n_r * n_t, exact_pairs=n_r * int(done.sum()), refs=n_t)
+    return (*_nearest(exact), covered if tau is not None else None)
+
+
 def nn_ssim(recon: Tensor, recon_labels: Tensor, ref: Tensor, ref_labels: Tensor, *,
-            method: str = "pruned") -> NearestResult:
+            method: str = "prefilter") -> NearestResult:
     """Same-class nearest neighbour of each reconstruction in ``ref``, by SSIM.
 
     Args:
@@ -283,7 +339,7 @@ def nn_ssim(recon: Tensor, recon_labels: Tensor, ref: Tensor, ref_labels: Tensor
         recon_labels: (R,) int labels.
         ref: (N, C, H, W) reference images.
         ref_labels: (N,) int labels.
-        method: "pruned" (default) or "brute": identical results (module doc).
+        method: "prefilter" (default), "pruned" or "brute" (module doc).
 
     Returns:
         NearestResult with ``values`` (R,) float64 and ``index`` (R,) int64 (into ``ref``), on
@@ -359,7 +415,7 @@ def score_reconstructions(
     tau: float = 0.5,
     n_boot: int = 1000,
     seed: int = 0,
-    method: str = "pruned",
+    method: str = "prefilter",
 ) -> dict[str, float]:
     """All reconstruction metrics of method.md §6, as a flat dict of floats.
 
@@ -373,7 +429,7 @@ def score_reconstructions(
         tau: SSIM threshold of ``coverage``.
         n_boot: bootstrap resamples for the gap CI (>= 1).
         seed: bootstrap seed.
-        method: nearest-neighbour search, "pruned" (default) or "brute": identical results.
+        method: nearest-neighbour search: "prefilter" (default), "pruned" or "brute" (module doc).
 
     Returns (keys exactly :data:`METRIC_KEYS`):
         n_recon:          R.
@@ -541,7 +597,7 @@ def score_baselines(
     tau: float = 0.5,
     seed: int = 0,
     n_boot: int = 1000,
-    method: str = "pruned",
+    method: str = "prefilter",
 ) -> dict[str, dict[str, float]]:
     """Each of :func:`baseline_sets` scored with :func:`score_reconstructions` (same code path).
 

@@ -15,7 +15,8 @@ The file (default: `tune/space.yaml`) has four sections:
                                                           perturbed term); otherwise the default is kept
     fixed:            `AttackConfig` fields held constant in every trial (e.g. batch_size: 64)
     initial_points:   optional list of configurations (flat AttackConfig keys, weights by name) the
-                      search evaluates first, e.g. a known good setting
+                      search evaluates first, e.g. a known good setting; the word `defaults` stands
+                      for the current AttackConfig/LossWeights defaults (a warm start)
 
 `steps`, `seed`, `device` and `per_class` are set by the search command, not by the space.
 Everything is checked on load (`load_space`): an invalid file is one `ConfigError` naming the entry.
@@ -37,6 +38,8 @@ import yaml
 from .config import AttackConfig, ConfigError, LossWeights
 
 SWITCH_SUFFIX = "_on"
+#: `initial_points: [defaults]` enqueues the current AttackConfig / LossWeights defaults first.
+DEFAULTS_POINT = "defaults"
 #: Key of a trial's Tune config holding its 1-based trial number (Optuna's trial number + 1).
 TRIAL_NUMBER = "trial_number"
 #: AttackConfig fields the search command controls itself; a space may not set them.
@@ -376,10 +379,13 @@ def space_from_dict(data: Any, source: str = "<dict>") -> SearchSpace:
 
         space = SearchSpace(weights, params, fixed, [], source)
         raw_i = data.get("initial_points") or []
-        if not isinstance(raw_i, list) or not all(isinstance(p, Mapping) for p in raw_i):
-            raise ConfigError("initial_points: must be a list of mappings")
+        if not isinstance(raw_i, list) or not all(isinstance(p, Mapping) or p == DEFAULTS_POINT for p in raw_i):
+            raise ConfigError(f"initial_points: must be a list of mappings (or the word {DEFAULTS_POINT!r})")
         points = []
         for i, p in enumerate(raw_i):
+            if p == DEFAULTS_POINT:  # today's AttackConfig/LossWeights defaults, for the searched parameters
+                p = {k: v for k, v in AttackConfig().flat().items() if k in weights and weights[k].searched
+                     or k in params}
             try:
                 AttackConfig.from_flat({k: v for k, v in p.items()})
                 unknown = sorted(set(p) - set(LossWeights.names()) - set(params))
