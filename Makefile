@@ -41,6 +41,6 @@ test-fast: venv
 clean:
 	rm -rf runs .pytest_cache
 
-# Benchmark suite: writes docs/benchmarks.md (~20 min on 2 busy cores). Laptop: make bench ARGS=--quick
+# Benchmark suite: writes docs/benchmarks.md (~35 min on 2 idle cores). Laptop: make bench ARGS=--quick
 bench: venv
 	$(BIN)/python bench/run.py $(ARGS)

@@ -213,3 +213,28 @@ def test_bench_tiny_runs_end_to_end(tmp_path):
         assert heading in text
     assert "not measured (no GPU lent to this task)" in text
     assert "| False |" not in text  # pruned and brute scoring agreed
+
+
+def test_ray_section_runs_the_same_fixed_trials(tmp_path):
+    """The overhead comparison is only fair if tune/search.py runs exactly the plain loop's configurations:
+    each enqueued point must fix every parameter Optuna would otherwise sample."""
+    import importlib.util
+
+    import optuna
+
+    from tldr_core.search_space import load_space
+
+    spec = importlib.util.spec_from_file_location("tldr_bench_run", ROOT / "bench" / "run.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.fixed_trials_space(tmp_path / "space.yaml", 8)
+    space = load_space(tmp_path / "space.yaml")
+    assert len(space.initial_points) == 8
+    seen = set()
+    for point in space.initial_points:
+        # FixedTrial raises if the define-by-run space asks for a parameter the point does not fix
+        config = space(optuna.trial.FixedTrial(space.to_optuna_params(point)))
+        cfg = space.attack_config(config)
+        assert cfg == space.attack_config(point)  # what the Tune trial gets == what the plain loop runs
+        seen.add((cfg.variant, cfg.weights.grad > 0))
+    assert len(seen) == 8  # four variants, with and without the expensive terms

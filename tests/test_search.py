@@ -88,6 +88,8 @@ def _set(path: str, value):
 
 
 _DELETE = object()
+
+
 def test_defaults_as_initial_point():
     data = yaml.safe_load(DEFAULT_SPACE.read_text())
     data["initial_points"] = ["defaults"]
@@ -129,7 +131,7 @@ def test_help_lists_every_option():
     assert out.returncode == 0, out.stderr
     for flag in ("--dataset", "--train-size", "--trials", "--max-concurrent", "--cpus-per-trial", "--gpus-per-trial",
                  "--steps", "--address", "--storage", "--tracking-uri", "--experiment", "--classifier", "--resume",
-                 "--smoke-test", "--seed", "--data-root", "--download", "--space", "--objective"):
+                 "--smoke-test", "--seed", "--data-root", "--download", "--space", "--objective", "--scheduler"):
         assert flag in out.stdout, flag
 
 
@@ -162,6 +164,14 @@ def test_bad_input_is_one_error_before_any_work(cli, tmp_path, capsys, argv, mes
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "runs" / "mlflow.db").exists()  # nothing was started
     assert not (tmp_path / "runs" / "tune").exists()
+
+
+def test_scheduler_option(cli):
+    parse = cli.build_parser().parse_args
+    assert cli._settings_from_args(parse([])).scheduler == "asha"
+    assert cli._settings_from_args(parse(["--scheduler", "fifo"])).scheduler == "fifo"
+    with pytest.raises(SystemExit):
+        parse(["--scheduler", "pbt"])
 
 
 # ------------------------------------------------------------------------------------ real searches

@@ -83,6 +83,7 @@ class SearchSettings:
     space: dict[str, Any]
     space_source: str
     smoke_test: bool
+    scheduler: str = "asha"
 
 
 # ----------------------------------------------------------------------------------------- CLI
@@ -114,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"is reported beside it. Default {DEFAULT_OBJECTIVE} (see docs/search.md)")
     s.add_argument("--space", default=None,
                    help="search-space YAML (default tune/space.yaml; copy and edit it)")
+    s.add_argument("--scheduler", choices=("asha", "fifo"), default="asha",
+                   help="asha (default): stop weak trials early at steps/4, /2; fifo: run every trial to the end "
+                        "(fair comparisons, benchmarks)")
     s.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler and of every trial (default 0)")
     s.add_argument("--per-class", type=int, default=None,
                    help="reconstructions per class scored at the end of a trial (default 20)")
@@ -206,7 +210,7 @@ def _settings_from_args(args: argparse.Namespace) -> SearchSettings:
         classifier=str(Path(args.classifier).resolve()) if args.classifier and not args.classifier.startswith("models:/")
         else args.classifier,
         classifier_epochs=SMOKE["classifier_epochs"] if smoke else 15,
-        space=space.as_dict(), space_source=str(space_path.resolve()), smoke_test=smoke)
+        space=space.as_dict(), space_source=str(space_path.resolve()), smoke_test=smoke, scheduler=args.scheduler)
 
 
 def _check_ray_address(address: str | None) -> None:
@@ -364,7 +368,7 @@ class Search:
 
     def tuner(self, inputs, space):
         from ray import tune
-        from ray.tune.schedulers import ASHAScheduler
+        from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
@@ -384,12 +388,13 @@ class Search:
         searcher = OptunaSearch(space=space, metric=st.objective, mode="max", seed=st.seed,
                                 points_to_evaluate=points or None)
         searcher = ConcurrencyLimiter(searcher, max_concurrent=st.max_concurrent)
-        scheduler = ASHAScheduler(time_attr="step", max_t=st.steps, grace_period=st.eval_every, reduction_factor=2)
+        scheduler = (FIFOScheduler() if st.scheduler == "fifo" else
+                     ASHAScheduler(time_attr="step", max_t=st.steps, grace_period=st.eval_every, reduction_factor=2))
         callback = MlflowTrialStatus(st.tracking_uri, self.experiment_id, self.run_id, st.objective, st.trials)
         return tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=st.trials,
-                                        metric=st.objective, mode="max", reuse_actors=False),
+                                        metric=st.objective, mode="max", reuse_actors=True),
             run_config=tune.RunConfig(name=st.search_name, storage_path=st.storage, callbacks=[callback], verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
         )
