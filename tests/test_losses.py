@@ -144,3 +144,31 @@ def test_inversion_uses_four_terms_and_reconstruction_nine(tiny_cnn):
     assert set(rec) == set(LossWeights.names())
     w = LossWeights()
     assert losses.weighted_total(rec, w).item() == pytest.approx(sum(getattr(w, k) * rec[k].item() for k in rec), rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["per-sample", "ghost", "loop", "batch"])
+def test_grad_from_shared_trunk_equals_grad_from_images(tiny_cnn, mode):
+    # compute_terms hands Grad the trunk output it already computed: same value, same image gradient
+    _random_batch_norm(tiny_cnn)
+    x0 = torch.rand(4, 1, 12, 12)
+    y = torch.tensor([0, 1, 2, 0])
+    results = []
+    for shared in (False, True):
+        x = x0.clone().requires_grad_(True)
+        trunk = tiny_cnn.trunk(x) if shared else None
+        g = losses.grad_term(tiny_cnn, x, y, mode, "head", trunk=trunk)
+        g.backward()
+        results.append((g.detach(), x.grad))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    torch.testing.assert_close(results[1][1], results[0][1])
+
+
+def test_compute_terms_grad_equals_standalone_grad(tiny_cnn):
+    from tldr_core.config import AttackConfig
+
+    x = torch.rand(4, 1, 12, 12)
+    y = torch.tensor([0, 1, 2, 0])
+    v = F.one_hot(y, 3).float()
+    terms = losses.compute_terms(tiny_cnn, x, v, y, AttackConfig())
+    torch.testing.assert_close(terms["grad"], losses.grad_term(tiny_cnn, x, y, "ghost", "head"))
+    torch.testing.assert_close(terms["ce"], F.cross_entropy(tiny_cnn(x), y))

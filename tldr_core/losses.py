@@ -81,26 +81,29 @@ def _loss(module: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y
     return F.cross_entropy(functional_call(module, params, (x,), strict=False), y)
 
 
-def _scoped(classifier: nn.Module, images: torch.Tensor, scope: str) -> tuple[nn.Module, torch.Tensor]:
+def _scoped(classifier: nn.Module, images: torch.Tensor, scope: str,
+            trunk: torch.Tensor | None = None) -> tuple[nn.Module, torch.Tensor]:
     """(module, inputs) such that module(inputs) = classifier(images) and θ lies inside module.
 
     For the "head" scope the convolutional trunk runs once, batched, outside the per-sample
     transform: ∇θ of the fully connected layers depends on the images only through the trunk's
-    output, and images still get their gradient through it by ordinary autograd.
+    output, and images still get their gradient through it by ordinary autograd. ``trunk``, if
+    given, is ``classifier.trunk(images)`` already computed (a training step shares it with the
+    other terms instead of running the trunk twice).
     """
     if scope == "head":
-        return HeadOnly(classifier), classifier.trunk(images)
+        return HeadOnly(classifier), classifier.trunk(images) if trunk is None else trunk
     return classifier, images
 
 
 def grad_norm_per_sample(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                         scope: str = "head") -> torch.Tensor:
+                         scope: str = "head", trunk: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) ||∇_θ CE(f_θ(I_i), y_i)||_2 for each sample, vectorised with torch.func (vmap over grad).
 
     Differentiable w.r.t. `images` (double backward through the classifier). Classifier in eval mode.
     """
     params = grad_parameters(classifier, scope)
-    module, inputs = _scoped(classifier, images, scope)
+    module, inputs = _scoped(classifier, images, scope, trunk)
     one = lambda p, x, y: _loss(module, p, x.unsqueeze(0), y.unsqueeze(0))
     per_sample = vmap(grad(one), in_dims=(None, 0, 0))(params, inputs, labels)
     sq = sum(g.flatten(1).pow(2).sum(dim=1) for g in per_sample.values())
@@ -108,10 +111,10 @@ def grad_norm_per_sample(classifier: nn.Module, images: torch.Tensor, labels: to
 
 
 def grad_norm_loop(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                   scope: str = "head") -> torch.Tensor:
+                   scope: str = "head", trunk: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) the same values as `grad_norm_per_sample`, by a Python loop: the reference implementation."""
     params = {k: p.requires_grad_(True) for k, p in grad_parameters(classifier, scope).items()}
-    module, inputs = _scoped(classifier, images, scope)
+    module, inputs = _scoped(classifier, images, scope, trunk)
     norms = []
     for x, y in zip(inputs, labels):
         gs = torch.autograd.grad(_loss(module, params, x[None], y[None]), list(params.values()), create_graph=True)
@@ -120,10 +123,10 @@ def grad_norm_loop(classifier: nn.Module, images: torch.Tensor, labels: torch.Te
 
 
 def grad_norm_batch(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                    scope: str = "head") -> torch.Tensor:
+                    scope: str = "head", trunk: torch.Tensor | None = None) -> torch.Tensor:
     """(1,) the norm of the gradient of the *batch mean* loss: one backward, much cheaper, coarser."""
     params = {k: p.requires_grad_(True) for k, p in grad_parameters(classifier, scope).items()}
-    module, inputs = _scoped(classifier, images, scope)
+    module, inputs = _scoped(classifier, images, scope, trunk)
     gs = torch.autograd.grad(_loss(module, params, inputs, labels), list(params.values()), create_graph=True)
     return torch.sqrt(sum(g.pow(2).sum() for g in gs) + _EPS).reshape(1)
 
@@ -161,7 +164,7 @@ def _layer_sq_norms(layer: nn.Module, a: torch.Tensor, d: torch.Tensor) -> torch
 
 
 def grad_norm_ghost(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                    scope: str = "head") -> torch.Tensor:
+                    scope: str = "head", trunk: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) the per-sample norms of `grad_norm_per_sample`, exact, vectorised layer by layer.
 
     One batched forward records each parametrised layer's input and output; one batched (double)
@@ -171,7 +174,7 @@ def grad_norm_ghost(classifier: nn.Module, images: torch.Tensor, labels: torch.T
     materialised per sample. Differentiable w.r.t. `images`. Scope "head" runs the trunk outside.
     """
     names = set(grad_parameters(classifier, scope))
-    module, x = _scoped(classifier, images, scope)
+    module, x = _scoped(classifier, images, scope, trunk)
     if not x.requires_grad:  # constant images (scoring, tests): the δ's still need a graph
         x = x.detach().requires_grad_(True)
     layers = {n: m for n, m in classifier.named_modules()
@@ -197,9 +200,10 @@ GRAD_FUNCS: dict[str, Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Te
 
 
 def grad_term(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, mode: str = "per-sample",
-              scope: str = "head") -> torch.Tensor:
-    """Scalar Grad term: mean over the batch of the weight-gradient norm (`mode` picks the method)."""
-    return GRAD_FUNCS[mode](classifier, images, labels, scope).mean()
+              scope: str = "head", trunk: torch.Tensor | None = None) -> torch.Tensor:
+    """Scalar Grad term: mean over the batch of the weight-gradient norm (`mode` picks the method).
+    ``trunk``: ``classifier.trunk(images)`` if already computed (used by the "head" scope)."""
+    return GRAD_FUNCS[mode](classifier, images, labels, scope, trunk=trunk).mean()
 
 
 # ---- perturbation and the whole objective ---------------------------------------------------------
@@ -229,7 +233,8 @@ def compute_terms(classifier: nn.Module, images: torch.Tensor, v: torch.Tensor, 
     Terms whose weight is 0 are skipped (the perturbed pass and Grad are the expensive ones).
     """
     w = cfg.effective_weights
-    feats = classifier.features(images)
+    trunk = classifier.trunk(images)  # computed once: Grad (head scope) starts from it too
+    feats = classifier.fc(trunk)  # == classifier.features(images)
     logits = classifier.head(feats)
     terms = {"kl": kl(v, logits), "ce": ce(logits, labels), "cos": cos(feats), "ortho": ortho(feats)}
     if w.kl_pert or w.ce_pert:
@@ -240,7 +245,7 @@ def compute_terms(classifier: nn.Module, images: torch.Tensor, v: torch.Tensor, 
     if w.pix:
         terms["pix"] = pix(images)
     if w.grad:
-        terms["grad"] = grad_term(classifier, images, labels, cfg.grad_mode, cfg.grad_scope)
+        terms["grad"] = grad_term(classifier, images, labels, cfg.grad_mode, cfg.grad_scope, trunk=trunk)
     return {k: t for k, t in terms.items() if getattr(w, k) or k in ("kl", "ce")}
 
 
