@@ -75,7 +75,8 @@ def save_nearest(path: str | Path, recon: torch.Tensor, recon_labels: torch.Tens
         axes[r][0].set_ylabel(str(class_names[c]) if c < len(class_names) else str(c), rotation=0, ha="right",
                               va="center", fontsize=8)
     fig.suptitle(title or f"reconstruction (left) beside its {ref_name} (right)", fontsize=9)
-    fig.tight_layout(pad=0.3)
+    # tight_layout ignores the suptitle: keep ~0.35 inch free above the first row's SSIM labels
+    fig.tight_layout(pad=0.3, rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     path = Path(path)
     fig.savefig(path, dpi=100)
     plt.close(fig)
