@@ -307,12 +307,12 @@ def fixed_trials_space(path: Path, trials: int) -> None:
     --scheduler fifo, tune/search.py runs exactly these configurations, as the plain loop does."""
     import yaml
 
-    from tldr_core.config import VARIANTS, AttackConfig
-    from tldr_core.search_space import DEFAULT_SPACE
+    from tldr_core.config import VARIANTS
+    from tldr_core.search_space import DEFAULT_SPACE, DEFAULTS_POINT, space_from_dict
 
     data = yaml.safe_load(DEFAULT_SPACE.read_text())
-    searched = set(data["weights"]) | set(data["params"])
-    base = {k: v for k, v in AttackConfig().flat().items() if k in searched}
+    data["initial_points"] = [DEFAULTS_POINT]
+    (base,) = space_from_dict(data).initial_points  # every searched parameter at its default
     points = []
     for i in range(trials):
         p = {**base, "variant": VARIANTS[i % len(VARIANTS)]}

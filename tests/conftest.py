@@ -23,3 +23,13 @@ def tiny_cnn():
 def tmp_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TLDR_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    the CI machine has 2 shared cores, and more threads per test process only thrash."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -9,12 +9,7 @@ from tldr_core import defence
 from tldr_core.defence import VARIANTS, base_settings, variant_settings
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def test_each_variant_changes_exactly_one_training_choice():

@@ -107,6 +107,13 @@ def test_ghost_grad_image_gradient_equals_loop(tiny_cnn, scope):
     torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
 
 
+def test_ghost_grad_refuses_layers_without_a_closed_form():
+    model = MLP((1, 3, 3), 4, hidden=5).eval().requires_grad_(False)
+    model.fc[1] = torch.nn.LayerNorm(5)  # parameters the per-layer formulas do not cover
+    with pytest.raises(ValueError, match="does not support LayerNorm.*per-sample"):
+        losses.grad_norm_ghost(model, torch.rand(2, 1, 3, 3), torch.tensor([0, 1]), "head")
+
+
 def test_ghost_grad_refuses_training_mode_batch_norm(tiny_cnn):
     tiny_cnn.train()
     try:

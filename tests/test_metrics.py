@@ -162,6 +162,24 @@ def test_ssim_matrix_float32_precision_on_flat_images():
     np.testing.assert_allclose(ssim_matrix(a, b).diagonal().double().numpy(), _sk(a, b), atol=1e-6)
 
 
+@pytest.mark.parametrize("stride", [2, 4])
+def test_strided_ssim_matrix_is_the_map_mean_over_strided_windows(stride):
+    # The prefilter's ranking estimate: scikit-image's SSIM map, cropped to the valid windows,
+    # averaged over every stride-th window position in each direction (channels averaged).
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.rand(3, 3, 20, 18, generator=g), torch.rand(4, 3, 20, 18, generator=g)
+    got = ssim_matrix(a, b, stride=stride)
+    pad = 3  # (7 - 1) // 2
+    for i in range(3):
+        for j in range(4):
+            _, smap = sk_ssim(a[i].double().numpy(), b[j].double().numpy(), data_range=1.0, channel_axis=0,
+                              full=True)
+            want = smap[:, pad:-pad, pad:-pad][:, ::stride, ::stride].mean()
+            assert got[i, j].item() == pytest.approx(want, abs=1e-5)
+    with pytest.raises(ValueError, match="stride"):
+        ssim_matrix(a, b, stride=0)
+
+
 def test_ssim_matrix_empty():
     assert ssim_matrix(torch.rand(0, 1, 8, 8), torch.rand(3, 1, 8, 8)).shape == (0, 3)
 

@@ -19,13 +19,7 @@ from tldr_core.report import assess, log_report_to_mlflow, render_report, reprod
 sys.path.insert(0, str(Path(__file__).parent))
 from browser_check import INSTALL, check_page, find_chromium  # noqa: E402
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The CI machine has 2 shared cores: one thread per test process avoids thread thrashing."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 BASE = {"noise": {"quality": 0.05}, "class_mean": {"quality": 0.55}}

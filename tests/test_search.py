@@ -101,6 +101,17 @@ def test_defaults_as_initial_point():
     assert all(params[switch_name(n)] is True for n in LossWeights.names())
 
 
+def test_refinement_space_starts_from_the_defaults():
+    space = load_space(REPO / "tune" / "space-refine.yaml")
+    (point,) = space.initial_points
+    cfg = space.attack_config(point)
+    assert cfg.weights == LossWeights() and cfg.variant == AttackConfig().variant
+    assert (cfg.lr, cfg.epsilon, cfg.gen_dropout) == (AttackConfig().lr, AttackConfig().epsilon, AttackConfig().gen_dropout)
+    for name in LossWeights.names():  # each range holds its default, within a factor of about 3
+        spec, default = space.weights[name], getattr(LossWeights(), name)
+        assert spec.low < default < spec.high and spec.high / spec.low < 10
+
+
 BAD_SPACES = {
     "unknown weight": (_set("weights.klx", 1.0), "unknown loss term"),
     "missing weight": (_set("weights.grad", _DELETE), "no entry for ['grad']"),
@@ -111,6 +122,7 @@ BAD_SPACES = {
     "unknown section": (_set("weightz", {}), "unknown section"),
     "when_on unknown": (_set("params.epsilon.when_on", ["nope"]), "unknown loss term"),
     "weight in params": (_set("params.kl", {"low": 0.1, "high": 1}), "put them under weights"),
+    "initial point word typo": (_set("initial_points", ["default"]), "or the word 'defaults'"),
 }
 
 

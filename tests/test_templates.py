@@ -12,13 +12,7 @@ from tldr_core.models import MLP, PaperCNN
 from tldr_core.templates import (_class_probs, applies, class_directions, first_trainable_layer, render,
                                  run_template_attack, weight_templates)
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The CI machine has 2 shared cores: one thread per test process avoids thread thrashing."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 K, S = 4, 16

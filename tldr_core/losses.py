@@ -143,7 +143,6 @@ def _layer_sq_norms(layer: nn.Module, a: torch.Tensor, d: torch.Tensor) -> torch
     has_bias = getattr(layer, "bias", None) is not None
     if isinstance(layer, nn.Linear):
         return d.pow(2).sum(1) * (a.pow(2).sum(1) + (1.0 if has_bias else 0.0))
-    b = a.shape[0]
     if isinstance(layer, nn.Conv2d):
         if layer.groups != 1 or not isinstance(layer.padding, tuple):
             raise ValueError("ghost Grad supports ungrouped Conv2d with numeric padding; use grad_mode per-sample")

@@ -26,7 +26,7 @@ Nearest-neighbour search (``method``), all three reporting exact SSIMs:
   that can matter: each reconstruction's best-ranked few, then all whose estimate lies within a
   calibrated margin of the best exact SSIM found (or of ``tau``, for coverage). Not a proof: it
   has matched brute force on every set it was checked on (tests/test_bench.py, and each row of
-  docs/benchmarks.md up to 50,000 CIFAR-sized images, where it is ~6-7x faster). Classes with
+  docs/benchmarks.md up to 50,000 CIFAR-sized images, where it is ~8-9x faster). Classes with
   fewer than 256 references are scored by brute force (as cheap).
 - "pruned": provably the same as brute force: upper bounds of SSIM from per-window statistics
   (:func:`tldr_core.ssim.ssim_upper_bound`) rule references out and exact SSIM is computed for
@@ -227,15 +227,49 @@ def _search(r: Tensor, ref: _Ref, idx: Tensor, tau: float | None, method: str
     return _search_pruned(r, images, lambda: ref.stats(idx), tau)
 
 
+class _ExactColumns:
+    """Exact SSIMs of reconstructions ``r`` against the references computed so far, column by column
+    (shared by the pruned and prefilter searches).
+
+    exact: (n_r, n_t) float64, -inf where not computed; done: (n_t,) bool; covered: (n_t,) bool,
+    whether some r reaches ``tau`` (when given); n_exact: exact SSIMs computed.
+    """
+
+    def __init__(self, r: Tensor, ref: Tensor, tau: float | None) -> None:
+        self.r, self.ref, self.tau = r, ref, tau
+        n_r, n_t = r.shape[0], ref.shape[0]
+        self.exact = torch.full((n_r, n_t), -math.inf, dtype=torch.float64)
+        self.done = torch.zeros(n_t, dtype=torch.bool)
+        self.covered = torch.zeros(n_t, dtype=torch.bool)
+        self.n_exact = 0
+
+    def evaluate(self, cols: Tensor) -> None:
+        n_r = self.r.shape[0]
+        if 0 < cols.numel() < n_r:  # keep the reconstructions the held side of ssim_matrix, as brute force does
+            rest = (~self.done).nonzero(as_tuple=True)[0]
+            cols = torch.cat([cols, rest[~torch.isin(rest, cols)][: n_r - cols.numel()]])
+        if cols.numel() == 0:
+            return
+        cols = cols.sort().values
+        # the same call brute force makes, on fewer columns
+        m = ssim_matrix(self.r, self.ref[cols.to(self.ref.device)]).to("cpu", torch.float64)
+        self.exact[:, cols] = m
+        if self.tau is not None:
+            self.covered[cols] = m.max(dim=0).values >= self.tau
+        self.done[cols] = True
+        self.n_exact += m.numel()
+
+    def result(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        return (*_nearest(self.exact), self.covered if self.tau is not None else None)
+
+
 def _search_pruned(r: Tensor, ref: Tensor, ref_stats: Callable[[], WindowStats], tau: float | None
                    ) -> tuple[Tensor, Tensor, Tensor | None]:
     n_r, n_t = r.shape[0], ref.shape[0]
     sr = WindowStats(r)
-    exact = torch.full((n_r, n_t), -math.inf, dtype=torch.float64)
+    cols = _ExactColumns(r, ref, tau)
+    exact, done = cols.exact, cols.done
     bound = torch.full((n_r, n_t), math.inf, dtype=torch.float64)
-    done = torch.zeros(n_t, dtype=torch.bool)
-    covered = torch.zeros(n_t, dtype=torch.bool)
-    n_exact = 0
 
     def alive() -> Tensor:
         best = exact.max(dim=1).values
@@ -244,22 +278,9 @@ def _search_pruned(r: Tensor, ref: Tensor, ref_stats: Callable[[], WindowStats],
             need |= bound.max(dim=0).values >= tau - BOUND_MARGIN
         return need & ~done
 
-    def evaluate(cols: Tensor) -> None:
-        nonlocal n_exact
-        if cols.numel() < n_r:  # keep the reconstructions the held side of ssim_matrix, as brute force does
-            rest = (~done).nonzero(as_tuple=True)[0]
-            cols = torch.cat([cols, rest[~torch.isin(rest, cols)][: n_r - cols.numel()]])
-        cols = cols.sort().values
-        m = ssim_matrix(r, ref[cols]).to(torch.float64)  # the same call brute force makes, on fewer columns
-        exact[:, cols] = m
-        if tau is not None:
-            covered[cols] = m.max(dim=0).values >= tau
-        done[cols] = True
-        n_exact += m.numel()
-
     def seed(upto: int) -> None:  # exact SSIM of each reconstruction's two best-bounded references
         b = bound[:, :upto].masked_fill(done[:upto], -math.inf)
-        evaluate(b.topk(min(2, upto), dim=1).indices.flatten().unique())
+        cols.evaluate(b.topk(min(2, upto), dim=1).indices.flatten().unique())
 
     p = min(n_t, _PROBE)
     bound[:, :p] = ssim_upper_bound(sr, WindowStats(ref[:p]))
@@ -268,7 +289,7 @@ def _search_pruned(r: Tensor, ref: Tensor, ref_stats: Callable[[], WindowStats],
         seed(p)
     if hopeless or alive()[:p].float().mean() > _PROBE_KEEP:  # the bound cannot prune here: brute force is cheaper
         m = ssim_matrix(r, ref).to(torch.float64)
-        SEARCH_STATS.add(pairs=m.numel(), exact_pairs=m.numel() + n_exact, refs=n_t, brute_classes=1)
+        SEARCH_STATS.add(pairs=m.numel(), exact_pairs=m.numel() + cols.n_exact, refs=n_t, brute_classes=1)
         return (*_nearest(m), (m.max(dim=0).values >= tau) if tau is not None else None)
     if p < n_t:
         bound[:, p:] = ssim_upper_bound(sr, ref_stats().take(slice(p, n_t)))
@@ -280,10 +301,10 @@ def _search_pruned(r: Tensor, ref: Tensor, ref_stats: Callable[[], WindowStats],
         prio = (bound[:, idx] - best[:, None]).max(dim=0).values
         if tau is not None:
             prio = torch.maximum(prio, bound[:, idx].max(dim=0).values - tau)
-        evaluate(idx[prio.argsort(descending=True)[:size]])
+        cols.evaluate(idx[prio.argsort(descending=True)[:size]])
         size = min(2 * size, _MAX_ROUND)
-    SEARCH_STATS.add(pairs=n_r * n_t, exact_pairs=n_exact, refs=n_t)
-    return (*_nearest(exact), covered if tau is not None else None)
+    SEARCH_STATS.add(pairs=n_r * n_t, exact_pairs=cols.n_exact, refs=n_t)
+    return cols.result()
 
 
 def _search_prefilter(r: Tensor, ref: Tensor, tau: float | None) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -296,38 +317,22 @@ def _search_prefilter(r: Tensor, ref: Tensor, tau: float | None) -> tuple[Tensor
     margin of some reconstruction's best exact SSIM (or of ``tau``, for coverage) is scored exactly
     too. Reported values are always exact SSIMs (the same `ssim_matrix` call brute force makes);
     the only risk is that a true nearest neighbour's estimate falls more than the margin below
-    it. That is checked empirically against brute force, not proven (tests/test_metrics.py,
+    it. That is checked empirically against brute force, not proven (tests/test_bench.py,
     docs/benchmarks.md); use method "brute" (or the provable but slower "pruned") where that
     matters more than time.
     """
     n_r, n_t = r.shape[0], ref.shape[0]
     est = ssim_matrix(r, ref, stride=_PREFILTER_STRIDE).to("cpu", torch.float64)
-    exact = torch.full((n_r, n_t), -math.inf, dtype=torch.float64)
-    done = torch.zeros(n_t, dtype=torch.bool)
-    covered = torch.zeros(n_t, dtype=torch.bool)
-
-    def evaluate(cols: Tensor) -> None:
-        if 0 < cols.numel() < n_r:  # keep the reconstructions the held side of ssim_matrix, as brute force does
-            rest = (~done).nonzero(as_tuple=True)[0]
-            cols = torch.cat([cols, rest[~torch.isin(rest, cols)][: n_r - cols.numel()]])
-        if cols.numel() == 0:
-            return
-        cols = cols.sort().values
-        m = ssim_matrix(r, ref[cols.to(ref.device)]).to("cpu", torch.float64)
-        exact[:, cols] = m
-        if tau is not None:
-            covered[cols] = m.max(dim=0).values >= tau
-        done[cols] = True
-
-    evaluate(est.topk(min(_PREFILTER_TOPK, n_t), dim=1).indices.flatten().unique())
-    resid = (exact[:, done] - est[:, done]).flatten()
+    cols = _ExactColumns(r, ref, tau)
+    cols.evaluate(est.topk(min(_PREFILTER_TOPK, n_t), dim=1).indices.flatten().unique())
+    resid = (cols.exact[:, cols.done] - est[:, cols.done]).flatten()
     margin = max(_PREFILTER_MIN_MARGIN, _PREFILTER_SIGMAS * float(resid.std()) if resid.numel() > 1 else 0.0)
-    need = (est >= (exact.max(dim=1).values - margin)[:, None]).any(dim=0)
+    need = (est >= (cols.exact.max(dim=1).values - margin)[:, None]).any(dim=0)
     if tau is not None:
         need |= est.max(dim=0).values >= tau - margin
-    evaluate((need & ~done).nonzero(as_tuple=True)[0])
-    SEARCH_STATS.add(pairs=n_r * n_t, exact_pairs=n_r * int(done.sum()), refs=n_t)
-    return (*_nearest(exact), covered if tau is not None else None)
+    cols.evaluate((need & ~cols.done).nonzero(as_tuple=True)[0])
+    SEARCH_STATS.add(pairs=n_r * n_t, exact_pairs=cols.n_exact, refs=n_t)
+    return cols.result()
 
 
 def nn_ssim(recon: Tensor, recon_labels: Tensor, ref: Tensor, ref_labels: Tensor, *,
