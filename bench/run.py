@@ -34,10 +34,11 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from tldr_core import losses, metrics  # noqa: E402
-from tldr_core.config import VARIANTS, AttackConfig  # noqa: E402
-from tldr_core.models import ConditionedGenerator, PaperCNN, sample_conditioning  # noqa: E402
-from tldr_core.train import train_generator  # noqa: E402
+from tldr_core.attack import losses  # noqa: E402
+from tldr_core.scoring import metrics  # noqa: E402
+from tldr_core.attack.config import VARIANTS, AttackConfig  # noqa: E402
+from tldr_core.attack.models import ConditionedGenerator, PaperCNN, sample_conditioning  # noqa: E402
+from tldr_core.attack.train import train_generator  # noqa: E402
 
 SECTIONS = ("training", "terms", "grad", "scoring", "ray", "memory")
 TINY = False  # --tiny: smallest sizes, for the smoke test (tests/test_bench.py); numbers are meaningless
@@ -258,19 +259,19 @@ def _run(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float, str]:
 
 
 PLAIN_LOOP = r"""
-# What one Tune trial of tune/search.py does (tldr_core.tuning.run_trial), minus Ray, Optuna and MLflow:
+# What one Tune trial of tune/search.py does (tldr_core.platform.tuning.run_trial), minus Ray, Optuna and MLflow:
 # the same configurations, steps, scoring cadence, final scoring, pictures and generator checkpoint.
 import sys, time, json, tempfile, torch
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from tldr_core.checkpoints import GENERATOR_FORMAT, save_checkpoint
-from tldr_core.classifier import ClassifierSettings, load_or_train
-from tldr_core.config import AttackConfig
-from tldr_core.data import load_dataset
-from tldr_core.metrics import nn_ssim, score_baselines, score_reconstructions
-from tldr_core.search_space import load_space
-from tldr_core.train import generate, train_generator
-from tldr_core.viz import save_grid, save_nearest
+from tldr_core.attack.checkpoints import GENERATOR_FORMAT, save_checkpoint
+from tldr_core.attack.classifier import ClassifierSettings, load_or_train
+from tldr_core.attack.config import AttackConfig
+from tldr_core.attack.data import load_dataset
+from tldr_core.scoring.metrics import nn_ssim, score_baselines, score_reconstructions
+from tldr_core.platform.search_space import load_space
+from tldr_core.attack.train import generate, train_generator
+from tldr_core.report.pictures import save_grid, save_nearest
 space_path = sys.argv[2]
 n_trials, steps, per_class, train_size = (int(a) for a in sys.argv[3:7])
 torch.set_num_threads(1)  # what a Ray trial with 1 CPU gets
@@ -307,8 +308,8 @@ def fixed_trials_space(path: Path, trials: int) -> None:
     --scheduler fifo, tune/search.py runs exactly these configurations, as the plain loop does."""
     import yaml
 
-    from tldr_core.config import VARIANTS
-    from tldr_core.search_space import DEFAULT_SPACE, DEFAULTS_POINT, space_from_dict
+    from tldr_core.attack.config import VARIANTS
+    from tldr_core.platform.search_space import DEFAULT_SPACE, DEFAULTS_POINT, space_from_dict
 
     data = yaml.safe_load(DEFAULT_SPACE.read_text())
     data["initial_points"] = [DEFAULTS_POINT]
@@ -367,10 +368,10 @@ MEMORY = r"""
 import sys, json, torch
 sys.path.insert(0, sys.argv[1])
 torch.set_num_threads(1)
-from tldr_core.config import AttackConfig
-from tldr_core.metrics import score_reconstructions
-from tldr_core.models import PaperCNN
-from tldr_core.train import generate, train_generator
+from tldr_core.attack.config import AttackConfig
+from tldr_core.scoring.metrics import score_reconstructions
+from tldr_core.attack.models import PaperCNN
+from tldr_core.attack.train import generate, train_generator
 shape = tuple(int(s) for s in sys.argv[2].split("x")); n = int(sys.argv[3]); steps = int(sys.argv[4])
 class S:
     def __init__(s, i, l): s.images, s.labels = i, l

@@ -13,7 +13,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 @pytest.fixture
 def tiny_cnn():
-    from tldr_core.models import PaperCNN
+    from tldr_core.attack.models import PaperCNN
 
     torch.manual_seed(0)
     return PaperCNN((1, 12, 12), 3, width=4, hidden=8).eval().requires_grad_(False)

@@ -27,8 +27,8 @@ if str(ROOT) not in sys.path:  # run by path: make the repository's tldr_core im
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from tldr_core import tracking as tr  # noqa: E402
-from tldr_core.config import ConfigError  # noqa: E402
+from tldr_core.platform import tracking as tr  # noqa: E402
+from tldr_core.attack.config import ConfigError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from tldr_core import reaudit as ra
+    from tldr_core.platform import reaudit as ra
 
     say = lambda s: print(s, flush=True)  # noqa: E731
     tr.quiet_mlflow_env()
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_age_days < 0:
             raise ra.ReauditError(f"--max-age-days must be >= 0, got {args.max_age_days}")
         if args.space:
-            from tldr_core.search_space import load_space
+            from tldr_core.platform.search_space import load_space
 
             load_space(args.space)
         tr.check_tracking_uri(uri)

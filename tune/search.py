@@ -32,9 +32,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")      # our own one line per trial instead of Ray's tables
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "30")
 
-from tldr_core import tracking as tr  # noqa: E402 - light imports only until the checks pass
-from tldr_core.config import ConfigError  # noqa: E402
-from tldr_core.data import DATASETS  # noqa: E402
+from tldr_core.platform import tracking as tr  # noqa: E402 - light imports only until the checks pass
+from tldr_core.attack.config import ConfigError  # noqa: E402
+from tldr_core.attack.data import DATASETS  # noqa: E402
 
 OBJECTIVES = ("quality", "coverage", "gap")
 DEFAULT_OBJECTIVE = "quality"
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--classifier", default=None,
                    help="the classifier to audit: a tldr checkpoint file, or a registry URI such as "
                         "models:/tldr-classifier-mnist-bundled@champion or models:/NAME/VERSION "
-                        "(default: train it once, or reuse the cached one, like python -m tldr_core.audit)")
+                        "(default: train it once, or reuse the cached one, like python -m tldr_core.cli.audit)")
     s = p.add_argument_group("search")
     s.add_argument("--trials", type=int, default=None, help="number of trials (default 8; 2 with --smoke-test)")
     s.add_argument("--steps", type=int, default=None,
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings_from_args(args: argparse.Namespace) -> SearchSettings:
-    from tldr_core.search_space import DEFAULT_SPACE, load_space
+    from tldr_core.platform.search_space import DEFAULT_SPACE, load_space
 
     smoke = args.smoke_test
     if args.dataset not in DATASETS:
@@ -174,7 +174,7 @@ def _settings_from_args(args: argparse.Namespace) -> SearchSettings:
     if args.classifier and not args.classifier.startswith("models:/") and not Path(args.classifier).is_file():
         raise SearchError(f"--classifier {args.classifier}: no such file (or use models:/name@alias)")
     if args.classifier and args.classifier.startswith("models:/"):
-        from tldr_core.registry import parse_models_uri
+        from tldr_core.platform.registry import parse_models_uri
 
         parse_models_uri(args.classifier)
     local = args.address is None
@@ -261,8 +261,8 @@ class Search:
     def load_inputs(self):
         import torch
 
-        from tldr_core.classifier import ClassifierSettings, accuracy, load_or_train
-        from tldr_core.data import load_dataset
+        from tldr_core.attack.classifier import ClassifierSettings, accuracy, load_or_train
+        from tldr_core.attack.data import load_dataset
 
         st = self.st
         torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -272,18 +272,18 @@ class Search:
                  f"{bundle.image_shape} from {bundle.source}")
         clf_ref = None
         if st.classifier and st.classifier.startswith("models:/"):
-            from tldr_core.registry import load_registered_classifier
+            from tldr_core.platform.registry import load_registered_classifier
 
             model, meta, clf_ref, path = load_registered_classifier(self.c, st.classifier)
             self.say(f"classifier: {clf_ref.uri} from the registry ({path.name}, weights only)")
         elif st.classifier:
-            from tldr_core.checkpoints import load_classifier
+            from tldr_core.attack.checkpoints import load_classifier
 
             model, meta = load_classifier(st.classifier)
             path = Path(st.classifier)
             self.say(f"classifier: {path}")
         else:
-            from tldr_core.classifier import default_cache_dir
+            from tldr_core.attack.classifier import default_cache_dir
 
             settings = ClassifierSettings(epochs=st.classifier_epochs)
             model, meta, path = load_or_train(bundle, settings, cache_dir=default_cache_dir().resolve(),
@@ -313,7 +313,7 @@ class Search:
         tr.retry(lambda: self.c.log_dict(self.run_id, st.space, "search/space.yaml"))
 
     def register_classifier(self, model, meta, path: Path, clf_ref):
-        from tldr_core.registry import register_classifier
+        from tldr_core.platform.registry import register_classifier
 
         if clf_ref is None:
             clf_ref = register_classifier(self.c, self.run_id, path, self.st.dataset, meta)
@@ -326,8 +326,8 @@ class Search:
         return clf_ref
 
     def baselines(self, bundle, model) -> dict[str, dict[str, float]]:
-        from tldr_core.metrics import score_baselines
-        from tldr_core.tuning import baseline_metrics
+        from tldr_core.scoring.metrics import score_baselines
+        from tldr_core.platform.tuning import baseline_metrics
 
         b = score_baselines(bundle.train, bundle.heldout, bundle.test, bundle.num_classes, self.st.per_class,
                             classifier=model, tau=self.st.tau, seed=self.st.seed)
@@ -372,7 +372,7 @@ class Search:
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        from tldr_core.tuning import MlflowTrialStatus, run_trial
+        from tldr_core.platform.tuning import MlflowTrialStatus, run_trial
 
         import optuna
 
@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
             st = stored
             say(f"resuming search {st.search_name} (run {resume_run.info.run_id}): {st.trials} trials on {st.dataset}, "
                 f"objective {st.objective}")
-        from tldr_core.search_space import space_from_dict
+        from tldr_core.platform.search_space import space_from_dict
 
         space = space_from_dict(st.space, st.space_source)
         search = Search(st, say, resume_run)
@@ -465,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         bundle, model, meta, path, clf_ref = search.load_inputs()
         if resume_run is not None and clf_ref is None:
             t = resume_run.data.tags
-            from tldr_core.registry import ClassifierRef, sha256_file
+            from tldr_core.platform.registry import ClassifierRef, sha256_file
 
             if t.get("tldr.classifier_sha256") and sha256_file(path) != t["tldr.classifier_sha256"]:
                 raise SearchError("the classifier found now differs from the one this search started with; "
@@ -477,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         search.open_parent_run()
         clf_ref = search.register_classifier(model, meta, path, clf_ref)
         baselines = search.baselines(bundle, model)
-        from tldr_core.tuning import TrialInputs
+        from tldr_core.platform.tuning import TrialInputs
 
         inputs = TrialInputs(settings=asdict(st), space=space, classifier_spec=model.spec(),
                              classifier_state={k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -510,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         tr.close_open_trial_runs(search.c, search.experiment_id, search.run_id, "KILLED", "early-stopped")
         summary = tr.write_summary(search.c, search.experiment_id, search.run_id, st.objective, space,
                                    tr.runs_dir() / "tmp" / st.search_name)
-        from tldr_core.registry import promote
+        from tldr_core.platform.registry import promote
 
         promo = promote(search.c, search.run_id, log=None)
         status = "FINISHED"
@@ -565,7 +565,7 @@ def _report(st: SearchSettings, search: Search, summary: dict[str, Any], promo, 
         say(f"best trial {best['number']}: {o} {best[o]:.4f}, label agreement {la if la is None else round(la, 3)} "
             f"(baselines: noise {baselines['noise'][o]:.4f}, class means {baselines['class_mean'][o]:.4f}, "
             f"real held-out {baselines['heldout_real'][o]:.4f})")
-        keys = ("variant", "lr", "epsilon") + tuple(__import__("tldr_core.config", fromlist=["LossWeights"])
+        keys = ("variant", "lr", "epsilon") + tuple(__import__("tldr_core.attack.config", fromlist=["LossWeights"])
                                                     .LossWeights.names())
         say("  " + ", ".join(f"{k}={best['params'][k]}" for k in keys if k in best["params"]))
     if summary.get("importances"):

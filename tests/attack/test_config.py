@@ -1,0 +1,49 @@
+"""LossWeights / AttackConfig validation and the YAML layer."""
+import pytest
+
+from tldr_core.attack.config import AttackConfig, ConfigError, LossWeights, load_yaml_config
+
+
+def test_nine_weight_names_are_the_single_source():
+    assert LossWeights.names() == ("kl", "kl_pert", "ce", "ce_pert", "cos", "ortho", "var", "pix", "grad")
+    assert set(AttackConfig().flat()) >= set(LossWeights.names())
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), "abc", True, None])
+def test_negative_or_non_numeric_weights_are_rejected(bad):
+    with pytest.raises(ConfigError, match="ce"):
+        LossWeights.from_mapping({"ce": bad})
+
+
+def test_numeric_strings_from_the_cli_are_parsed():
+    assert LossWeights.from_mapping({"grad": "0.25"}).grad == 0.25
+
+
+def test_inversion_zeroes_the_reconstruction_only_terms():
+    w = LossWeights().for_mode("inversion")
+    assert w.var == w.pix == w.grad == w.kl_pert == w.ce_pert == 0
+    assert w.kl == LossWeights().kl
+
+
+def test_yaml_flat_and_nested_and_unknown_keys(tmp_path):
+    f = tmp_path / "a.yaml"
+    f.write_text("variant: matrix\nsteps: 10\nweights:\n  grad: 0.0\ncos: 2\n")
+    cfg = load_yaml_config(f)
+    assert (cfg.variant, cfg.steps, cfg.weights.grad, cfg.weights.cos) == ("matrix", 10, 0.0, 2.0)
+    f.write_text("stepz: 10\n")
+    with pytest.raises(ConfigError, match="stepz"):
+        load_yaml_config(f)
+    f.write_text("weights:\n  gradient: 1\n")
+    with pytest.raises(ConfigError, match="gradient"):
+        load_yaml_config(f)
+    f.write_text("[1, 2")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_yaml_config(f)
+
+
+@pytest.mark.parametrize("kw", [dict(variant="lable"), dict(mode="x"), dict(steps=0), dict(batch_size=1),
+                                dict(lr=0.0), dict(epsilon=-0.1), dict(device="tpu"),
+                                dict(grad_mode="fast"), dict(grad_scope="conv")])
+def test_invalid_attack_settings(kw):
+    with pytest.raises(ConfigError):
+        AttackConfig(**kw)

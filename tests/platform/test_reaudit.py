@@ -1,0 +1,165 @@
+"""tune/reaudit.py: which classifier versions get audited, the tags written back, idempotence,
+a model that does not load, --dry-run; end to end on mnist-bundled with a sqlite registry."""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tldr_core.platform import reaudit as ra
+from tldr_core.platform import tracking as tr
+
+REPO = Path(__file__).resolve().parents[2]
+REAUDIT = REPO / "tune" / "reaudit.py"
+DATASET = "mnist-bundled"
+NAME = f"tldr-classifier-{DATASET}"
+TINY = ["--smoke-test", "--trials", "1", "--steps", "8", "--per-class", "2", "--quiet"]
+NOW = dt.datetime(2026, 1, 31, tzinfo=dt.timezone.utc)
+
+
+# ------------------------------------------------------------------------------------ fast checks
+
+@pytest.mark.parametrize("tags, pending", [
+    ({}, True),
+    ({"audit.status": "done", "audit.time": "2026-01-30T00:00:00+00:00"}, False),
+    ({"audit.status": "done", "audit.time": "2025-12-01T00:00:00+00:00"}, True),        # older than 30 days
+    ({"audit.status": "done", "audit.time": "2026-01-30T00:00:00+00:00", "reaudit": "requested"}, True),
+    ({"audit.status": "running", "audit.started": "2026-01-30T00:00:00+00:00"}, True),  # killed midway
+    ({"audit.status": "failed", "audit.time": "2026-01-30T00:00:00+00:00"}, True),      # search failed: retry
+    ({"audit.status": "error", "audit.time": "2026-01-30T00:00:00+00:00"}, False),      # does not load: skip
+    ({"audit.status": "error", "audit.time": "2025-12-01T00:00:00+00:00"}, True),
+    ({"audit.status": "done"}, True),                                                    # no time: redo
+])
+def test_pending_rules(tags, pending):
+    assert (ra.pending_reason(tags, 30, NOW) is not None) == pending
+
+
+def test_help_and_unreachable_server():
+    out = subprocess.run([sys.executable, str(REAUDIT), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    for flag in ("--tracking-uri", "--max-age-days", "--dry-run", "--trials", "--steps", "--smoke-test",
+                 "--dataset", "--data-root", "--download"):
+        assert flag in out.stdout, flag
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = subprocess.run([sys.executable, str(REAUDIT), "--tracking-uri", f"http://127.0.0.1:{port}"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unreachable" in lines[0] and "Traceback" not in out.stderr
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+def _checkpoint(path: Path, seed: int) -> Path:
+    from tldr_core.attack.checkpoints import CLASSIFIER_FORMAT, save_checkpoint
+    from tldr_core.attack.models import PaperCNN
+
+    torch.manual_seed(seed)
+    model = PaperCNN((1, 28, 28), 10, width=4, hidden=8)  # untrained is fine: only the plumbing is tested
+    return save_checkpoint(path, model, CLASSIFIER_FORMAT, {"test_accuracy": 0.1, "train_size": 100})
+
+
+def _run(runs: Path, uri: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TLDR_RUNS": str(runs), "TLDR_CACHE": str(runs / "cache"), "RAY_AUTH_MODE": "disabled"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, str(REAUDIT), "--tracking-uri", uri, *args], capture_output=True,
+                          text=True, timeout=600, cwd=REPO, env=env)
+
+
+def _tags(c) -> dict[str, dict[str, str]]:
+    return {str(v.version): dict(v.tags) for v in c.search_model_versions(f"name = '{NAME}'")}
+
+
+@pytest.mark.slow
+def test_reaudit_end_to_end(tmp_path, monkeypatch):
+    from tldr_core.platform.registry import register_classifier
+
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("TLDR_RUNS", str(runs))
+    uri = f"sqlite:///{runs / 'mlflow.db'}"
+    tr.check_tracking_uri(uri)
+    c = tr.client(uri)
+    exp = tr.ensure_experiment(c, "classifiers", runs / "mlartifacts")
+    run_id = c.create_run(exp).info.run_id
+    meta = {"test_accuracy": 0.1, "train_size": 100}
+    v_audited = register_classifier(c, run_id, _checkpoint(tmp_path / "a" / "a.pt", 0), DATASET, meta).version
+    v_new = register_classifier(c, run_id, _checkpoint(tmp_path / "b" / "b.pt", 1), DATASET, meta).version
+    corrupt = tmp_path / "c" / "c.pt"
+    corrupt.parent.mkdir()
+    corrupt.write_bytes(b"not a checkpoint" * 64)
+    v_bad = register_classifier(c, run_id, corrupt, DATASET, meta).version
+    c.set_terminated(run_id)
+    audited = {"audit.status": "done", "audit.time": ra.now_iso(), "audit.quality": "0.1", "audit.risk": "LOW"}
+    for k, v in audited.items():
+        c.set_model_version_tag(NAME, v_audited, k, v)
+    before = _tags(c)
+
+    # --dry-run: lists the two pending versions, changes nothing
+    out = _run(runs, uri, "--dry-run", *TINY)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "2 version(s) to audit, 1 up to date" in out.stdout
+    assert f"{NAME}/{v_new}: never audited" in out.stdout and f"{NAME}/{v_bad}: never audited" in out.stdout
+    assert _tags(c) == before
+
+    # the real run: the new version is audited, the corrupt one is tagged with its error, the audited one kept
+    out = _run(runs, uri, *TINY)
+    print(out.stdout)  # shown by pytest -s / on failure
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "1 done, 1 model(s) that do not load, 0 failed" in out.stdout, out.stdout
+    after = _tags(c)
+    assert after[v_audited] == before[v_audited], (after, out.stdout)
+    new = after[v_new]
+    assert new["audit.status"] == "done" and new["audit.risk"] in ("LOW", "MEDIUM", "HIGH")
+    for k in ("audit.quality", "audit.gap", "audit.coverage", "audit.gap_ci_low"):
+        float(new[k])
+    assert ra.parse_iso(new["audit.time"]) is not None and "audit.error" not in new
+    search = c.get_run(new["audit.run_id"])
+    assert search.data.tags["tldr.classifier_version"] == v_new and search.info.status == "FINISHED"
+    champion = c.get_model_version_by_alias(f"tldr-generator-{DATASET}", "champion")  # promoted as the search does
+    assert champion.tags["classifier_version"] == v_new
+    bad = after[v_bad]
+    assert bad["audit.status"] == "error" and "not a readable PyTorch checkpoint" in bad["audit.error"]
+    assert "audit.run_id" not in bad
+    assert len(c.search_model_versions(f"name = '{NAME}'")) == 3  # the audit registers no classifier
+
+    # a second run right after does nothing
+    out = _run(runs, uri, *TINY)
+    assert out.returncode == 0 and "0 version(s) to audit, 3 up to date" in out.stdout, out.stdout + out.stderr
+    assert _tags(c) == after
+
+    # a run killed midway leaves audit.status=running: the next run audits it again (listed by --dry-run);
+    # reaudit=requested forces one
+    c.set_model_version_tag(NAME, v_new, "audit.status", "running")
+    c.set_model_version_tag(NAME, v_audited, "reaudit", "requested")
+    out = _run(runs, uri, "--dry-run")
+    assert out.returncode == 0 and "2 version(s) to audit" in out.stdout, out.stdout + out.stderr
+    assert f"{NAME}/{v_new}: previous audit" in out.stdout and f"{NAME}/{v_audited}: re-audit requested" in out.stdout
+
+    # ... and is warm-started from the champion's settings, enqueued as the first point of its search space
+    from tldr_core.platform.search_space import load_space
+
+    point, source = ra.warm_start_point(c, DATASET, load_space())
+    assert point and "variant" in point and f"tldr-generator-{DATASET} v{champion.version}" in source
+    c.delete_model_version_tag(NAME, v_audited, "reaudit")
+    out = _run(runs, uri, *TINY)
+    print(out.stdout)
+    assert out.returncode == 0 and "1 done, 0 model(s)" in out.stdout, out.stdout[-4000:] + out.stderr[-4000:]
+    again = _tags(c)[v_new]
+    assert again["audit.status"] == "done" and again["audit.run_id"] != new["audit.run_id"]
+    assert again["audit.warm_start"] == source
+    import mlflow
+
+    settings = mlflow.artifacts.load_dict(f"{c.get_run(again['audit.run_id']).info.artifact_uri}/search/settings.json")
+    assert settings["space"]["initial_points"][0] == point
+    trial0 = [r for r in tr.trial_runs(c, search.info.experiment_id, again["audit.run_id"])
+              if r.data.tags.get(tr.TRIAL_NUMBER) == "1"]
+    assert trial0 and trial0[0].data.params["variant"] == point["variant"]

@@ -1,0 +1,308 @@
+"""tune/search.py: the search space, the up-front checks, and real (tiny) Ray Tune searches checked
+through the MLflow client: one nested run per trial, statuses, failures, resume, the champion."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tldr_core.platform import tracking as tr
+from tldr_core.attack.config import AttackConfig, ConfigError, LossWeights
+from tldr_core.platform.search_space import DEFAULT_SPACE, load_space, space_from_dict, switch_name
+
+REPO = Path(__file__).resolve().parents[2]
+SEARCH = REPO / "tune" / "search.py"
+TINY = ["--smoke-test", "--trials", "3", "--steps", "8", "--train-size", "100", "--per-class", "3"]
+
+
+def load_search_module():
+    spec = importlib.util.spec_from_file_location("tldr_search_cli", SEARCH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------ the space
+
+def test_default_space_covers_exactly_the_nine_weights():
+    space = load_space()
+    assert tuple(space.weights) == LossWeights.names()
+    defaults = LossWeights()
+    for name, w in space.weights.items():
+        assert w.searched and w.off and w.low <= getattr(defaults, name) <= w.high, name
+    assert space.params["variant"].choices == ("label", "vector", "matrix", "vector-matrix")
+
+
+def test_space_samples_valid_configs_with_conditional_epsilon():
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = load_space()
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+    seen_off = set()
+    for _ in range(40):
+        trial = study.ask()
+        config = space(trial)
+        cfg = space.attack_config(config)  # validates through AttackConfig.from_flat
+        assert isinstance(cfg, AttackConfig) and config["trial_number"] == trial.number + 1
+        perturbed = cfg.weights.kl_pert > 0 or cfg.weights.ce_pert > 0
+        assert ("epsilon" in trial.params) == perturbed  # epsilon only where it applies
+        seen_off |= {n for n in LossWeights.names() if getattr(cfg.weights, n) == 0}
+        assert all(switch_name(n) in trial.params for n in LossWeights.names())
+        study.tell(trial, 0.0)
+    assert seen_off == set(LossWeights.names())  # every term gets switched off somewhere
+
+
+def test_initial_points_are_translated_to_optuna_params():
+    space = load_space()
+    p = space.to_optuna_params({"variant": "label", "ce": 2.0, "cos": 0, "epsilon": 0.1})
+    assert p["variant"] == "label" and p["ce"] == 2.0 and p[switch_name("ce")] is True
+    assert p[switch_name("cos")] is False and "cos" not in p
+    assert "epsilon" in p  # the perturbed terms are not fixed off by the point, so epsilon may apply
+
+
+def _set(path: str, value):
+    def edit(d):
+        *keys, last = path.split(".")
+        for k in keys:
+            d = d.setdefault(k, {})
+        if value is _DELETE:
+            d.pop(last)
+        else:
+            d[last] = value
+    return edit
+
+
+_DELETE = object()
+
+
+def test_defaults_as_initial_point():
+    data = yaml.safe_load(DEFAULT_SPACE.read_text())
+    data["initial_points"] = ["defaults"]
+    space = space_from_dict(data)
+    (point,) = space.initial_points
+    cfg = space.attack_config(point)
+    assert cfg.weights == LossWeights() and cfg.variant == AttackConfig().variant
+    params = space.to_optuna_params(point)
+    assert all(params[switch_name(n)] is True for n in LossWeights.names())
+
+
+def test_refinement_space_starts_from_the_defaults():
+    space = load_space(REPO / "tune" / "space-refine.yaml")
+    (point,) = space.initial_points
+    cfg = space.attack_config(point)
+    assert cfg.weights == LossWeights() and cfg.variant == AttackConfig().variant
+    assert (cfg.lr, cfg.epsilon, cfg.gen_dropout) == (AttackConfig().lr, AttackConfig().epsilon, AttackConfig().gen_dropout)
+    for name in LossWeights.names():  # each range holds its default, within a factor of about 3
+        spec, default = space.weights[name], getattr(LossWeights(), name)
+        assert spec.low < default < spec.high and spec.high / spec.low < 10
+
+
+BAD_SPACES = {
+    "unknown weight": (_set("weights.klx", 1.0), "unknown loss term"),
+    "missing weight": (_set("weights.grad", _DELETE), "no entry for ['grad']"),
+    "bare off key": (_set("weights.kl", {"low": 0.1, "high": 1, "off": True}), "unknown key"),
+    "low above high": (_set("weights.kl", {"low": 2, "high": 1}), "0 < low < high"),
+    "bad variant": (_set("params.variant", {"choices": ["label", "pixel"]}), "unknown variant"),
+    "reserved key": (_set("fixed.steps", 5), "set by the search command"),
+    "unknown section": (_set("weightz", {}), "unknown section"),
+    "when_on unknown": (_set("params.epsilon.when_on", ["nope"]), "unknown loss term"),
+    "weight in params": (_set("params.kl", {"low": 0.1, "high": 1}), "put them under weights"),
+    "initial point word typo": (_set("initial_points", ["default"]), "or the word 'defaults'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SPACES))
+def test_invalid_space_is_one_clear_error(case):
+    data = yaml.safe_load(DEFAULT_SPACE.read_text())
+    edit, message = BAD_SPACES[case]
+    edit(data)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        space_from_dict(data, "test.yaml")
+
+
+# ------------------------------------------------------------------------------------ up-front checks
+
+def test_help_lists_every_option():
+    out = subprocess.run([sys.executable, str(SEARCH), "--help"], capture_output=True, text=True, timeout=120,
+                         cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    for flag in ("--dataset", "--train-size", "--trials", "--max-concurrent", "--cpus-per-trial", "--gpus-per-trial",
+                 "--steps", "--address", "--storage", "--tracking-uri", "--experiment", "--classifier", "--resume",
+                 "--smoke-test", "--seed", "--data-root", "--download", "--space", "--objective", "--scheduler"):
+        assert flag in out.stdout, flag
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch):
+    monkeypatch.setenv("TLDR_RUNS", str(tmp_path / "runs"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return load_search_module()
+
+
+def _bad_yaml(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("weights: {kl: {low: 1, high: 0.1}}\nparams: [not, a, mapping]\n")
+    return p
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "imagenet"], "unknown data set 'imagenet'"),
+    (["--space", "BAD"], "search space"),
+    (["--space", "/nonexistent/space.yaml"], "does not exist"),
+    (["--tracking-uri", "http://127.0.0.1:PORT"], "unreachable"),
+    (["--address", "127.0.0.1:PORT"], "Ray cluster at 127.0.0.1:"),
+    (["--trials", "0"], "--trials must be >= 1"),
+    (["--classifier", "/nonexistent.pt"], "no such file"),
+])
+def test_bad_input_is_one_error_before_any_work(cli, tmp_path, capsys, argv, message):
+    argv = [a.replace("PORT", str(free_port())).replace("BAD", str(_bad_yaml(tmp_path))) for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "runs" / "mlflow.db").exists()  # nothing was started
+    assert not (tmp_path / "runs" / "tune").exists()
+
+
+def test_scheduler_option(cli):
+    parse = cli.build_parser().parse_args
+    assert cli._settings_from_args(parse([])).scheduler == "asha"
+    assert cli._settings_from_args(parse(["--scheduler", "fifo"])).scheduler == "fifo"
+    with pytest.raises(SystemExit):
+        parse(["--scheduler", "pbt"])
+
+
+# ------------------------------------------------------------------------------------ real searches
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def run_search(runs: Path, cache: Path, args: list[str], extra_env: dict[str, str] | None = None):
+    env = {**os.environ, "TLDR_RUNS": str(runs), "TLDR_CACHE": str(cache), "RAY_AUTH_MODE": "disabled",
+           **(extra_env or {})}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run([sys.executable, str(SEARCH), *args], capture_output=True, text=True, timeout=600,
+                          cwd=REPO, env=env)
+    return proc
+
+
+def _client(runs: Path):
+    c = tr.client(f"sqlite:///{runs / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("tldr-mnist-bundled")
+    return c, exp.experiment_id
+
+
+def _searches(c, exp):
+    return c.search_runs([exp], f"tags.`{tr.ROLE}` = 'search'", order_by=["attributes.start_time ASC"])
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, cache_dir):
+    """A tiny search whose first trial (an initial point with ce = 1e308) fails with a non-finite loss."""
+    root = tmp_path_factory.mktemp("smoke")
+    space = yaml.safe_load(DEFAULT_SPACE.read_text())
+    space["initial_points"] = [{"variant": "label", "ce": 1.0e308}]
+    (root / "space.yaml").write_text(yaml.safe_dump(space))
+    proc = run_search(root / "runs", cache_dir, [*TINY, "--space", str(root / "space.yaml")])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root / "runs", proc
+
+
+@pytest.mark.slow
+def test_smoke_search_records_every_trial(smoke):
+    runs, proc = smoke
+    c, exp = _client(runs)
+    (search,) = _searches(c, exp)
+    assert search.info.status == "FINISHED" and search.data.tags[tr.STATE] == "finished"
+    trials = tr.trial_runs(c, exp, search.info.run_id)
+    assert len(trials) == 3  # one nested run per trial
+    assert len({t.data.tags[tr.TRIAL_ID] for t in trials}) == 3
+    for t in trials:
+        assert t.data.tags["mlflow.parentRunId"] == search.info.run_id
+        assert set(LossWeights.names()) | {"variant"} <= set(t.data.params)
+        assert t.info.status in ("FINISHED", "KILLED", "FAILED")  # never left RUNNING
+        expected = {"FINISHED": "finished", "KILLED": "early-stopped", "FAILED": "failed"}[t.info.status]
+        assert t.data.tags[tr.STATE] == expected
+        if t.info.status != "FAILED":
+            assert "quality" in t.data.metrics and "label_agreement" in t.data.metrics
+            assert any(k.startswith("loss_") for k in t.data.metrics)
+            assert any(k.startswith("wloss_") for k in t.data.metrics)
+    finished = [t for t in trials if t.info.status == "FINISHED"]
+    assert finished
+    for t in finished:
+        arts = {a.path for a in c.list_artifacts(t.info.run_id)}
+        assert {"grid.png", "nearest.png"} <= arts
+        assert "baseline_noise_quality" in t.data.metrics
+        assert len(c.get_metric_history(t.info.run_id, "quality")) >= 2  # over steps, not only the end
+    # the parent's summary and the registry
+    summary = {a.path for a in c.list_artifacts(search.info.run_id, "summary")}
+    assert {"summary/objective_vs_trial.png", "summary/trials.json", "summary/baselines.json"} <= summary
+    best = max(finished, key=lambda t: t.data.metrics["quality"])
+    assert search.data.tags["tldr.best_run"] == best.info.run_id
+    mv = c.get_model_version_by_alias("tldr-generator-mnist-bundled", "champion")
+    assert mv.run_id == best.info.run_id and mv.tags["objective"] == "quality"
+    assert mv.tags["classifier_version"] == search.data.tags["tldr.classifier_version"]
+    clf = c.get_model_version("tldr-classifier-mnist-bundled", search.data.tags["tldr.classifier_version"])
+    assert 0 <= float(clf.tags["test_accuracy"]) <= 1
+    # progress lines and where to look
+    assert "finished: quality" in proc.stdout and "best so far" in proc.stdout
+    assert "open the UI" in proc.stdout and search.info.run_id in proc.stdout
+
+
+@pytest.mark.slow
+def test_failing_trial_does_not_stop_the_search(smoke):
+    runs, proc = smoke
+    c, exp = _client(runs)
+    (search,) = _searches(c, exp)
+    trials = tr.trial_runs(c, exp, search.info.run_id)
+    failed = [t for t in trials if t.info.status == "FAILED"]
+    assert len(failed) == 1
+    f = failed[0]
+    assert f.data.tags[tr.TRIAL_NUMBER] == "1" and float(f.data.params["ce"]) == 1e308
+    assert "NonFiniteLossError" in f.data.tags[tr.ERROR]
+    assert "error.txt" in {a.path for a in c.list_artifacts(f.info.run_id)}
+    assert "trial 1 FAILED" in proc.stdout
+    assert len(trials) - len(failed) == 2  # the other trials still ran
+
+
+@pytest.mark.slow
+def test_resume_after_interruption(tmp_path, cache_dir):
+    runs = tmp_path / "runs"
+    args = [*TINY, "--max-concurrent", "1"]
+    first = run_search(runs, cache_dir, args, {"TLDR_SEARCH_INTERRUPT_AFTER": "1"})  # Ctrl-C after one trial
+    assert first.returncode == 130, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "--resume" in first.stdout
+    c, exp = _client(runs)
+    (search,) = _searches(c, exp)
+    assert search.info.status == "KILLED"
+    before = {t.data.tags[tr.TRIAL_ID]: t for t in tr.trial_runs(c, exp, search.info.run_id)}
+    done_before = {k: t.info.run_id for k, t in before.items() if t.data.tags[tr.STATE] != "interrupted"}
+    assert len(done_before) == 1 and all(t.info.status != "RUNNING" for t in before.values())
+
+    second = run_search(runs, cache_dir, ["--resume"])
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    (search,) = _searches(c, exp)  # the same search run, not a new one
+    assert search.info.status == "FINISHED"
+    after = tr.trial_runs(c, exp, search.info.run_id)
+    ids = [t.data.tags[tr.TRIAL_ID] for t in after]
+    assert len(after) == 3 and len(set(ids)) == 3  # no duplicated trial runs
+    for trial_id, run_id in done_before.items():  # the finished trial kept its run
+        assert {t.data.tags[tr.TRIAL_ID]: t.info.run_id for t in after}[trial_id] == run_id
+    assert all(t.info.status in ("FINISHED", "KILLED", "FAILED") for t in after)
+    assert c.get_model_version_by_alias("tldr-generator-mnist-bundled", "champion").run_id in {t.info.run_id for t in after}

@@ -1,0 +1,143 @@
+"""The audit report: risk levels, a self-contained page, and that it renders in real headless Chromium
+with every image loaded and no console errors (CI installs Chromium; a missing one fails, never skips)."""
+import json
+import re
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tldr_core.cli import audit
+from tldr_core.attack.classifier import ClassifierSettings, train_classifier
+from tldr_core.attack.config import AttackConfig
+from tldr_core.attack.data import load_dataset
+from tldr_core.scoring.metrics import nn_ssim, score_baselines, score_reconstructions
+from tldr_core.report.page import assess, log_report_to_mlflow, render_report, reproduce_command, write_report
+
+sys.path.insert(0, str(Path(__file__).parent))
+from browser_check import INSTALL, check_page, find_chromium  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+
+BASE = {"noise": {"quality": 0.05}, "class_mean": {"quality": 0.55}}
+
+
+def _m(quality=0.2, gap=0.0, lo=-0.01, hi=0.01, coverage=0.0):
+    return {"quality": quality, "gap": gap, "gap_ci_low": lo, "gap_ci_high": hi, "gap_significant": float(lo > 0),
+            "coverage": coverage, "tau": 0.5}
+
+
+def test_risk_levels_follow_the_stated_thresholds():
+    assert assess(_m(gap=0.05, lo=0.03, hi=0.07), BASE).level == "HIGH"
+    assert assess(_m(gap=0.02, lo=0.01, hi=0.03, coverage=0.2), BASE).level == "HIGH"
+    assert assess(_m(gap=0.02, lo=0.01, hi=0.03), BASE).level == "MEDIUM"
+    assert assess(_m(gap=0.004, lo=0.001, hi=0.007), BASE).level == "LOW"  # CI above 0 but within run-to-run noise
+    r = assess(_m(quality=0.6), BASE)  # as close as the class-mean image (0.55), no gap
+    assert r.level == "MEDIUM" and "class-level" in r.reason and r.realism == pytest.approx(1.1)
+    r = assess(_m(quality=0.35), BASE)  # 60% of the way from noise to the class mean: LOW, and says so
+    assert r.level == "LOW" and "60%" in r.reason
+    assert assess(_m(quality=0.2, coverage=0.3), BASE).level == "LOW"  # coverage without a gap is realism only
+    assert assess(_m(quality=0.2), BASE).level == "LOW"
+
+
+@pytest.fixture(scope="module")
+def leaky_case():
+    """digits-8x8 with a linear model; 'reconstructions' that are noisy copies of training images (a leak)."""
+    torch.manual_seed(0)
+    b = load_dataset("digits-8x8", 100, seed=0, test_size=200)
+    model, meta = train_classifier(b, ClassifierSettings(arch="mlp", hidden=0, dropout=0.0, optimizer="sgd", lr=0.05,
+                                                         epochs=20), log=lambda s: None)
+    idx = torch.cat([(b.train.labels == c).nonzero().flatten()[:3] for c in range(10)])
+    images = (b.train.images[idx] + 0.05 * torch.randn(len(idx), 1, 8, 8)).clamp(0, 1)
+    labels = b.train.labels[idx]
+    metrics = score_reconstructions(images, labels, b.train, b.heldout, classifier=model)
+    near = nn_ssim(images, labels, b.train.images, b.train.labels)
+    attack = SimpleNamespace(images=images, labels=labels, metrics=metrics, nearest_index=near.index,
+                             nearest_ssim=near.values, train=SimpleNamespace(steps=0))
+    baselines = score_baselines(b.train, b.heldout, b.test, 10, 3, classifier=model)
+    record = {"dataset": {"name": b.name, "train_size": 100}, "settings": {"variant": "label", "per_class": 3},
+              "classifier": {**meta, "path": "model.pt"}, "metrics": metrics}
+    return b, model, attack, baselines, record
+
+
+def test_report_is_self_contained_and_says_high_risk_for_copied_training_images(leaky_case, tmp_path):
+    b, model, attack, baselines, record = leaky_case
+    html = render_report(b, baselines, attack=attack, classifier=model, record=record)
+    assert html.startswith("<!DOCTYPE html>") and "HIGH risk" in html
+    for needle in ("Reconstructions against baselines", "Weight templates", "nearest training", "unseen image",
+                   "How the risk level is decided", "settings that reproduce this", "baseline: class-mean image of T",
+                   "digits-8x8", "test accuracy"):
+        assert needle in html, needle
+    srcs = re.findall(r'src="([^"]*)"', html)
+    assert len(srcs) > 50 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert not re.search(r"(href|src)=[\"'](https?:|//)", html)  # nothing fetched from the network
+    path = write_report(tmp_path / "r" / "report.html", html_text=html)
+    assert path.read_text() == html
+
+
+def test_report_renders_in_headless_chromium_with_all_images_and_no_errors(leaky_case, tmp_path):
+    b, model, attack, baselines, record = leaky_case
+    try:
+        find_chromium()
+    except RuntimeError:
+        pytest.fail(f"Chromium is needed for this test; install it with: {INSTALL}")
+    path = write_report(tmp_path / "report.html", b, baselines, attack=attack, classifier=model, record=record)
+    res = check_page(path, screenshot=tmp_path / "report.png")
+    assert res["errors"] == [] and res["bad_images"] == []
+    assert len(res["images"]) > 50 and res["title"].startswith("TLDR audit")
+    assert res["screenshot"].stat().st_size > 10_000
+    # the check itself catches what it must: a broken image, a missing file, console errors
+    bad = tmp_path / "bad.html"
+    bad.write_text('<!DOCTYPE html><html><head><link rel="icon" href="data:,"></head><body>'
+                   '<img src="data:image/png;base64,AAAA"><img src="missing.png">'
+                   '<script>console.error("boom"); nope();</script></body></html>')
+    res = check_page(bad)
+    assert len(res["bad_images"]) == 2
+    assert any("boom" in e for e in res["errors"]) and any("nope" in e for e in res["errors"])
+
+
+@pytest.mark.slow
+def test_audit_of_a_fully_connected_model_writes_a_report_with_templates(tmp_path, tmp_cache, capsys):
+    out = tmp_path / "audit"
+    code = audit.main(["--dataset", "digits-8x8", "--train-size", "100", "--arch", "mlp", "--classifier-epochs", "3",
+                       "--steps", "3", "--per-class", "2", "--batch-size", "8", "--device", "cpu", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == sorted(audit.OUTPUT_FILES)
+    record = json.loads((out / "metrics.json").read_text())
+    t = record["template_attack"]
+    assert t["method"] == "linear-path" and t["n_recon"] == 10 and 0 <= t["label_agreement"] <= 1
+    html = (out / "report.html").read_text()
+    assert "Weight templates" in html and "risk:" in html and "--arch mlp" in html
+    res = check_page(out / "report.html", screenshot=tmp_path / "audit.png")
+    assert res["errors"] == [] and res["bad_images"] == []
+
+
+def test_reproduce_command_uses_flags_or_the_classifier_file():
+    d = AttackConfig()
+    rec = {"dataset": {"name": "mnist-bundled", "train_size": 1000},
+           "classifier": {"settings": {**ClassifierSettings().__dict__}, "path": "c.pt"},
+           "settings": {**d.flat(), "steps": d.steps + 7, "grad": d.weights.grad * 2 + 1, "latent_dim": 17},
+           "metrics": {"tau": 0.5}}
+    cmd = reproduce_command(rec)
+    assert "--arch cnn" in cmd and f"--steps {d.steps + 7}" in cmd and f"--grad {d.weights.grad * 2 + 1:g}" in cmd
+    assert "--classifier " not in cmd and "--device" not in cmd and "latent_dim: 17" in cmd
+    assert f"--kl-pert {d.weights.kl_pert:g}" in cmd  # every weight, always: defaults may change
+    rec["classifier"]["settings"]["optimizer"] = "sgd"  # not expressible by audit flags: point at the file
+    assert "--classifier c.pt" in reproduce_command(rec)
+
+
+@pytest.mark.slow
+def test_log_report_to_mlflow_puts_it_beside_the_run(tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(tracking_uri=uri)
+    exp = c.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
+    run = c.create_run(exp)
+    html = tmp_path / "report.html"
+    html.write_text("<!DOCTYPE html><html><body>ok</body></html>")
+    log_report_to_mlflow(html, run.info.run_id, tracking_uri=uri)
+    assert [a.path for a in c.list_artifacts(run.info.run_id)] == ["report.html"]

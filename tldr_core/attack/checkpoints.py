@@ -1,0 +1,92 @@
+"""Saving and loading model files without ever running pickled code.
+
+The models this platform audits are untrusted files, so every load uses `torch.load(weights_only=True)`:
+only tensors and plain containers are accepted. A checkpoint is a dict
+`{"format": ..., "spec": {...}, "state_dict": {...}, "meta": {...}}`; `spec` rebuilds the module.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from tldr_core.attack.models import ConditionedGenerator, build_classifier
+
+CLASSIFIER_FORMAT = "tldr-classifier/1"
+GENERATOR_FORMAT = "tldr-generator/1"
+
+
+class CheckpointError(ValueError):
+    """A model file that cannot be used: unreadable, not ours, code-carrying, or the wrong shape."""
+
+
+def save_checkpoint(path: str | Path, module: nn.Module, fmt: str, meta: dict[str, Any] | None = None) -> Path:
+    """Write atomically (temp file + rename) so a crash never leaves a truncated checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": fmt, "spec": module.spec(),
+               "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()}, "meta": meta or {}}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _read(path: str | Path, fmt: str) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model file {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        msg = str(exc)
+        detail = msg.split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if msg else ""
+        if "global" in msg.lower():  # the pickle names a Python callable: code the loader would run
+            raise CheckpointError(f"{path} refused: it references Python objects other than tensors (code that "
+                                  f"would run on load); only weights-only checkpoints are loaded ({detail})") from None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({detail})") from None
+    except Exception as exc:  # truncated zip, random bytes, ...
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {type(exc).__name__}: {exc}") from None
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"{path} is not a {fmt} checkpoint (found format {found!r})")
+    return payload
+
+
+def _load(path: str | Path, fmt: str, build: Callable[[dict], nn.Module]) -> tuple[nn.Module, dict[str, Any]]:
+    payload = _read(path, fmt)
+    try:
+        module = build(payload["spec"])
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot build the model from its spec {payload.get('spec')!r}: {exc}") from None
+    try:
+        module.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as exc:
+        first = " ".join(str(exc).split())[:400]
+        raise CheckpointError(f"{path}: weights do not match the architecture {payload['spec']!r}: {first}") from None
+    return module.eval(), dict(payload.get("meta", {}))
+
+
+def load_classifier(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """(classifier in eval mode with frozen parameters, its meta dict)."""
+    model, meta = _load(path, CLASSIFIER_FORMAT, build_classifier)
+    model.requires_grad_(False)
+    return model, meta
+
+
+def load_generator(path: str | Path) -> tuple[ConditionedGenerator, dict[str, Any]]:
+    def build(spec: dict) -> nn.Module:
+        spec = dict(spec)
+        spec["image_shape"] = tuple(spec["image_shape"])
+        return ConditionedGenerator(**spec)
+    return _load(path, GENERATOR_FORMAT, build)

@@ -1,0 +1,222 @@
+"""One TLDR audit run: classifier (trained once, cached) -> generator -> reconstructions -> scores.
+
+    python -m tldr_core.cli.audit --dataset mnist-bundled --train-size 1000 --out runs/demo
+
+writes into --out: metrics.json, reconstructions.npz, grid.png, nearest.png, generator.pt, report.html.
+Files are written to a staging folder and moved into place at the end (metrics.json last), so a
+failed run never leaves output that looks complete.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from tldr_core.attack.checkpoints import GENERATOR_FORMAT, CheckpointError, load_classifier, save_checkpoint
+from tldr_core.attack.classifier import ClassifierSettings, load_or_train
+from tldr_core.attack.config import (GRAD_MODES, GRAD_SCOPES, MODES, PERTURBATIONS, VARIANTS, AttackConfig, ConfigError,
+                     LossWeights, load_yaml_config)
+from tldr_core.attack.data import DATASETS, DataError, DatasetBundle, DatasetNotFoundError, load_dataset
+from tldr_core.scoring.metrics import nn_ssim, score_baselines, score_reconstructions
+from tldr_core.report.page import audit_report
+from tldr_core.attack.train import NonFiniteLossError, TrainResult, generate, resolve_device, summarize_history, train_generator
+from tldr_core.report.pictures import save_grid, save_nearest
+
+OUTPUT_FILES = ("metrics.json", "reconstructions.npz", "grid.png", "nearest.png", "generator.pt", "report.html")
+
+
+@dataclass
+class AttackResult:
+    """A trained generator, its hot-conditioned reconstructions, and their scores."""
+
+    train: TrainResult
+    images: torch.Tensor          # (R, C, H, W) in [0, 1]
+    labels: torch.Tensor          # (R,)
+    metrics: dict[str, float]     # see metrics.score_reconstructions
+    nearest_index: torch.Tensor   # (R,) index into bundle.train.images of each nearest training image
+    nearest_ssim: torch.Tensor    # (R,)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run_attack(classifier: nn.Module, bundle: DatasetBundle, cfg: AttackConfig, *, tau: float = 0.5,
+               callback=None, log: Callable[[str], None] | None = print, log_every: int = 100) -> AttackResult:
+    """Train a generator against `classifier` and score its reconstructions against `bundle`."""
+    result = train_generator(classifier, bundle.num_classes, bundle.image_shape, cfg, callback=callback,
+                             log=log, log_every=log_every)
+    images, labels = generate(result.generator, cfg.per_class, seed=cfg.seed + 1, device=resolve_device(cfg.device))
+    classifier = classifier.cpu()
+    metrics = score_reconstructions(images, labels, bundle.train, bundle.heldout, classifier=classifier, tau=tau,
+                                    seed=cfg.seed)
+    near = nn_ssim(images, labels, bundle.train.images, bundle.train.labels)
+    return AttackResult(result, images, labels, metrics, near.index, near.values)
+
+
+def write_outputs(out: Path, bundle: DatasetBundle, cfg: AttackConfig, attack: AttackResult,
+                  baselines: dict[str, dict[str, float]], classifier_info: dict[str, Any],
+                  classifier: nn.Module | None = None) -> Path:
+    """Write every artefact into a staging folder, then move them into `out` (metrics.json last)."""
+    out.mkdir(parents=True, exist_ok=True)
+    stage = out / ".partial"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    for name in OUTPUT_FILES:  # an older complete result must not survive beside a new partial one
+        (out / name).unlink(missing_ok=True)
+    np.savez_compressed(stage / "reconstructions.npz", images=attack.images.numpy().astype(np.float32),
+                        labels=attack.labels.numpy().astype(np.int64))
+    m = attack.metrics
+    save_grid(stage / "grid.png", attack.images, attack.labels, bundle.class_names,
+              title=f"{bundle.name}: {cfg.variant} generator, quality {m['quality']:.3f}, "
+                    f"label agreement {m['label_agreement']:.2f}")
+    save_nearest(stage / "nearest.png", attack.images, attack.labels, bundle.train.images[attack.nearest_index],
+                 attack.nearest_ssim, bundle.class_names)
+    save_checkpoint(stage / "generator.pt", attack.train.generator.cpu(), GENERATOR_FORMAT,
+                    {"attack": cfg.flat(), "dataset": bundle.name, "classifier": classifier_info.get("path")})
+    record = {
+        "dataset": {"name": bundle.name, "source": bundle.source, "train_size": len(bundle.train),
+                    "heldout_size": len(bundle.heldout), "test_size": len(bundle.test),
+                    "image_shape": list(bundle.image_shape), "num_classes": bundle.num_classes},
+        "classifier": classifier_info,
+        "settings": cfg.flat(),
+        "metrics": m,
+        "baselines": baselines,
+        "final_losses": summarize_history(attack.train.history),
+        "generator": {"steps": attack.train.steps, "seconds": round(attack.train.seconds, 2),
+                      "steps_per_second": round(attack.train.steps / max(attack.train.seconds, 1e-9), 2)},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    # report.html; adds record["template_attack"] when the classifier's first layer is fully connected
+    html, extra = audit_report(bundle, cfg, attack, baselines, record, classifier)
+    record.update(extra)
+    (stage / "report.html").write_text(html, encoding="utf-8")
+    (stage / "metrics.json").write_text(json.dumps(record, indent=2, default=float))
+    for name in sorted(OUTPUT_FILES, key=lambda n: n == "metrics.json"):  # metrics.json last: it marks completion
+        (stage / name).replace(out / name)
+    stage.rmdir()
+    return out / "metrics.json"
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+def _weight_flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tldr_core.cli.audit", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = p.add_argument_group("data and classifier")
+    d.add_argument("--dataset", default="mnist-bundled", help=f"one of {', '.join(DATASETS)} (default mnist-bundled)")
+    d.add_argument("--train-size", type=int, default=1000, help="classifier training-set size T (default 1000)")
+    d.add_argument("--data-root", default=None, help="folder holding the data set (torchvision layout or image folder)")
+    d.add_argument("--download", action="store_true", help="allow torchvision to download the data set")
+    d.add_argument("--data-seed", type=int, default=0, help="seed of the train/held-out split (default 0)")
+    d.add_argument("--classifier", default=None,
+                   help="audit this classifier file (tldr checkpoint) instead of training/reusing the cached one")
+    d.add_argument("--arch", default="cnn", choices=["cnn", "mlp"], help="architecture when training (default cnn)")
+    d.add_argument("--classifier-epochs", type=int, default=ClassifierSettings.epochs)
+    a = p.add_argument_group("attack (defaults, then --config YAML, then these flags)")
+    a.add_argument("--config", default=None, help="YAML file with attack settings and/or a weights: mapping")
+    a.add_argument("--variant", choices=VARIANTS, default=None, help="conditioning variant (default vector-matrix)")
+    a.add_argument("--mode", choices=MODES, default=None, help="inversion (4 terms) or reconstruction (9 terms)")
+    a.add_argument("--steps", type=int, default=None, help="generator training steps")
+    a.add_argument("--batch-size", type=int, default=None)
+    a.add_argument("--lr", type=float, default=None)
+    a.add_argument("--epsilon", type=float, default=None, help="L-inf radius of the perturbation")
+    a.add_argument("--perturbation", choices=PERTURBATIONS, default=None)
+    a.add_argument("--grad-mode", choices=GRAD_MODES, default=None)
+    a.add_argument("--grad-scope", choices=GRAD_SCOPES, default=None)
+    a.add_argument("--per-class", type=int, default=None, help="reconstructions per class to score")
+    a.add_argument("--seed", type=int, default=None)
+    a.add_argument("--device", default=None, help="cpu, cuda or auto (default: cuda when available)")
+    w = p.add_argument_group("loss weights (method.md §4; 0 switches a term off)")
+    for name in LossWeights.names():
+        w.add_argument(_weight_flag(name), dest=f"w_{name}", default=None, metavar="W",
+                       help=f"weight of {name} (default {getattr(LossWeights(), name)})")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default="runs/audit", help="output folder (default runs/audit)")
+    o.add_argument("--tau", type=float, default=0.5, help="SSIM threshold for coverage (default 0.5)")
+    o.add_argument("--smoke-test", action="store_true", help="tiny run (few steps, small sets) to check the set-up")
+    o.add_argument("--quiet", action="store_true")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> AttackConfig:
+    cfg = load_yaml_config(args.config) if args.config else AttackConfig()
+    flat: dict[str, Any] = {}
+    for key in ("variant", "mode", "steps", "batch_size", "lr", "epsilon", "perturbation", "grad_mode", "grad_scope",
+                "per_class", "seed", "device"):
+        if getattr(args, key) is not None:
+            flat[key] = getattr(args, key)
+    for name in LossWeights.names():
+        if getattr(args, f"w_{name}") is not None:
+            flat[name] = getattr(args, f"w_{name}")  # strings: LossWeights parses and checks them
+    if args.smoke_test:
+        flat.setdefault("steps", 20)
+        flat.setdefault("per_class", 4)
+    return AttackConfig.from_flat(flat, base=cfg)
+
+
+def load_audited_classifier(args: argparse.Namespace, bundle: DatasetBundle, device: str,
+                            log: Callable[[str], None]) -> tuple[nn.Module, dict[str, Any]]:
+    if args.classifier:
+        model, meta = load_classifier(args.classifier)
+        spec = model.spec()
+        if tuple(spec["in_shape"]) != tuple(bundle.image_shape) or spec["num_classes"] != bundle.num_classes:
+            raise CheckpointError(f"{args.classifier} expects inputs {tuple(spec['in_shape'])} with "
+                                  f"{spec['num_classes']} classes, but {bundle.name} has {tuple(bundle.image_shape)} "
+                                  f"with {bundle.num_classes}")
+        from tldr_core.attack.classifier import accuracy
+        meta = {**meta, "path": str(args.classifier), "test_accuracy": accuracy(model, bundle.test.images,
+                                                                                 bundle.test.labels)}
+        return model, meta
+    epochs = 2 if args.smoke_test else args.classifier_epochs
+    settings = ClassifierSettings(arch=args.arch, epochs=epochs, seed=args.data_seed)
+    model, meta, path = load_or_train(bundle, settings, device=device, log=log)
+    return model, {**meta, "path": str(path)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
+    try:
+        cfg = config_from_args(args)  # all input checks happen before any work or output
+        if not 0 < args.tau <= 1:
+            raise ConfigError(f"--tau must be in (0, 1], got {args.tau}")
+        device = str(resolve_device(cfg.device))
+        train_size = min(args.train_size, 200) if args.smoke_test else args.train_size
+        bundle = load_dataset(args.dataset, train_size, seed=args.data_seed, data_root=args.data_root,
+                              download=args.download, test_size=500 if args.smoke_test else None)
+        log(f"data: {bundle.name} T={len(bundle.train)} H'={len(bundle.heldout)} test={len(bundle.test)} "
+            f"{bundle.image_shape} from {bundle.source}")
+        classifier, info = load_audited_classifier(args, bundle, device, log)
+        log(f"attack: {cfg.variant} generator, {cfg.mode} mode, {cfg.steps} steps on {device}; "
+            f"weights {cfg.effective_weights.as_dict()}")
+        attack = run_attack(classifier, bundle, cfg, tau=args.tau, log=log)
+        log("scoring baselines (noise, class means, real held-out images) with the same code")
+        baselines = score_baselines(bundle.train, bundle.heldout, bundle.test, bundle.num_classes, cfg.per_class,
+                                    classifier=classifier, tau=args.tau, seed=cfg.seed)
+        path = write_outputs(Path(args.out), bundle, cfg, attack, baselines, info, classifier=classifier)
+    except (ConfigError, DataError, DatasetNotFoundError, CheckpointError, NonFiniteLossError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    m = attack.metrics
+    log(f"\nquality {m['quality']:.3f} (noise {baselines['noise']['quality']:.3f}, class means "
+        f"{baselines['class_mean']['quality']:.3f}, real held-out {baselines['heldout_real']['quality']:.3f})")
+    log(f"memorisation gap {m['gap']:+.4f} [95% CI {m['gap_ci_low']:+.4f}, {m['gap_ci_high']:+.4f}]  "
+        f"coverage@{args.tau} {m['coverage']:.3f}  label agreement {m['label_agreement']:.2f}  "
+        f"diversity {m['diversity']:.3f}")
+    log(f"wrote {path.parent}/ ({', '.join(OUTPUT_FILES)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,366 @@
+"""Re-audit of registered classifiers (the logic behind `python tune/reaudit.py`).
+
+Every version of every registered model `tldr-classifier-<dataset>` carries its audit state as
+model-version tags:
+
+    audit.status    running | done | error | failed
+    audit.started   ISO-8601 UTC time the current/last audit began
+    audit.time      ISO-8601 UTC time the last audit ended (done, error or failed)
+    audit.quality, audit.gap, audit.gap_ci_low, audit.gap_ci_high, audit.coverage,
+    audit.label_agreement, audit.risk (LOW | MEDIUM | HIGH), audit.risk_reason,
+    audit.run_id    the search run of the audit; audit.trial_run the trial scored;
+    audit.generator the generator version it registered; audit.warm_start where its settings came from
+    audit.error     why the last audit did not finish (status error or failed)
+    reaudit=requested   set by hand to force a new audit; removed when it is done
+
+A version is PENDING when it has no audit.status, when its status is `running` (an audit that was
+killed midway: nothing was written back, so it is audited again), when its status is `failed` (the
+search itself failed, e.g. a transient error), when it carries reaudit=requested, or when its last
+audit (done or error) is older than --max-age-days. `error` means its model could not be loaded
+(weights-only, no pickled code runs): it is skipped until it ages out or is requested again.
+
+Each audit is one run of tune/search.py against `models:/<name>/<version>`, warm-started: the
+search space (tune/space.yaml) is copied with one `initial_points` entry holding the settings of the
+data set's current champion generator (its trial run's parameters), which OptunaSearch evaluates
+first (points_to_evaluate). The search registers and promotes the generator as usual; the best
+trial's metrics are written back to the classifier version, with the risk level of
+`tldr_core.report.page.assess`.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from tldr_core.platform import tracking as tr
+
+PREFIX = "tldr-classifier-"
+SEARCH_SCRIPT = Path(__file__).resolve().parent.parent / "tune" / "search.py"
+STATUS, STARTED, TIME, ERROR, RUN_ID = "audit.status", "audit.started", "audit.time", "audit.error", "audit.run_id"
+REQUEST_TAG, REQUESTED = "reaudit", "requested"
+RESULT_TAGS = ("audit.quality", "audit.gap", "audit.gap_ci_low", "audit.gap_ci_high", "audit.coverage",
+               "audit.label_agreement", "audit.risk", "audit.risk_reason", RUN_ID, "audit.trial_run",
+               "audit.generator", "audit.promotion")
+
+
+class ReauditError(RuntimeError):
+    """A problem with the re-audit as a whole (printed as one line)."""
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def parse_iso(s: str | None) -> _dt.datetime | None:
+    if not s:
+        return None
+    try:
+        t = _dt.datetime.fromisoformat(s)
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=_dt.timezone.utc)
+
+
+def one_line(exc: BaseException | str, limit: int = 480) -> str:
+    s = exc if isinstance(exc, str) else (str(exc) or type(exc).__name__)
+    s = " ".join(s.split())
+    return s[:limit]
+
+
+# ------------------------------------------------------------------------------------- what to audit
+
+@dataclass
+class Candidate:
+    name: str
+    version: str
+    dataset: str
+    reason: str
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def pending_reason(tags: dict[str, str], max_age_days: float, now: _dt.datetime) -> str | None:
+    """Why a version with these tags needs an audit, or None when it does not."""
+    if tags.get(REQUEST_TAG) == REQUESTED:
+        return "re-audit requested (tag reaudit=requested)"
+    status = tags.get(STATUS)
+    if not status:
+        return "never audited"
+    if status == "running":
+        return f"previous audit (started {tags.get(STARTED, '?')}) did not finish"
+    if status == "failed":
+        return f"previous audit failed: {tags.get(ERROR, '?')[:120]}"
+    when = parse_iso(tags.get(TIME))
+    if when is None:
+        return f"audit.status={status} without a valid audit.time"
+    age = (now - when).total_seconds() / 86400
+    if age > max_age_days:
+        return f"last audit ({status}) is {age:.1f} days old (> {max_age_days:g})"
+    return None
+
+
+def find_candidates(c, max_age_days: float, dataset: str | None = None,
+                    now: _dt.datetime | None = None) -> tuple[list[Candidate], list[Candidate]]:
+    """(pending, up to date) classifier versions of every registered tldr-classifier-* model."""
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    models = tr.retry(lambda: list(c.search_registered_models(filter_string=f"name LIKE '{PREFIX}%'")))
+    names = sorted(m.name for m in models if m.name.startswith(PREFIX))
+    if dataset:
+        names = [n for n in names if n == PREFIX + dataset]
+    todo, done = [], []
+    for name in names:
+        versions = tr.retry(lambda: list(c.search_model_versions(f"name = '{name}'")))
+        for mv in sorted(versions, key=lambda v: int(v.version)):
+            tags = dict(mv.tags or {})
+            ds = tags.get("dataset") or name[len(PREFIX):]
+            reason = pending_reason(tags, max_age_days, now)
+            cand = Candidate(name, str(mv.version), ds, reason or f"audit.status={tags.get(STATUS)} at "
+                                                                   f"{tags.get(TIME)}", tags)
+            (todo if reason else done).append(cand)
+    return todo, done
+
+
+# ------------------------------------------------------------------------------------- warm start
+
+def _coerce(spec, value: str) -> Any | None:
+    """An MLflow param string -> the space's type, or None when it is outside the space."""
+    try:
+        if spec.kind == "categorical":
+            return next((ch for ch in spec.choices if str(ch) == str(value)), None)
+        v = int(float(value)) if spec.kind == "int" else float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if spec.low <= v <= spec.high else None
+
+
+def warm_start_point(c, dataset: str, space) -> tuple[dict[str, Any] | None, str]:
+    """The settings of the data set's champion generator as an initial point of `space`, and where from."""
+    from mlflow.exceptions import MlflowException
+
+    from tldr_core.attack.config import LossWeights
+    from tldr_core.platform.registry import CHAMPION, generator_model_name
+
+    name = generator_model_name(dataset)
+    try:
+        mv = c.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None, "none (no champion generator for this data set yet)"
+    run_id = mv.tags.get("trial_run") or mv.run_id
+    try:
+        params = tr.retry(lambda: c.get_run(run_id)).data.params
+    except MlflowException as exc:
+        return None, f"none (champion's trial run {run_id} unreadable: {one_line(exc, 120)})"
+    point: dict[str, Any] = {}
+    for w in LossWeights.names():
+        spec = space.weights[w]
+        if w not in params or not spec.searched:
+            continue
+        try:
+            v = float(params[w])
+        except ValueError:
+            continue
+        if v == 0 and spec.off or spec.low <= v <= spec.high:
+            point[w] = v
+    for p, spec in space.params.items():
+        if p in params:
+            v = _coerce(spec, params[p])
+            if v is not None:
+                point[p] = v
+    if not point:
+        return None, f"none (champion {name} v{mv.version} has no settings inside this space)"
+    try:
+        space.to_optuna_params(point)
+    except Exception as exc:  # noqa: BLE001 - a point this space cannot take: search without it
+        return None, f"none (champion's settings do not fit the space: {one_line(exc, 120)})"
+    return point, f"{name} v{mv.version} (trial run {run_id})"
+
+
+def write_space(space_path: str | None, point: dict[str, Any] | None, out: Path) -> Path:
+    """Copy of the search space with `point` enqueued first (initial_points)."""
+    import yaml
+
+    from tldr_core.platform.search_space import load_space
+
+    space = load_space(space_path)
+    data = space.as_dict()
+    if point:
+        data["initial_points"] = [point] + [p for p in data["initial_points"] if p != point]
+    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    load_space(out)  # the copy must load: fail here, not inside the search
+    return out
+
+
+# ------------------------------------------------------------------------------------- one audit
+
+@dataclass
+class Options:
+    tracking_uri: str
+    trials: int | None = None
+    steps: int | None = None
+    smoke_test: bool = False
+    data_root: str | None = None
+    download: bool = False
+    space: str | None = None
+    per_class: int | None = None
+    seed: int = 0
+    quiet: bool = False
+
+
+def _set_tags(c, mv: Candidate, tags: dict[str, Any]) -> None:
+    for k, v in tags.items():
+        tr.retry(lambda k=k, v=v: c.set_model_version_tag(mv.name, mv.version, k, str(v)))
+
+
+def _delete_tags(c, mv: Candidate, keys) -> None:
+    from mlflow.exceptions import MlflowException
+
+    for k in keys:
+        try:
+            c.delete_model_version_tag(mv.name, mv.version, k)
+        except MlflowException:
+            pass  # not there
+
+
+def search_argv(cand: Candidate, opts: Options, space_file: Path) -> list[str]:
+    argv = ["--dataset", cand.dataset, "--classifier", cand.uri, "--space", str(space_file),
+            "--tracking-uri", opts.tracking_uri, "--seed", str(opts.seed)]
+    if cand.tags.get("train_size", "").isdigit():  # the data the classifier was trained on
+        argv += ["--train-size", cand.tags["train_size"]]
+    for flag, v in (("--trials", opts.trials), ("--steps", opts.steps), ("--data-root", opts.data_root),
+                    ("--per-class", opts.per_class)):
+        if v is not None:
+            argv += [flag, str(v)]
+    if opts.smoke_test:
+        argv.append("--smoke-test")
+    if opts.download:
+        argv.append("--download")
+    return argv
+
+
+def run_search(argv: list[str], say: Callable[[str], None]) -> tuple[int, str | None, str]:
+    """Run tune/search.py in a child process; (exit code, search run id, last error line)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(SEARCH_SCRIPT), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, cwd=str(SEARCH_SCRIPT.parent.parent))
+    run_id, last_err = None, ""
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            say(f"    | {line}")
+            m = re.search(r"search run ([0-9a-f]{32})", line)
+            if m:
+                run_id = m.group(1)
+            if line.startswith("error:") or "Error" in line:
+                last_err = line
+        rc = proc.wait()
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+    return rc, run_id, last_err
+
+
+def _find_search_run(c, cand: Candidate, since_ms: int) -> str | None:
+    """Fallback when the search's output did not name its run: the newest search of this classifier."""
+    runs = tr.retry(lambda: c.search_runs(
+        [e.experiment_id for e in c.search_experiments()],
+        f"tags.`{tr.ROLE}` = 'search' and tags.`tldr.classifier_name` = '{cand.name}' and "
+        f"tags.`tldr.classifier_version` = '{cand.version}' and attributes.start_time >= {since_ms}",
+        order_by=["attributes.start_time DESC"], max_results=1))
+    return runs[0].info.run_id if runs else None
+
+
+def audit_results(c, search_run_id: str) -> dict[str, Any]:
+    """The best trial's metrics of a finished search, its risk level and its promotion outcome."""
+    import mlflow
+
+    from tldr_core.report.page import assess
+
+    parent = tr.retry(lambda: c.get_run(search_run_id))
+    objective = parent.data.tags.get(tr.OBJECTIVE, "quality")
+    best = tr.best_trial(tr.summarize_trials(c, parent.info.experiment_id, search_run_id, objective))
+    if best is None:
+        raise ReauditError(f"search run {search_run_id}: no trial finished")
+    m = tr.retry(lambda: c.get_run(best.run_id)).data.metrics
+    mlflow.set_tracking_uri(c.tracking_uri)
+    baselines = mlflow.artifacts.load_dict(f"{parent.info.artifact_uri}/summary/baselines.json")
+    missing = [k for k in ("quality", "gap", "gap_ci_low", "gap_ci_high", "gap_significant", "coverage") if k not in m]
+    if missing:
+        raise ReauditError(f"trial run {best.run_id} lacks metrics {missing}")
+    risk = assess({**m, "tau": m.get("tau", 0.5)}, baselines)
+    t = tr.retry(lambda: c.get_run(search_run_id)).data.tags
+    out = {"audit.quality": f"{m['quality']:.6g}", "audit.gap": f"{m['gap']:.6g}",
+           "audit.gap_ci_low": f"{m['gap_ci_low']:.6g}", "audit.gap_ci_high": f"{m['gap_ci_high']:.6g}",
+           "audit.coverage": f"{m['coverage']:.6g}", "audit.risk": risk.level, "audit.risk_reason": risk.reason[:480],
+           RUN_ID: search_run_id, "audit.trial_run": best.run_id}
+    if m.get("label_agreement") is not None:
+        out["audit.label_agreement"] = f"{m['label_agreement']:.6g}"
+    if t.get("tldr.generator_version"):
+        out["audit.generator"] = f"models:/{t.get('tldr.generator_model')}/{t['tldr.generator_version']}"
+    if t.get("tldr.promotion"):
+        out["audit.promotion"] = t["tldr.promotion"][:480]
+    return out
+
+
+def audit_one(c, cand: Candidate, opts: Options, say: Callable[[str], None]) -> str:
+    """Audit one classifier version; returns its final audit.status (done | error | failed)."""
+    import time
+
+    from tldr_core.platform.registry import load_registered_classifier
+    from tldr_core.platform.search_space import load_space
+
+    started = now_iso()
+    _set_tags(c, cand, {STATUS: "running", STARTED: started})  # a kill from here on leaves it pending
+    with tempfile.TemporaryDirectory(prefix="tldr-reaudit-") as tmp:
+        # 1. the model must load weights-only; a version that does not is tagged and skipped
+        try:
+            model, _meta, _ref, _path = load_registered_classifier(c, cand.uri, Path(tmp) / "model")
+            del model
+        except Exception as exc:  # noqa: BLE001 - CheckpointError, RegistryError, missing artifacts...
+            msg = f"model does not load: {one_line(str(exc).replace(str(Path(tmp) / 'model'), cand.uri))}"
+            _set_tags(c, cand, {STATUS: "error", ERROR: msg, TIME: now_iso()})
+            say(f"  {cand.uri}: error, skipped: {msg}")
+            return "error"
+        # 2. warm start from the champion's settings, through a copied space with initial_points
+        space = load_space(opts.space)
+        point, source = warm_start_point(c, cand.dataset, space)
+        space_file = write_space(opts.space, point, Path(tmp) / "space.yaml")
+        say(f"  warm start: {source}")
+        # 3. the search (registers and promotes the generator itself)
+        since_ms = int(time.time() * 1000) - 1000
+        rc, run_id, last_err = run_search(search_argv(cand, opts, space_file),
+                                          (lambda s: None) if opts.quiet else say)
+        run_id = run_id or _find_search_run(c, cand, since_ms)
+        try:
+            if rc != 0 or run_id is None:
+                raise ReauditError(f"search exited with code {rc}" + (f": {last_err}" if last_err else ""))
+            results = audit_results(c, run_id)
+        except Exception as exc:  # noqa: BLE001 - failed: retried by the next run
+            msg = one_line(exc)
+            tags = {STATUS: "failed", ERROR: msg, TIME: now_iso(), "audit.warm_start": source}
+            if run_id:
+                tags[RUN_ID] = run_id
+            _set_tags(c, cand, tags)
+            say(f"  {cand.uri}: audit failed (retried next run): {msg}")
+            return "failed"
+    _delete_tags(c, cand, [k for k in RESULT_TAGS if k not in results] + [ERROR])
+    _set_tags(c, cand, {**results, "audit.warm_start": source, TIME: now_iso(), STATUS: "done"})
+    if cand.tags.get(REQUEST_TAG) == REQUESTED:
+        _delete_tags(c, cand, [REQUEST_TAG])
+    say(f"  {cand.uri}: done, risk {results['audit.risk']}: quality {results['audit.quality']}, gap "
+        f"{results['audit.gap']} (95% CI {results['audit.gap_ci_low']} to {results['audit.gap_ci_high']}), "
+        f"coverage {results['audit.coverage']}; search run {results[RUN_ID]}")
+    return "done"

@@ -1,0 +1,412 @@
+"""The MLflow model registry side of a search: the audited classifier, the generators, the champion.
+
+    python -m tldr_core.platform.registry promote --search-run RUN_ID      (promotion for an existing search)
+    python -m tldr_core.platform.registry show --dataset mnist-bundled      (versions, tags and the champion)
+
+Models are logged as MLflow pyfunc models whose only data is a tldr weights-only checkpoint
+(`tldr_core.attack.checkpoints`): loading one, through `mlflow.pyfunc.load_model` or through the helpers
+here, never unpickles code (this module is the pyfunc `loader_module`; it calls `load_classifier` /
+`load_generator`, which use `torch.load(weights_only=True)`).
+
+Registered names: `tldr-classifier-<dataset>` (tags: sha256 of the checkpoint, test_accuracy, ...),
+`tldr-generator-<dataset>` (tags: the classifier version it attacks, objective, objective_value,
+search_run, trial_run, label_agreement). A generator version gets the alias `champion` only if it
+beats the current champion for the same classifier on the same objective: the comparable
+incumbent is the best earlier version with the same classifier checkpoint and objective (under this
+rule that is always the last version that held the alias for that classifier and objective).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from tldr_core.platform import tracking as tr
+
+CLASSIFIER_MODEL = "tldr-classifier-{dataset}"
+GENERATOR_MODEL = "tldr-generator-{dataset}"
+CHAMPION = "champion"
+LOADER_MODULE = "tldr_core.platform.registry"
+
+
+class RegistryError(RuntimeError):
+    """A registry URI or version that cannot be used."""
+
+
+def classifier_model_name(dataset: str) -> str:
+    return CLASSIFIER_MODEL.format(dataset=dataset)
+
+
+def generator_model_name(dataset: str) -> str:
+    return GENERATOR_MODEL.format(dataset=dataset)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def pip_requirements() -> list[str]:
+    import torch
+
+    return [f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas", "mlflow",
+            "# plus this repository's tldr_core package (pip install -e .)"]
+
+
+# ------------------------------------------------------------------------------ the pyfunc flavour
+
+class CheckpointPyfunc:
+    """What `mlflow.pyfunc.load_model` returns for our models (see `_load_pyfunc`).
+
+    generator:  predict({"label": [...], "seed": s}) -> images (N, C, H, W) float32 in [0, 1]
+    classifier: predict(images (N, C, H, W)) -> class probabilities (N, K)
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        from tldr_core.attack.checkpoints import CheckpointError, load_classifier, load_generator
+
+        self.path = Path(path)
+        try:
+            self.model, self.meta = load_generator(self.path)
+            self.kind = "generator"
+        except CheckpointError:
+            self.model, self.meta = load_classifier(self.path)
+            self.kind = "classifier"
+
+    def get_raw_model(self):
+        return self.model
+
+    def predict(self, model_input: Any, params: dict[str, Any] | None = None):
+        import numpy as np
+        import torch
+
+        if self.kind == "classifier":
+            x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
+            spec = self.model.spec()
+            x = x.reshape(-1, *spec["in_shape"])
+            with torch.no_grad():
+                return torch.softmax(self.model(x), dim=1).numpy()
+        import torch.nn.functional as F
+
+        if hasattr(model_input, "to_dict"):  # pandas DataFrame
+            model_input = {k: list(v.values()) for k, v in model_input.to_dict().items()}
+        labels = torch.as_tensor(np.asarray(model_input["label"]).reshape(-1), dtype=torch.long)
+        seed = int(np.asarray(model_input.get("seed", [0])).reshape(-1)[0]) if isinstance(model_input, dict) else 0
+        gen = self.model.eval()
+        z = torch.randn(len(labels), gen.latent_dim, generator=torch.Generator().manual_seed(seed))
+        v = F.one_hot(labels, gen.num_classes).float()
+        with torch.no_grad():
+            return gen(z, v, labels).clamp(0, 1).numpy()
+
+
+def _load_pyfunc(data_path: str) -> CheckpointPyfunc:
+    """MLflow pyfunc loader hook (`loader_module=tldr_core.platform.registry`)."""
+    p = Path(data_path)
+    if p.is_dir():
+        found = sorted(p.glob("*.pt"))
+        if not found:
+            raise RegistryError(f"no .pt checkpoint in {p}")
+        p = found[0]
+    return CheckpointPyfunc(p)
+
+
+def log_checkpoint_model(c, run_id: str, checkpoint: str | Path, name: str) -> Any:
+    """Log a tldr checkpoint as a pyfunc model in `run_id` (under `name`); returns MLflow's ModelInfo."""
+    import mlflow
+    from mlflow.models import Model
+
+    mlflow.set_tracking_uri(c.tracking_uri)
+    return tr.retry(lambda: Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id,
+                                      loader_module=LOADER_MODULE, data_path=str(checkpoint),
+                                      pip_requirements=pip_requirements()), what="log model")
+
+
+def _ensure_registered_model(c, name: str, description: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tr.retry(lambda: c.get_registered_model(name))
+    except MlflowException:
+        try:
+            c.create_registered_model(name, description=description)
+        except MlflowException:
+            pass  # created concurrently
+
+
+def _versions(c, name: str) -> list:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return list(tr.retry(lambda: c.search_model_versions(f"name = '{name}'")))
+    except MlflowException:
+        return []
+
+
+def _alias_version(c, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return c.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+# ------------------------------------------------------------------------------ classifier
+
+@dataclass
+class ClassifierRef:
+    name: str
+    version: str
+    sha256: str
+    test_accuracy: float | None
+    reused: bool = False
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def register_classifier(c, run_id: str, checkpoint: str | Path, dataset: str, meta: dict[str, Any]) -> ClassifierRef:
+    """Register the audited classifier (logged in `run_id`), or reuse the version holding the same file."""
+    name = classifier_model_name(dataset)
+    sha = sha256_file(checkpoint)
+    acc = meta.get("test_accuracy")
+    for mv in _versions(c, name):
+        if mv.tags.get("sha256") == sha:
+            return ClassifierRef(name, str(mv.version), sha, float(mv.tags["test_accuracy"])
+                                 if "test_accuracy" in mv.tags else acc, reused=True)
+    info = log_checkpoint_model(c, run_id, checkpoint, "classifier")
+    _ensure_registered_model(c, name, f"Classifier under audit on {dataset} (tldr weights-only checkpoint).")
+    tags = {"sha256": sha, "dataset": dataset, "format": "tldr-classifier/1"}
+    for k in ("test_accuracy", "train_accuracy", "train_size", "test_size", "cache_key"):
+        if meta.get(k) is not None:
+            tags[k] = str(meta[k])
+    if isinstance(meta.get("settings"), dict):
+        tags["settings"] = json.dumps(meta["settings"], sort_keys=True)
+    mv = tr.retry(lambda: c.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags,
+                                                 model_id=getattr(info, "model_id", None),
+                                                 description=f"test accuracy {acc}"))
+    return ClassifierRef(name, str(mv.version), sha, acc)
+
+
+def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """models:/name@alias or models:/name/version -> (name, version, alias)."""
+    if not uri.startswith("models:/"):
+        raise RegistryError(f"{uri!r} is not a registry URI (models:/name@alias or models:/name/version)")
+    rest = uri[len("models:/"):].strip("/")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        if name and alias:
+            return name, None, alias
+    elif "/" in rest:
+        name, version = rest.rsplit("/", 1)
+        if name and version.isdigit():
+            return name, version, None
+    raise RegistryError(f"{uri!r} is not a registry URI (models:/name@alias or models:/name/version)")
+
+
+def resolve_version(c, uri: str):
+    from mlflow.exceptions import MlflowException
+
+    name, version, alias = parse_models_uri(uri)
+    try:
+        return c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, version)
+    except MlflowException as exc:
+        raise RegistryError(f"{uri}: no such registered model version ({str(exc).splitlines()[0][:200]})") from None
+
+
+def download_checkpoint(c, uri: str, dst: str | Path | None = None) -> tuple[Path, Any]:
+    """The tldr checkpoint file behind a registry URI (downloaded), and its ModelVersion."""
+    import mlflow
+
+    mv = resolve_version(c, uri)
+    mlflow.set_tracking_uri(c.tracking_uri)
+    dst = Path(dst or tempfile.mkdtemp(prefix="tldr-model-"))
+    local = Path(tr.retry(lambda: mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(dst))))
+    found = sorted(local.rglob("*.pt"))
+    if not found:
+        raise RegistryError(f"{uri}: the model holds no tldr checkpoint (.pt) file")
+    return found[0], mv
+
+
+def load_registered_classifier(c, uri: str, dst: str | Path | None = None):
+    """(classifier, meta, ClassifierRef, local path) for models:/tldr-classifier-...@alias; weights-only load."""
+    from tldr_core.attack.checkpoints import load_classifier
+
+    path, mv = download_checkpoint(c, uri, dst)
+    model, meta = load_classifier(path)
+    sha = sha256_file(path)
+    acc = mv.tags.get("test_accuracy")
+    return model, meta, ClassifierRef(mv.name, str(mv.version), sha, float(acc) if acc else meta.get("test_accuracy"),
+                                      reused=True), path
+
+
+def load_registered_generator(c, uri: str, dst: str | Path | None = None):
+    """(generator, meta, ModelVersion) for models:/tldr-generator-<dataset>@champion; weights-only load."""
+    from tldr_core.attack.checkpoints import load_generator
+
+    path, mv = download_checkpoint(c, uri, dst)
+    gen, meta = load_generator(path)
+    return gen, meta, mv
+
+
+# ------------------------------------------------------------------------------ promotion
+
+@dataclass
+class PromotionResult:
+    name: str | None
+    version: str | None
+    promoted: bool
+    reason: str
+    value: float | None = None
+    champion_version: str | None = None
+
+
+def _float(s: Any) -> float | None:
+    try:
+        return float(s)
+    except (TypeError, ValueError):
+        return None
+
+
+def promote(c, search_run_id: str, log: Callable[[str], None] | None = print) -> PromotionResult:
+    """Register the best finished trial's generator of a search; alias it `champion` only if it beats the
+    comparable champion (same classifier checkpoint, same objective). Idempotent for a search."""
+    log = log or (lambda s: None)
+    parent = tr.retry(lambda: c.get_run(search_run_id))
+    t = parent.data.tags
+    if t.get(tr.ROLE) != "search":
+        raise RegistryError(f"run {search_run_id} is not a search run (tag {tr.ROLE}={t.get(tr.ROLE)!r})")
+    objective, dataset = t.get(tr.OBJECTIVE), t.get("tldr.dataset")
+    if not objective or not dataset:
+        raise RegistryError(f"search run {search_run_id} lacks its objective/dataset tags")
+    trials = tr.summarize_trials(c, parent.info.experiment_id, search_run_id, objective)
+    best = tr.best_trial(trials)
+    if best is None:
+        res = PromotionResult(None, None, False, "nothing to promote: no trial of this search finished")
+        tr.set_tags(c, search_run_id, {"tldr.promotion": res.reason})
+        log(f"promotion: {res.reason}")
+        return res
+    best_run = tr.retry(lambda: c.get_run(best.run_id))
+    source = best_run.data.tags.get(tr.GENERATOR_MODEL)
+    if not source:
+        raise RegistryError(f"trial run {best.run_id} has no logged generator model (tag {tr.GENERATOR_MODEL})")
+    name = generator_model_name(dataset)
+    clf = {"classifier_name": t.get("tldr.classifier_name", ""), "classifier_version": t.get("tldr.classifier_version", ""),
+           "classifier_sha256": t.get("tldr.classifier_sha256", "")}
+    _ensure_registered_model(c, name, f"TLDR generators attacking the {dataset} classifier; alias `champion`: "
+                                      "the best one for the latest audited classifier (see tldr_core/registry.py).")
+    versions = _versions(c, name)
+    mine = [v for v in versions if v.run_id == best.run_id]
+    if mine:
+        mv = mine[0]
+        log(f"registry: {name} version {mv.version} already holds trial run {best.run_id}")
+    else:
+        tags = {**clf, "objective": objective, "objective_value": repr(best.value), "dataset": dataset,
+                "search_run": search_run_id, "trial_run": best.run_id, "trial_id": best.trial_id,
+                "label_agreement": "" if best.label_agreement is None else repr(best.label_agreement),
+                "variant": best.params.get("variant", "")}
+        mv = tr.retry(lambda: c.create_model_version(
+            name, source=source, run_id=best.run_id, tags=tags,
+            model_id=best_run.data.tags.get(tr.GENERATOR_MODEL_ID) or None,
+            description=f"search {search_run_id}, trial {best.trial_id}: {objective} {best.value:.4f}"))
+        versions.append(mv)
+    version = str(mv.version)
+    holder = _alias_version(c, name, CHAMPION)
+    comparable = [v for v in versions if str(v.version) != version
+                  and v.tags.get("classifier_sha256") == clf["classifier_sha256"]
+                  and v.tags.get("objective") == objective and _float(v.tags.get("objective_value")) is not None]
+    incumbent = max(comparable, key=lambda v: _float(v.tags["objective_value"]), default=None)
+    value = best.value
+    if holder is not None and str(holder.version) == version:
+        promoted, reason = True, f"version {version} already is the champion"
+    elif incumbent is None:
+        promoted = True
+        reason = (f"no earlier {name} version attacks classifier {clf['classifier_name']} v{clf['classifier_version']} "
+                  f"on {objective}: version {version} ({objective} {value:.4f}) becomes the champion")
+        if holder is not None:
+            reason += (f" (replacing version {holder.version}, which attacks classifier v"
+                       f"{holder.tags.get('classifier_version', '?')} / objective {holder.tags.get('objective', '?')})")
+    else:
+        inc_value = _float(incumbent.tags["objective_value"])
+        if value > inc_value:
+            promoted = True
+            reason = (f"version {version} beats the champion for this classifier and objective, version "
+                      f"{incumbent.version}: {objective} {value:.4f} > {inc_value:.4f}")
+        else:
+            promoted = False
+            reason = (f"version {version} does not beat the champion for this classifier and objective, version "
+                      f"{incumbent.version}: {objective} {value:.4f} <= {inc_value:.4f}; it stays a version "
+                      f"without the alias")
+    if promoted and (holder is None or str(holder.version) != version):
+        tr.retry(lambda: c.set_registered_model_alias(name, CHAMPION, version))
+    tr.retry(lambda: c.set_model_version_tag(name, version, "promotion", reason))
+    tr.set_tags(c, search_run_id, {"tldr.promotion": reason, "tldr.generator_model": name,
+                                   "tldr.generator_version": version, "tldr.champion": str(promoted).lower()})
+    log(f"promotion: {reason}")
+    return PromotionResult(name, version, promoted, reason, value,
+                           version if promoted else (str(incumbent.version) if incumbent else None))
+
+
+# ------------------------------------------------------------------------------ CLI
+
+def _show(c, dataset: str) -> int:
+    for name in (classifier_model_name(dataset), generator_model_name(dataset)):
+        versions = sorted(_versions(c, name), key=lambda v: int(v.version))
+        if not versions:
+            print(f"{name}: no versions")
+            continue
+        holder = _alias_version(c, name, CHAMPION)
+        print(f"{name}:")
+        for v in versions:
+            mark = f"  @{CHAMPION}" if holder is not None and holder.version == v.version else ""
+            keys = ("test_accuracy", "sha256") if "classifier" in name else \
+                ("objective", "objective_value", "classifier_version", "search_run")
+            info = ", ".join(f"{k}={v.tags.get(k, '')[:16] if k == 'sha256' else v.tags.get(k, '')}" for k in keys)
+            print(f"  version {v.version}{mark}: {info}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tldr_core.platform.registry", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the sqlite file in runs/)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pr = sub.add_parser("promote", help="register a search's best generator; alias champion if it beats the champion")
+    pr.add_argument("--search-run", required=True, help="run id of the search (parent) run")
+    sh = sub.add_parser("show", help="list registered classifier/generator versions of a data set")
+    sh.add_argument("--dataset", required=True)
+    args = p.parse_args(argv)
+    uri = tr.normalize_tracking_uri(args.tracking_uri)
+    try:
+        tr.check_tracking_uri(uri)
+        c = tr.client(uri)
+        if args.cmd == "show":
+            return _show(c, args.dataset)
+        res = promote(c, args.search_run)
+    except (RegistryError, tr.TrackingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - MlflowException for an unknown run id etc.
+        if type(exc).__name__ == "MlflowException":
+            print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+            return 2
+        raise
+    if res.version:
+        print(f"{res.name} version {res.version}: {'champion' if res.promoted else 'not promoted'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,424 @@
+"""The search space of `tune/search.py`: loaded from a YAML file a user can copy and edit.
+
+The file (default: `tune/space.yaml`) has four sections:
+
+    weights:          one entry per loss term named by `LossWeights.names()` (all nine, no more):
+                        {low: L, high: H, allow_off: true}   log-uniform over [L, H]; `allow_off: true`
+                                             lets the search also switch the term off (weight 0)
+                        a number                       held fixed (0 = always off)
+    params:           other `AttackConfig` fields the search varies:
+                        {choices: [a, b, ...]}         categorical
+                        {low: L, high: H, log: bool}   float (log-uniform when log: true)
+                        {low: L, high: H, int: true}   integer
+                        any of these + when_on: [w, ...]  sampled only when one of those loss terms
+                                                          is on (e.g. epsilon only matters with a
+                                                          perturbed term); otherwise the default is kept
+    fixed:            `AttackConfig` fields held constant in every trial (e.g. batch_size: 64)
+    initial_points:   optional list of configurations (flat AttackConfig keys, weights by name) the
+                      search evaluates first, e.g. a known good setting; the word `defaults` stands
+                      for the current AttackConfig/LossWeights defaults (a warm start)
+
+`steps`, `seed`, `device` and `per_class` are set by the search command, not by the space.
+Everything is checked on load (`load_space`): an invalid file is one `ConfigError` naming the entry.
+
+`SearchSpace` is Optuna's define-by-run function (Ray's `OptunaSearch(space=...)`): it is a plain
+picklable object, so a search saved by Ray Tune can be resumed. A trial's Tune config holds the
+Optuna parameters (`<weight>_on` switches included) plus the resolved AttackConfig values;
+`SearchSpace.attack_flat()` picks the latter.
+"""
+from __future__ import annotations
+
+import math
+from importlib import resources
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from tldr_core.attack.config import AttackConfig, ConfigError, LossWeights
+
+SWITCH_SUFFIX = "_on"
+#: `initial_points: [defaults]` enqueues the current AttackConfig / LossWeights defaults first.
+DEFAULTS_POINT = "defaults"
+#: Key of a trial's Tune config holding its 1-based trial number (Optuna's trial number + 1).
+TRIAL_NUMBER = "trial_number"
+#: AttackConfig fields the search command controls itself; a space may not set them.
+RESERVED = ("steps", "seed", "device", "per_class")
+# Search spaces ship inside the package (tune/space*.yaml are links to them), so an installed
+# package finds its default without a checkout.
+SPACES_DIR = Path(str(resources.files("tldr_core.platform") / "spaces"))
+DEFAULT_SPACE = SPACES_DIR / "tldr.yaml"
+_SECTIONS = ("description", "weights", "params", "fixed", "initial_points")
+
+
+def switch_name(weight: str) -> str:
+    """Optuna parameter that switches loss term `weight` on or off."""
+    return weight + SWITCH_SUFFIX
+
+
+def _attack_fields() -> tuple[str, ...]:
+    return tuple(f.name for f in fields(AttackConfig) if f.name != "weights")
+
+
+def _num(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{where} must be finite, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    name: str
+    low: float | None = None     # None: fixed
+    high: float | None = None
+    off: bool = False            # may the search switch the term off?
+    fixed: float | None = None
+
+    @property
+    def searched(self) -> bool:
+        return self.fixed is None
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    kind: str                    # "categorical" | "float" | "int"
+    choices: tuple = ()
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    when_on: tuple[str, ...] = ()
+
+
+def _check_attack_value(name: str, value: Any, where: str) -> None:
+    try:
+        AttackConfig.from_flat({name: value})
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _parse_weight(name: str, spec: Any) -> WeightSpec:
+    where = f"weights.{name}"
+    if not isinstance(spec, Mapping):
+        value = _num(spec, where)
+        if value < 0:
+            raise ConfigError(f"{where} must be >= 0, got {value}")
+        return WeightSpec(name, fixed=value)
+    unknown = sorted(map(str, set(spec) - {"low", "high", "allow_off"}))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; use low, high and allow_off (note: a bare YAML key `off` reads as false)")
+    if "low" not in spec or "high" not in spec:
+        raise ConfigError(f"{where} needs both low and high (log-uniform range), or a single number to fix it")
+    low, high = _num(spec["low"], f"{where}.low"), _num(spec["high"], f"{where}.high")
+    if not 0 < low < high:
+        raise ConfigError(f"{where}: need 0 < low < high for a log-uniform range, got low={low}, high={high}")
+    off = spec.get("allow_off", False)
+    if not isinstance(off, bool):
+        raise ConfigError(f"{where}.allow_off must be true or false, got {off!r}")
+    return WeightSpec(name, low, high, off)
+
+
+def _parse_param(name: str, spec: Any, weights: dict[str, WeightSpec]) -> ParamSpec:
+    where = f"params.{name}"
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"{where} must be a mapping ({{choices: [...]}} or {{low: .., high: ..}}); "
+                          "put constants under fixed:")
+    unknown = sorted(set(spec) - {"choices", "low", "high", "log", "int", "when_on"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; use choices, or low/high/log/int, and when_on")
+    when = spec.get("when_on", [])
+    if isinstance(when, str):
+        when = [when]
+    if not isinstance(when, list) or not all(isinstance(w, str) for w in when):
+        raise ConfigError(f"{where}.when_on must be a list of loss-term names")
+    bad = sorted(set(when) - set(LossWeights.names()))
+    if bad:
+        raise ConfigError(f"{where}.when_on: unknown loss term(s) {bad}; valid: {list(LossWeights.names())}")
+    never = [w for w in when if weights[w].fixed == 0]
+    if when and len(never) == len(when):
+        raise ConfigError(f"{where}.when_on: the term(s) {never} are always off, so {name} would never be sampled")
+    if "choices" in spec:
+        if any(k in spec for k in ("low", "high", "log", "int")):
+            raise ConfigError(f"{where}: give either choices or a low/high range, not both")
+        choices = spec["choices"]
+        if not isinstance(choices, list) or not choices:
+            raise ConfigError(f"{where}.choices must be a non-empty list")
+        if len(set(map(repr, choices))) != len(choices):
+            raise ConfigError(f"{where}.choices has duplicates: {choices}")
+        for c in choices:
+            if not (c is None or isinstance(c, (bool, int, float, str))):
+                raise ConfigError(f"{where}.choices: {c!r} is not a plain value")
+            _check_attack_value(name, c, f"{where}.choices")
+        return ParamSpec(name, "categorical", choices=tuple(choices), when_on=tuple(when))
+    if "low" not in spec or "high" not in spec:
+        raise ConfigError(f"{where} needs choices, or both low and high")
+    is_int = spec.get("int", False)
+    log = spec.get("log", False)
+    if not isinstance(is_int, bool) or not isinstance(log, bool):
+        raise ConfigError(f"{where}: log and int must be true or false")
+    low, high = _num(spec["low"], f"{where}.low"), _num(spec["high"], f"{where}.high")
+    if not low < high:
+        raise ConfigError(f"{where}: need low < high, got low={low}, high={high}")
+    if log and low <= 0:
+        raise ConfigError(f"{where}: a log range needs low > 0, got {low}")
+    if is_int:
+        if not (low.is_integer() and high.is_integer()):
+            raise ConfigError(f"{where}: an integer range needs integer bounds")
+        low, high = int(low), int(high)
+    for bound in (low, high):
+        _check_attack_value(name, bound, f"{where}")
+    return ParamSpec(name, "int" if is_int else "float", low=low, high=high, log=log, when_on=tuple(when))
+
+
+@dataclass
+class SearchSpace:
+    """A validated search space; call it with an Optuna trial (define-by-run)."""
+
+    weights: dict[str, WeightSpec]
+    params: dict[str, ParamSpec]
+    fixed: dict[str, Any] = field(default_factory=dict)
+    initial_points: list[dict[str, Any]] = field(default_factory=list)
+    source: str = "<dict>"
+
+    # ------------------------------------------------------------------ Optuna define-by-run
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        number = getattr(trial, "number", None)
+        for name in LossWeights.names():
+            spec = self.weights[name]
+            if not spec.searched:
+                out[name] = spec.fixed
+                continue
+            on = trial.suggest_categorical(switch_name(name), [True, False]) if spec.off else True
+            out[name] = trial.suggest_float(name, spec.low, spec.high, log=True) if on else 0.0
+        for name, spec in self.params.items():
+            if spec.when_on and not any(out[w] > 0 for w in spec.when_on):
+                continue  # conditional parameter that does not apply: the default is kept
+            if spec.kind == "categorical":
+                out[name] = trial.suggest_categorical(name, list(spec.choices))
+            elif spec.kind == "int":
+                out[name] = trial.suggest_int(name, spec.low, spec.high, log=spec.log)
+            else:
+                out[name] = trial.suggest_float(name, spec.low, spec.high, log=spec.log)
+        out.update(self.fixed)
+        if isinstance(number, int):
+            out[TRIAL_NUMBER] = number + 1
+        return out
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def attack_flat(config: Mapping[str, Any]) -> dict[str, Any]:
+        """The AttackConfig entries of a trial's Tune config (drops the `<weight>_on` switches)."""
+        keys = set(_attack_fields()) | set(LossWeights.names())
+        return {k: v for k, v in config.items() if k in keys}
+
+    def attack_config(self, config: Mapping[str, Any], base: AttackConfig | None = None) -> AttackConfig:
+        return AttackConfig.from_flat(self.attack_flat(config), base=base)
+
+    def to_optuna_params(self, point: Mapping[str, Any]) -> dict[str, Any]:
+        """A flat AttackConfig-style point -> the Optuna parameters that reproduce it (for enqueueing)."""
+        out: dict[str, Any] = {}
+        weights_on: dict[str, bool] = {}
+        for name in LossWeights.names():
+            spec = self.weights[name]
+            if name not in point or not spec.searched:
+                weights_on[name] = (spec.fixed or 0) > 0 if not spec.searched else True
+                continue
+            value = float(point[name])
+            weights_on[name] = value > 0
+            if value > 0:
+                if spec.off:
+                    out[switch_name(name)] = True
+                out[name] = value
+            elif spec.off:
+                out[switch_name(name)] = False
+            else:
+                raise ConfigError(f"initial point sets {name}=0 but the space does not allow switching {name} off")
+        for name, spec in self.params.items():
+            if name in point and (not spec.when_on or any(weights_on[w] for w in spec.when_on)):
+                out[name] = point[name]
+        return out
+
+    def distributions(self) -> dict[str, Any]:
+        """Optuna distributions of every parameter (for rebuilding a study from recorded trials)."""
+        import optuna.distributions as od
+
+        d: dict[str, Any] = {}
+        for name in LossWeights.names():
+            spec = self.weights[name]
+            if spec.searched:
+                if spec.off:
+                    d[switch_name(name)] = od.CategoricalDistribution([True, False])
+                d[name] = od.FloatDistribution(spec.low, spec.high, log=True)
+        for name, spec in self.params.items():
+            if spec.kind == "categorical":
+                d[name] = od.CategoricalDistribution(list(spec.choices))
+            elif spec.kind == "int":
+                d[name] = od.IntDistribution(spec.low, spec.high, log=spec.log)
+            else:
+                d[name] = od.FloatDistribution(spec.low, spec.high, log=spec.log)
+        return d
+
+    def importance_features(self, flat: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(values, distributions) describing one trial for parameter importances.
+
+        Every searched weight becomes `log10_<name>`; a switched-off term is placed one decade below its
+        range, so on/off and magnitude are one feature and all nine weights appear in every trial.
+        Conditional params are included only where they applied.
+        """
+        import optuna.distributions as od
+
+        values: dict[str, Any] = {}
+        dists: dict[str, Any] = {}
+        for name in LossWeights.names():
+            spec = self.weights[name]
+            if not spec.searched:
+                continue
+            lo, hi = math.log10(spec.low), math.log10(spec.high)
+            floor = lo - 1 if spec.off else lo
+            w = float(flat.get(name, 0.0))
+            key = f"log10_{name}"
+            values[key] = min(max(math.log10(w), floor), hi) if w > 0 else floor
+            dists[key] = od.FloatDistribution(floor, hi)
+        all_d = self.distributions()
+        for name, spec in self.params.items():
+            if name not in flat:
+                continue
+            if spec.when_on and not any(float(flat.get(w, 0)) > 0 for w in spec.when_on):
+                continue
+            v = flat[name]
+            if spec.kind == "categorical":
+                if v not in spec.choices:
+                    continue
+            else:
+                v = float(v) if spec.kind == "float" else int(v)
+                if not spec.low <= v <= spec.high:
+                    continue
+            values[name] = v
+            dists[name] = all_d[name]
+        return values, dists
+
+    def describe(self) -> str:
+        parts = []
+        for name in LossWeights.names():
+            s = self.weights[name]
+            parts.append(f"{name}={s.fixed:g}" if not s.searched else
+                         f"{name}~logU[{s.low:g},{s.high:g}]{'|off' if s.off else ''}")
+        for name, s in self.params.items():
+            rng = "{" + ",".join(map(str, s.choices)) + "}" if s.kind == "categorical" else \
+                f"{'logU' if s.log else 'U'}[{s.low:g},{s.high:g}]{' int' if s.kind == 'int' else ''}"
+            parts.append(f"{name}~{rng}" + (f" if {'|'.join(s.when_on)} on" if s.when_on else ""))
+        parts += [f"{k}={v}" for k, v in self.fixed.items()]
+        return ", ".join(parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The space as plain data (YAML/JSON), re-loadable with `space_from_dict`."""
+        weights: dict[str, Any] = {}
+        for name in LossWeights.names():
+            s = self.weights[name]
+            weights[name] = s.fixed if not s.searched else {"low": s.low, "high": s.high, "allow_off": s.off}
+        params: dict[str, Any] = {}
+        for name, s in self.params.items():
+            p: dict[str, Any] = ({"choices": list(s.choices)} if s.kind == "categorical" else
+                                 {"low": s.low, "high": s.high, "log": s.log, **({"int": True} if s.kind == "int" else {})})
+            if s.when_on:
+                p["when_on"] = list(s.when_on)
+            params[name] = p
+        return {"weights": weights, "params": params, "fixed": dict(self.fixed),
+                "initial_points": [dict(p) for p in self.initial_points]}
+
+
+def space_from_dict(data: Any, source: str = "<dict>") -> SearchSpace:
+    """Validate a parsed space (see the module docstring); raises ConfigError naming the bad entry."""
+    def err(msg: str) -> ConfigError:
+        return ConfigError(f"search space {source}: {msg}")
+
+    try:
+        if not isinstance(data, Mapping):
+            raise ConfigError("must hold a mapping with weights:, params:, fixed: (and optionally initial_points:)")
+        unknown = sorted(set(data) - set(_SECTIONS))
+        if unknown:
+            raise ConfigError(f"unknown section(s) {unknown}; valid: {list(_SECTIONS)}")
+        raw_w = data.get("weights") or {}
+        if not isinstance(raw_w, Mapping):
+            raise ConfigError("weights: must be a mapping of loss-term names")
+        bad = sorted(set(raw_w) - set(LossWeights.names()))
+        if bad:
+            raise ConfigError(f"weights: unknown loss term(s) {bad}; valid: {list(LossWeights.names())}")
+        missing = [n for n in LossWeights.names() if n not in raw_w]
+        if missing:
+            raise ConfigError(f"weights: no entry for {missing}; give each term a range "
+                              "({low, high, allow_off}), a fixed number, or 0 to switch it off")
+        weights = {n: _parse_weight(n, raw_w[n]) for n in LossWeights.names()}
+
+        allowed = set(_attack_fields()) - set(RESERVED)
+        raw_p = data.get("params") or {}
+        raw_f = data.get("fixed") or {}
+        for sec, raw in (("params", raw_p), ("fixed", raw_f)):
+            if not isinstance(raw, Mapping):
+                raise ConfigError(f"{sec}: must be a mapping")
+            weights_there = sorted(set(raw) & set(LossWeights.names()))
+            if weights_there:
+                raise ConfigError(f"{sec}: {weights_there} are loss weights; put them under weights:")
+            reserved = sorted(set(raw) & set(RESERVED))
+            if reserved:
+                raise ConfigError(f"{sec}: {reserved} are set by the search command (--steps, --seed, ...), "
+                                  "not by the space")
+            unknown = sorted(set(raw) - allowed)
+            if unknown:
+                raise ConfigError(f"{sec}: unknown setting(s) {unknown}; valid: {sorted(allowed)}")
+        both = sorted(set(raw_p) & set(raw_f))
+        if both:
+            raise ConfigError(f"{both} appear in both params: and fixed:")
+        params = {n: _parse_param(n, s, weights) for n, s in raw_p.items()}
+        fixed = dict(raw_f)
+        for n, v in fixed.items():
+            _check_attack_value(n, v, f"fixed.{n}")
+        # the fixed part together with every weight at its range's low end must form a valid config
+        probe = {n: (w.fixed if not w.searched else w.low) for n, w in weights.items()}
+        _check_attack_value_mapping({**probe, **fixed}, "fixed")
+
+        space = SearchSpace(weights, params, fixed, [], source)
+        raw_i = data.get("initial_points") or []
+        if not isinstance(raw_i, list) or not all(isinstance(p, Mapping) or p == DEFAULTS_POINT for p in raw_i):
+            raise ConfigError(f"initial_points: must be a list of mappings (or the word {DEFAULTS_POINT!r})")
+        points = []
+        for i, p in enumerate(raw_i):
+            if p == DEFAULTS_POINT:  # today's AttackConfig/LossWeights defaults, for the searched parameters
+                p = {k: v for k, v in AttackConfig().flat().items() if k in weights and weights[k].searched
+                     or k in params}
+            try:
+                AttackConfig.from_flat({k: v for k, v in p.items()})
+                unknown = sorted(set(p) - set(LossWeights.names()) - set(params))
+                if unknown:
+                    raise ConfigError(f"{unknown} are not searched parameters of this space")
+                space.to_optuna_params(p)
+            except ConfigError as exc:
+                raise ConfigError(f"initial_points[{i}]: {exc}") from None
+            points.append(dict(p))
+        space.initial_points = points
+        return space
+    except ConfigError as exc:
+        raise err(str(exc)) from None
+
+
+def _check_attack_value_mapping(values: Mapping[str, Any], where: str) -> None:
+    try:
+        AttackConfig.from_flat(dict(values))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def load_space(path: str | Path | None = None) -> SearchSpace:
+    """Read and validate a search-space YAML file (default: tune/space.yaml)."""
+    path = Path(path) if path else DEFAULT_SPACE
+    if not path.is_file():
+        raise ConfigError(f"search space file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"search space {path} is not valid YAML: {exc}") from None
+    return space_from_dict(data, str(path))

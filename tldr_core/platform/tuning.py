@@ -1,0 +1,277 @@
+"""The Ray Tune side of `tune/search.py`: the trial function and the driver's MLflow status callback.
+
+This module is imported by Ray workers, so it lives in the package (tune/ is not one). Training code
+(`tldr_core.attack.train`) never imports Ray; the trial adapts it through `train_generator`'s callback:
+every `eval_every` generator steps the trial scores a few reconstructions, logs them to MLflow, then
+calls `tune.report` (where ASHA may stop it). Everything a trial needs from MLflow is written before
+each report, and the run is ended before the final report, because code after `tune.report()` may
+never run. The driver-side `MlflowTrialStatus` callback closes any run a trial could not close
+itself (stopped by ASHA, worker died): none is left RUNNING.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ray import tune as _tune
+
+from tldr_core.platform import tracking as tr
+from tldr_core.platform.search_space import TRIAL_NUMBER
+
+#: What a trial reports besides the scores (score names: tldr_core.scoring.metrics.METRIC_KEYS).
+STEP = "step"
+FINAL = "final"
+
+
+@dataclass
+class TrialInputs:
+    """Everything every trial shares; `tune.with_parameters` stores it once in Ray's object store."""
+
+    settings: dict[str, Any]           # SearchSettings as a dict (steps, objective, tracking URI, ...)
+    space: Any                         # tldr_core.platform.search_space.SearchSpace
+    classifier_spec: dict[str, Any]
+    classifier_state: dict[str, Any]   # state_dict tensors
+    bundle: Any                        # tldr_core.attack.data.DatasetBundle
+    baselines: dict[str, dict[str, float]]
+    experiment_id: str
+    search_run_id: str
+    classifier_ref: dict[str, Any] = field(default_factory=dict)
+
+
+def loss_metrics(record: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in record.items() if k.startswith(("loss", "wloss"))}
+
+
+def baseline_metrics(baselines: dict[str, dict[str, float]]) -> dict[str, float]:
+    keys = ("quality", "quality_heldout", "gap", "coverage", "label_agreement", "diversity")
+    return {f"baseline_{name}_{k}": float(v[k]) for name, v in baselines.items() for k in keys if k in v}
+
+
+def run_trial(config: dict[str, Any], inputs: TrialInputs | None = None) -> None:
+    """One Tune trial: train a generator with the sampled settings, score it, record it in MLflow."""
+    import torch
+    from ray import tune
+
+    from tldr_core.attack.checkpoints import GENERATOR_FORMAT, save_checkpoint
+    from tldr_core.attack.config import AttackConfig
+    from tldr_core.scoring.metrics import nn_ssim, score_reconstructions
+    from tldr_core.attack.models import build_classifier
+    from tldr_core.platform.registry import log_checkpoint_model
+    from tldr_core.attack.train import generate, train_generator
+    from tldr_core.report.pictures import save_grid, save_nearest
+
+    assert inputs is not None
+    s = inputs.settings
+    tr.quiet_mlflow_env()
+    torch.set_num_threads(max(1, int(s["cpus_per_trial"])))
+    ctx = tune.get_context()
+    trial_id = ctx.get_trial_id()
+    number = int(config.get(TRIAL_NUMBER, 0))
+    flat = inputs.space.attack_flat(config)
+    c = tr.client(s["tracking_uri"])
+    run = tr.TrialRun.start(c, inputs.experiment_id, inputs.search_run_id, trial_id, number,
+                            run_name=f"trial-{number:03d}-{flat.get('variant', 'default')}",
+                            tags={tr.OBJECTIVE: s["objective"], "tldr.dataset": s["dataset"],
+                                  "tldr.trial_name": ctx.get_trial_name()})
+    last_step = 0
+    try:
+        device = "cuda" if float(s["gpus_per_trial"]) > 0 and torch.cuda.is_available() else "cpu"
+        base = AttackConfig(steps=int(s["steps"]), seed=int(s["seed"]), per_class=int(s["per_class"]), device=device)
+        cfg = inputs.space.attack_config(config, base=base)
+        run.log_params({**cfg.flat(), "eval_every": s["eval_every"], "tau": s["tau"], "objective": s["objective"],
+                        "trial_id": trial_id, "classifier": inputs.classifier_ref.get("uri", "")})
+        classifier = build_classifier(inputs.classifier_spec)
+        classifier.load_state_dict(inputs.classifier_state)
+        classifier.eval().requires_grad_(False)
+        bundle = inputs.bundle
+        eval_every, tau = int(s["eval_every"]), float(s["tau"])
+        pending: list[dict[str, Any]] = []
+        last: dict[str, Any] = {}
+
+        def score(gen, per_class: int, n_boot: int) -> dict[str, float]:
+            images, labels = generate(gen, per_class, seed=cfg.seed + 1, device=device)
+            gen.train()  # train_generator sets train mode itself each step; generate() switched to eval
+            return score_reconstructions(images, labels, bundle.train, bundle.heldout, classifier=classifier.cpu(),
+                                         tau=tau, seed=cfg.seed, n_boot=n_boot)
+
+        def callback(step: int, record: dict[str, Any], gen) -> bool:
+            nonlocal last_step
+            pending.append(record)
+            last.update(record)
+            if step % eval_every == 0 and step < cfg.steps:
+                with torch.random.fork_rng(devices=[]):  # generate() reseeds torch: keep training's RNG stream
+                    metrics = score(gen, int(s["eval_per_class"]), 200)
+                classifier.to(device)
+                run.log_history(pending)
+                pending.clear()
+                run.log_metrics(metrics, step)
+                last_step = step
+                # everything is in MLflow before this call: ASHA may stop the trial inside it
+                tune.report({**metrics, **loss_metrics(record), STEP: step, FINAL: 0.0})
+            return False
+
+        result = train_generator(classifier, bundle.num_classes, bundle.image_shape, cfg, callback=callback,
+                                 log_every=int(s["log_every"]), log=None)
+        run.log_history(pending)
+        images, labels = generate(result.generator, cfg.per_class, seed=cfg.seed + 1, device=device)
+        clf_cpu = classifier.cpu()
+        metrics = score_reconstructions(images, labels, bundle.train, bundle.heldout, classifier=clf_cpu, tau=tau,
+                                        seed=cfg.seed)
+        near = nn_ssim(images, labels, bundle.train.images, bundle.train.labels)
+        speed = result.steps / max(result.seconds, 1e-9)
+        final = {**metrics, **loss_metrics(last), STEP: result.steps, "steps_per_second": speed,
+                 "train_seconds": result.seconds}
+        run.log_metrics({**metrics, "steps_per_second": speed, "train_seconds": result.seconds}, result.steps)
+        run.log_metrics(baseline_metrics(inputs.baselines), 0)
+        work = Path(tempfile.mkdtemp(prefix="trial-", dir=os.environ.get("TMPDIR") or None))
+        m = metrics
+        save_grid(work / "grid.png", images, labels, bundle.class_names,
+                  title=f"trial {number} ({cfg.variant}): {s['objective']} {m[s['objective']]:.3f}, "
+                        f"quality {m['quality']:.3f}, label agreement {m['label_agreement']:.2f}")
+        save_nearest(work / "nearest.png", images, labels, bundle.train.images[near.index], near.values,
+                     bundle.class_names)
+        run.log_artifact(work / "grid.png")
+        run.log_artifact(work / "nearest.png")
+        ckpt = save_checkpoint(work / "generator.pt", result.generator.cpu(), GENERATOR_FORMAT,
+                               {"attack": cfg.flat(), "dataset": bundle.name, "metrics": metrics,
+                                "classifier": inputs.classifier_ref.get("uri"), "trial_id": trial_id})
+        info = log_checkpoint_model(c, run.run_id, ckpt, "generator")
+        run.set_tags({tr.GENERATOR_MODEL: info.model_uri, tr.GENERATOR_MODEL_ID: getattr(info, "model_id", "") or ""})
+        shutil.rmtree(work, ignore_errors=True)  # everything is in MLflow now
+        run.end("FINISHED", "finished")
+    except SystemExit:
+        # Ray Tune stops a trial (ASHA) by raising SystemExit inside tune.report()
+        run.end("KILLED", "early-stopped", f"stopped by the scheduler after step {last_step}")
+        raise
+    except BaseException as exc:
+        run.fail(exc)
+        raise
+    tune.report({**final, **baseline_metrics(inputs.baselines), FINAL: 1.0})
+
+
+def _number(trial) -> int:
+    try:
+        return int((trial.config or {}).get(TRIAL_NUMBER, 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+def _fmt_time(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s"
+
+
+class MlflowTrialStatus(_tune.Callback):
+    """Driver-side Ray Tune callback: ends every trial run (KILLED / FAILED) that its trial left RUNNING,
+    and prints one line per finished trial with its objective and the best so far.
+
+    Built lazily so Ray can pickle it with the experiment state (a resumed search gets it back).
+    """
+
+    def __init__(self, tracking_uri: str, experiment_id: str, search_run_id: str, objective: str,
+                 total: int, printer: Callable[[str], None] | None = None) -> None:
+        self.tracking_uri, self.experiment_id, self.search_run_id = tracking_uri, experiment_id, search_run_id
+        self.objective, self.total = objective, total
+        self._printer = printer
+        self._state: dict[str, Any] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["_state"] = None
+        d["_printer"] = None
+        return d
+
+    # ----------------------------------------------------------------- helpers
+    def _say(self, text: str) -> None:
+        (self._printer or (lambda t: print(t, flush=True)))(text)
+
+    def _st(self) -> dict[str, Any]:
+        if self._state is None:
+            self._state = {"client": tr.client(self.tracking_uri), "t0": time.time(), "done": 0, "best": None,
+                           "best_trial": None}
+            try:  # a resumed search: count what finished before
+                for t in tr.summarize_trials(self._state["client"], self.experiment_id, self.search_run_id,
+                                             self.objective):
+                    if t.state in ("finished", "early-stopped", "failed"):
+                        self._state["done"] += 1
+                    if t.complete and t.value is not None and (self._state["best"] is None or t.value > self._state["best"]):
+                        self._state["best"], self._state["best_trial"] = t.value, t.number
+            except Exception:  # noqa: BLE001 - progress lines only
+                pass
+        return self._state
+
+    def _close(self, trial, status: str, state: str, error: str | None) -> None:
+        st = self._st()
+        for run in tr.trial_runs(st["client"], self.experiment_id, self.search_run_id, trial.trial_id):
+            if run.info.status == "RUNNING":
+                tr.terminate(st["client"], run.info.run_id, status, state, error)
+            elif status == "FAILED" and run.info.status != "FAILED":
+                tr.terminate(st["client"], run.info.run_id, status, state, error)
+
+    def _interrupt_hook(self) -> None:
+        n = os.environ.get("TLDR_SEARCH_INTERRUPT_AFTER")  # tests: simulate Ctrl-C after n trials
+        if n and self._st()["done"] >= int(n) and not self._st().get("interrupted"):
+            self._st()["interrupted"] = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+    # ----------------------------------------------------------------- Tune hooks
+    def setup(self, **info: Any) -> None:
+        self._st()
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        cfg = trial.config or {}
+        self._say(f"[{_fmt_time(time.time() - self._st()['t0'])}] trial {_number(trial)} started "
+                  f"({cfg.get('variant', '?')}, lr {cfg.get('lr', float('nan')):.2g})")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        st = self._st()
+        result = trial.last_result or {}
+        value = result.get(self.objective)
+        n = _number(trial)
+        if result.get(FINAL) == 1.0:
+            what = "finished"
+            if value is not None and not math.isnan(value) and (st["best"] is None or value > st["best"]):
+                st["best"], st["best_trial"] = value, n
+            self._close(trial, "FINISHED", "finished", None)  # normally already FINISHED by the trial
+        else:
+            what = f"stopped by ASHA at step {result.get(STEP, '?')}"
+            self._close(trial, "KILLED", "early-stopped", f"stopped by the scheduler after step {result.get(STEP, '?')}")
+        st["done"] += 1
+        self._line(n, what, value, result.get("label_agreement"))
+        self._interrupt_hook()
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        st = self._st()
+        err = ""
+        try:
+            if trial.error_file and os.path.exists(trial.error_file):
+                text = Path(trial.error_file).read_text()
+                lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+                err = lines[-1] if lines else text
+        except Exception:  # noqa: BLE001
+            pass
+        self._close(trial, "FAILED", "failed", err or "trial raised (see Ray Tune's error file)")
+        st["done"] += 1
+        self._say(f"[{_fmt_time(time.time() - st['t0'])}] trial {_number(trial)} FAILED: "
+                  f"{err[:160] or 'see the MLflow run'} | {self._best_text()}")
+        self._interrupt_hook()
+
+    def _best_text(self) -> str:
+        st = self._st()
+        return ("best so far: none finished" if st["best"] is None else
+                f"best so far {st['best']:.4f} (trial {st['best_trial']})")
+
+    def _line(self, n: int, what: str, value: Any, la: Any) -> None:
+        st = self._st()
+        v = "n/a" if value is None else f"{value:.4f}"
+        la_s = "n/a" if la is None else f"{la:.2f}"
+        self._say(f"[{_fmt_time(time.time() - st['t0'])}] trial {n} {what}: {self.objective} {v}, "
+                  f"label agreement {la_s} ({st['done']}/{self.total} done) | {self._best_text()}")
