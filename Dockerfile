@@ -26,13 +26,18 @@ RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
 # The code lives in the image: KubeRay's K8sJobMode does not upload a local working_dir.
 WORKDIR /app
 COPY . /app
-# The project and its dependencies (ray[tune], optuna, mlflow, ... from pyproject.toml),
-# plus the PostgreSQL driver and boto3 the MLflow server needs for its stores.
-RUN pip install . psycopg2-binary boto3 \
+# The project, non-editable, with its platform extra (ray[tune], optuna, mlflow, psycopg2-binary,
+# requests: see pyproject.toml), plus the PostgreSQL driver (also in the extra) and boto3 the MLflow
+# server needs for its stores. The commands find the installed package: tune/search.py and
+# tune/reaudit.py only fall back to /app when tldr_core is not installed.
+RUN pip install .[platform] psycopg2-binary boto3 \
     && rm -rf build ./*.egg-info
 
+# The runs folder is ./runs under the working directory (/app) unless TLDR_RUNS says otherwise:
+# make it writable for the app user (summaries, Ray temp files, the default sqlite store).
 RUN groupadd --gid 1000 app \
-    && useradd --uid 1000 --gid 1000 --create-home --shell /bin/bash app
+    && useradd --uid 1000 --gid 1000 --create-home --shell /bin/bash app \
+    && mkdir -p /app/runs && chown 1000:1000 /app/runs
 USER 1000:1000
 
 CMD ["python", "tune/search.py", "--help"]

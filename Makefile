@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch first, pinned: pip takes it from this machine's local wheel cache when present
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[test]'
+	# the package editable with the platform (Ray, Optuna, MLflow) and test extras
+	$(BIN)/pip install -q -e '.[platform,test]'
 	@touch $@
 
 # The main job on the embedded default (bundled MNIST digits, local Ray, MLflow on a local sqlite file).

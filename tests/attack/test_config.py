@@ -47,3 +47,20 @@ def test_yaml_flat_and_nested_and_unknown_keys(tmp_path):
 def test_invalid_attack_settings(kw):
     with pytest.raises(ConfigError):
         AttackConfig(**kw)
+
+
+def test_image_priors_are_off_by_default_and_outside_the_nine():
+    cfg = AttackConfig()
+    assert (cfg.bn, cfg.jitter, cfg.flip) == (0.0, 0, False)
+    assert {"bn", "jitter", "flip"} <= set(cfg.flat()) and "bn" not in LossWeights.names()
+    assert cfg.term_weights() == {**cfg.effective_weights.as_dict(), "bn": 0.0}
+    c = AttackConfig.from_flat({"bn": 1, "jitter": 2.0, "flip": True})
+    assert (c.bn, c.jitter, c.flip) == (1.0, 2, True) and isinstance(c.jitter, int)
+    assert AttackConfig(mode="inversion", bn=0.5).term_weights()["bn"] == 0.5
+
+
+@pytest.mark.parametrize("kw, word", [(dict(bn=-0.1), "bn"), (dict(bn=float("nan")), "bn"), (dict(jitter=-1), "jitter"),
+                                      (dict(jitter=1.5), "jitter"), (dict(flip="yes"), "flip"), (dict(bn=True), "bn")])
+def test_invalid_image_prior_settings(kw, word):
+    with pytest.raises(ConfigError, match=word):
+        AttackConfig(**kw)

@@ -179,3 +179,21 @@ def test_compute_terms_grad_equals_standalone_grad(tiny_cnn):
     terms = losses.compute_terms(tiny_cnn, x, v, y, AttackConfig())
     torch.testing.assert_close(terms["grad"], losses.grad_term(tiny_cnn, x, y, "ghost", "head"))
     torch.testing.assert_close(terms["ce"], F.cross_entropy(tiny_cnn(x), y))
+
+
+def test_bn_stats_by_hand():
+    """Channel means off by (3, 4): norm 5; variances equal (a batch built to have them exactly)."""
+    z = torch.tensor([[-1.0, 1.0], [1.0, -1.0]])                 # (B=2, C=2): mean 0, biased var 1
+    mu, var = torch.tensor([0.5, -2.0]), torch.tensor([4.0, 0.25])
+    a = mu + var.sqrt() * z
+    assert losses.bn_stats([a], [mu], [var]).item() == pytest.approx(0.0, abs=1e-7)
+    assert losses.bn_stats([a], [mu - torch.tensor([3.0, 4.0])], [var]).item() == pytest.approx(5.0, abs=1e-6)
+    # a (B, C, H, W) input: statistics over batch and positions; var 1 -> 4 in one channel adds |3|
+    a4 = a[:, :, None, None].expand(2, 2, 2, 3)
+    assert losses.bn_stats([a4, a], [mu, mu], [var + torch.tensor([3.0, 0.0]), var]).item() == pytest.approx(3.0, abs=1e-6)
+
+
+def test_weighted_total_accepts_a_mapping_with_the_prior():
+    terms = {"kl": torch.tensor(2.0), "bn": torch.tensor(3.0)}
+    assert losses.weighted_total(terms, {"kl": 0.5, "bn": 0.1}).item() == pytest.approx(1.3)
+    assert losses.weighted_total({"kl": torch.tensor(2.0)}, LossWeights(kl=0.25)).item() == pytest.approx(0.5)

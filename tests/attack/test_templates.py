@@ -10,7 +10,8 @@ from tldr_core.attack.data import DatasetBundle, Split
 from tldr_core.scoring.metrics import score_baselines
 from tldr_core.attack.models import MLP, PaperCNN
 from tldr_core.attack.templates import (_class_probs, applies, class_directions, first_trainable_layer, render,
-                                 run_template_attack, weight_templates)
+                                        weight_templates)
+from tldr_core.scoring.pipeline import template_attack
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -44,7 +45,7 @@ def test_templates_recover_class_means_of_sgd_linear_model_and_nothing_from_rand
                                                          epochs=30, batch_size=16), log=lambda s: None)
     assert meta["test_accuracy"] == 1.0
     base = score_baselines(b.train, b.heldout, b.test, K, 1)
-    trained = run_template_attack(model, b)
+    trained = template_attack(model, b)
     assert trained.method == "linear"
     m = trained.metrics
     assert m["quality"] > 0.85 and m["quality"] > 0.9 * base["class_mean"]["quality"]  # near 1: the class image
@@ -52,7 +53,7 @@ def test_templates_recover_class_means_of_sgd_linear_model_and_nothing_from_rand
     assert trained.images.shape == (K, 1, S, S) and trained.labels.tolist() == list(range(K))
     assert 0 <= trained.images.min() and trained.images.max() <= 1
     torch.manual_seed(1)
-    random = run_template_attack(MLP((1, S, S), K).eval(), b)
+    random = template_attack(MLP((1, S, S), K).eval(), b)
     assert random.metrics["quality"] < base["noise"]["quality"] + 0.1  # init noise: no better than noise
     assert m["quality"] - random.metrics["quality"] > 0.7
 

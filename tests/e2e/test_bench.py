@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tldr_core.scoring import metrics
+from tldr_core.scoring import metrics, nearest
 from tldr_core.scoring.ssim import BOUND_MARGIN, WindowStats, ssim_matrix, ssim_upper_bound
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,16 +29,14 @@ class S:
 def _small_search(monkeypatch):
     """Make the pruned path engage on test-sized sets (it falls back to brute force below 512
     references per class) and keep one thread (shared 2-core box)."""
-    monkeypatch.setattr(metrics, "_PRUNE_MIN_REFS", 16)
-    monkeypatch.setattr(metrics, "_PROBE", 48)
-    monkeypatch.setattr(metrics, "_FIRST_ROUND", 4)
-    monkeypatch.setattr(metrics, "_PREFILTER_MIN_REFS", 16)
-    metrics._STATS_CACHE.clear()
+    monkeypatch.setattr(nearest, "_PRUNE_MIN_REFS", 16)
+    monkeypatch.setattr(nearest, "_PROBE", 48)
+    monkeypatch.setattr(nearest, "_FIRST_ROUND", 4)
+    monkeypatch.setattr(nearest, "_PREFILTER_MIN_REFS", 16)
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-    metrics._STATS_CACHE.clear()
 
 
 def smooth(n: int, shape=(1, 16, 16), seed: int = 0, grid: int = 4) -> torch.Tensor:
@@ -57,11 +55,11 @@ def assert_same_nn(recon, rl, ref, fl):
     b = metrics.nn_ssim(recon, rl, ref, fl, method="brute")
     out = {}
     for method in ("pruned", "prefilter"):
-        metrics.SEARCH_STATS = metrics.SearchStats()
-        a = metrics.nn_ssim(recon, rl, ref, fl, method=method)
+        st = nearest.SearchStats()
+        a = metrics.nn_ssim(recon, rl, ref, fl, method=method, stats=st)
         assert torch.equal(a.index, b.index), method
         torch.testing.assert_close(a.values, b.values, atol=1e-6, rtol=0)
-        out[method] = (a, metrics.SEARCH_STATS)
+        out[method] = (a, st)
     return out["pruned"]
 
 
@@ -151,12 +149,14 @@ def test_score_reconstructions_pruned_equals_brute(tau):
     rl = torch.cat([train.labels[:8], torch.arange(8) % 4])
     b = metrics.score_reconstructions(recon, rl, train, held, tau=tau, n_boot=50, method="brute")
     p = metrics.score_reconstructions(recon, rl, train, held, tau=tau, n_boot=50, method="pruned")
-    p2 = metrics.score_reconstructions(recon, rl, train, held, tau=tau, n_boot=50, method="pruned")  # cached stats
+    t_index = nearest.ReferenceIndex(train.images, train.labels)
+    p1 = metrics.score_reconstructions(recon, rl, t_index, held, tau=tau, n_boot=50, method="pruned")
+    p2 = metrics.score_reconstructions(recon, rl, t_index, held, tau=tau, n_boot=50, method="pruned")  # cached stats
     p3 = metrics.score_reconstructions(recon, rl, train, held, tau=tau, n_boot=50)  # default: prefilter
     for k in metrics.METRIC_KEYS:
         if k == "label_agreement":
             continue
-        for got in (p, p2, p3):
+        for got in (p, p1, p2, p3):
             assert got[k] == pytest.approx(b[k], abs=1e-6), k
     if tau < 0.9:
         assert b["coverage"] > 0  # the coverage flags were really exercised
@@ -168,10 +168,9 @@ def test_prefilter_scores_few_pairs_exactly():
     recon = torch.cat([near_copies(ref[:4], 52), smooth(4, seed=53)])
     rl = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
     b = metrics.nn_ssim(recon, rl, ref, fl, method="brute")
-    metrics.SEARCH_STATS = metrics.SearchStats()
-    a = metrics.nn_ssim(recon, rl, ref, fl, method="prefilter")
+    st = nearest.SearchStats()
+    a = metrics.nn_ssim(recon, rl, ref, fl, method="prefilter", stats=st)
     assert torch.equal(a.index, b.index)
-    st = metrics.SEARCH_STATS
     assert st.pairs == 8 * 1000 and st.exact_pairs < 0.2 * st.pairs
 
 
@@ -184,10 +183,14 @@ def test_unequal_heldout_sizes_and_cache_invalidation():
     first = metrics.score_reconstructions(recon, rl, train, held, n_boot=20)
     assert first == pytest.approx(metrics.score_reconstructions(recon, rl, train, held, n_boot=20, method="brute"), abs=1e-6,
                                   nan_ok=True)
+    t_index = nearest.ReferenceIndex(train.images, train.labels)  # shares train.images' storage
+    metrics.score_reconstructions(recon, rl, t_index, held, n_boot=20, method="pruned")  # caches T's statistics
+    assert t_index._cache  # the pruned search really used (and kept) window statistics
     train.images[:6] = torch.rand(6, 1, 16, 16)  # in-place change: cached statistics must not be reused
-    again = metrics.score_reconstructions(recon, rl, train, held, n_boot=20)
-    assert again == pytest.approx(metrics.score_reconstructions(recon, rl, train, held, n_boot=20, method="brute"), abs=1e-6,
-                                  nan_ok=True)
+    brute = metrics.score_reconstructions(recon, rl, train, held, n_boot=20, method="brute")
+    for method in ("prefilter", "pruned"):
+        again = metrics.score_reconstructions(recon, rl, t_index, held, n_boot=20, method=method)
+        assert again == pytest.approx(brute, abs=1e-6, nan_ok=True), method
 
 
 def test_fallbacks_and_errors():

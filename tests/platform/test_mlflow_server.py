@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from tldr_core.platform import tracking as tr
+from tldr_core.platform.trial_runs import TrialRun
 from tldr_core.attack.config import LossWeights
 
 REPO = Path(__file__).resolve().parents[2]
@@ -47,7 +48,7 @@ def test_server_serves_the_search_runs_over_rest(tmp_path):
     c = tr.client(uri)
     exp = tr.ensure_experiment(c, "tldr-server-test", tmp_path / "mlartifacts")
     parent = c.create_run(exp, tags={tr.ROLE: "search", tr.OBJECTIVE: "quality"}, run_name="search-x").info.run_id
-    trial = tr.TrialRun.start(c, exp, parent, "abc", 1, "trial-001-label")
+    trial = TrialRun.start(c, exp, parent, "abc", 1, "trial-001-label")
     trial.log_params({**LossWeights().as_dict(), "variant": "label"})
     for step, q in ((5, 0.1), (10, 0.2)):
         trial.log_metrics({"quality": q, "label_agreement": 1.0}, step)

@@ -1,5 +1,6 @@
-"""tune/reaudit.py: which classifier versions get audited, the tags written back, idempotence,
-a model that does not load, --dry-run; end to end on mnist-bundled with a sqlite registry."""
+"""Re-audit (tldr_core.platform.reaudit, run as tune/reaudit.py): which classifier versions get
+audited, the search it runs in-process, the tags written back, idempotence, a model that does not
+load, --dry-run; end to end on mnist-bundled with a sqlite registry."""
 from __future__ import annotations
 
 import datetime as dt
@@ -13,6 +14,7 @@ import torch
 
 from tldr_core.platform import reaudit as ra
 from tldr_core.platform import tracking as tr
+from tldr_core.platform.trial_runs import trial_runs
 
 REPO = Path(__file__).resolve().parents[2]
 REAUDIT = REPO / "tune" / "reaudit.py"
@@ -37,6 +39,50 @@ NOW = dt.datetime(2026, 1, 31, tzinfo=dt.timezone.utc)
 ])
 def test_pending_rules(tags, pending):
     assert (ra.pending_reason(tags, 30, NOW) is not None) == pending
+
+
+def _candidate(**tags) -> ra.Candidate:
+    return ra.Candidate(NAME, "3", DATASET, "never audited", dict(tags))
+
+
+def test_audit_search_settings_follow_the_classifier(tmp_path, monkeypatch):
+    monkeypatch.setenv("TLDR_RUNS", str(tmp_path / "runs"))
+    space = ra.write_space(None, {"variant": "label"}, tmp_path / "space.yaml")
+    opts = ra.Options(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", trials=1, steps=8, smoke_test=True, seed=3)
+    st = ra.search_settings(_candidate(train_size="150"), opts, space)
+    assert st.classifier == f"models:/{NAME}/3" and st.dataset == DATASET and st.train_size == 150
+    assert (st.trials, st.steps, st.seed, st.per_class) == (1, 8, 3, 4)  # smoke-test per_class 4
+    assert st.space["initial_points"][0] == {"variant": "label"} and st.tracking_uri == opts.tracking_uri
+    assert ra.search_settings(_candidate(), opts, space).train_size == 200  # no tag: the smoke default
+
+
+def test_audit_takes_the_run_id_the_search_returns(tmp_path, monkeypatch):
+    from tldr_core.platform import search
+
+    monkeypatch.setenv("TLDR_RUNS", str(tmp_path / "runs"))
+    space = ra.write_space(None, None, tmp_path / "space.yaml")
+    opts = ra.Options(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", trials=1, steps=8, smoke_test=True)
+    seen = []
+
+    def fake_run(settings, say):
+        seen.append(settings.classifier)
+        say("one\ntwo")
+        return "f" * 32
+
+    monkeypatch.setattr(search, "run", fake_run)
+    lines = []
+    assert ra.run_search(_candidate(), opts, space, ra._echo(lines.append, False)) == ("f" * 32, None)
+    assert seen == [f"models:/{NAME}/3"] and lines == ["    | one", "    | two"]
+
+    def failing_run(settings, say):
+        exc = RuntimeError("no trial finished")
+        exc.search_run_id = "e" * 32
+        raise exc
+
+    monkeypatch.setattr(search, "run", failing_run)
+    run_id, why = ra.run_search(_candidate(), opts, space, ra._echo(lines.append, True))
+    assert run_id == "e" * 32 and why == "search failed: RuntimeError: no trial finished"
+    assert len(lines) == 2  # quiet: nothing echoed
 
 
 def test_help_and_unreachable_server():
@@ -160,6 +206,6 @@ def test_reaudit_end_to_end(tmp_path, monkeypatch):
 
     settings = mlflow.artifacts.load_dict(f"{c.get_run(again['audit.run_id']).info.artifact_uri}/search/settings.json")
     assert settings["space"]["initial_points"][0] == point
-    trial0 = [r for r in tr.trial_runs(c, search.info.experiment_id, again["audit.run_id"])
+    trial0 = [r for r in trial_runs(c, search.info.experiment_id, again["audit.run_id"])
               if r.data.tags.get(tr.TRIAL_NUMBER) == "1"]
     assert trial0 and trial0[0].data.params["variant"] == point["variant"]

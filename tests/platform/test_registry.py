@@ -7,13 +7,13 @@ the same classifier on the same objective.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from tldr_core.platform import registry as rg
 from tldr_core.platform import tracking as tr
+from tldr_core.platform.trial_runs import TrialRun
 from tldr_core.attack.checkpoints import CLASSIFIER_FORMAT, GENERATOR_FORMAT, save_checkpoint
 from tldr_core.attack.config import LossWeights
 from tldr_core.attack.models import ConditionedGenerator, PaperCNN
@@ -50,7 +50,7 @@ def fake_search(store, values, *, objective="quality", clf_path=None, failed=0, 
     n = 0
     for v in values:
         n += 1
-        run = tr.TrialRun.start(c, exp, parent, f"t{n}", n, f"trial-{n}")
+        run = TrialRun.start(c, exp, parent, f"t{n}", n, f"trial-{n}")
         run.log_params({**LossWeights().as_dict(), "variant": "label"})
         run.log_metrics({objective: v, "label_agreement": 1.0}, step=10)
         info = rg.log_checkpoint_model(c, run.run_id, store["gen"], "generator")
@@ -58,11 +58,11 @@ def fake_search(store, values, *, objective="quality", clf_path=None, failed=0, 
         run.end("FINISHED", "finished")
     for _ in range(failed):
         n += 1
-        run = tr.TrialRun.start(c, exp, parent, f"t{n}", n, f"trial-{n}")
+        run = TrialRun.start(c, exp, parent, f"t{n}", n, f"trial-{n}")
         run.fail(FloatingPointError("loss became non-finite"))
     for _ in range(killed):  # an early-stopped trial with a better intermediate value: never promoted
         n += 1
-        run = tr.TrialRun.start(c, exp, parent, f"t{n}", n, f"trial-{n}")
+        run = TrialRun.start(c, exp, parent, f"t{n}", n, f"trial-{n}")
         run.log_metrics({objective: 0.99}, step=2)
         run.end("KILLED", "early-stopped")
     c.set_terminated(parent, "FINISHED")

@@ -1,5 +1,6 @@
-"""tune/search.py: the search space, the up-front checks, and real (tiny) Ray Tune searches checked
-through the MLflow client: one nested run per trial, statuses, failures, resume, the champion."""
+"""The search (tldr_core.platform.search, run as tune/search.py): the search space, the settings and
+the up-front checks, and real (tiny) Ray Tune searches checked through the MLflow client: one nested
+run per trial, statuses, failures, resume, the champion."""
 from __future__ import annotations
 
 import importlib.util
@@ -16,6 +17,8 @@ import yaml
 from tldr_core.platform import tracking as tr
 from tldr_core.attack.config import AttackConfig, ConfigError, LossWeights
 from tldr_core.platform.search_space import DEFAULT_SPACE, load_space, space_from_dict, switch_name
+from tldr_core.platform.search_settings import log_every_for, make_settings
+from tldr_core.platform.trial_runs import trial_runs
 
 REPO = Path(__file__).resolve().parents[2]
 SEARCH = REPO / "tune" / "search.py"
@@ -179,11 +182,54 @@ def test_bad_input_is_one_error_before_any_work(cli, tmp_path, capsys, argv, mes
 
 
 def test_scheduler_option(cli):
+    from tldr_core.platform.search_cli import settings_from_args
+
     parse = cli.build_parser().parse_args
-    assert cli._settings_from_args(parse([])).scheduler == "asha"
-    assert cli._settings_from_args(parse(["--scheduler", "fifo"])).scheduler == "fifo"
+    assert settings_from_args(parse([])).scheduler == "asha"
+    assert settings_from_args(parse(["--scheduler", "fifo"])).scheduler == "fifo"
     with pytest.raises(SystemExit):
         parse(["--scheduler", "pbt"])
+
+
+def test_settings_defaults_and_smoke_defaults(tmp_path, monkeypatch):
+    monkeypatch.setenv("TLDR_RUNS", str(tmp_path / "runs"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    full = make_settings("mnist-bundled", max_concurrent=2)
+    assert (full.trials, full.steps, full.per_class, full.train_size, full.classifier_epochs) == (8, 400, 20, 1000, 15)
+    assert (full.eval_every, full.log_every, full.eval_per_class) == (100, 25, 10)  # 400 // 4; 25 divides 100
+    assert full.tracking_uri == f"sqlite:///{(tmp_path / 'runs' / 'mlflow.db').resolve()}"
+    assert full.storage == str((tmp_path / "runs" / "tune").resolve()) and full.experiment == "tldr-mnist-bundled"
+    smoke = make_settings("mnist-bundled", smoke_test=True, steps=30, max_concurrent=1)
+    assert (smoke.trials, smoke.steps, smoke.per_class, smoke.train_size) == (2, 30, 4, 200)  # explicit steps win
+    assert (smoke.eval_every, smoke.log_every, smoke.eval_per_class) == (7, 7, 4)
+    assert [log_every_for(n) for n in (1, 24, 50, 97, 100)] == [1, 24, 25, 1, 25]
+
+
+def test_settings_are_frozen_and_checked(tmp_path, monkeypatch):
+    import dataclasses
+
+    monkeypatch.setenv("TLDR_RUNS", str(tmp_path / "runs"))
+    st = make_settings("mnist-bundled", max_concurrent=1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        st.trials = 3
+    for change, message in ((dict(trials=0), "--trials must be >= 1, got 0"), (dict(tau=1.5), "--tau must be in (0, 1]"),
+                            (dict(objective="speed"), "--objective must be one of"),
+                            (dict(dataset="imagenet"), "unknown data set 'imagenet'")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            dataclasses.replace(st, **change)
+    # the settings round-trip through the JSON the search stores for --resume
+    assert type(st)(**dataclasses.asdict(st)) == st
+
+
+def test_run_checks_before_any_work(tmp_path, monkeypatch):
+    from tldr_core.platform.search import run
+
+    monkeypatch.setenv("TLDR_RUNS", str(tmp_path / "runs"))
+    st = make_settings("mnist-bundled", max_concurrent=1, tracking_uri=f"http://127.0.0.1:{free_port()}")
+    said = []
+    with pytest.raises(tr.TrackingError, match="unreachable"):
+        run(st, said.append)
+    assert said == [] and not (tmp_path / "runs").exists()
 
 
 # ------------------------------------------------------------------------------------ real searches
@@ -230,7 +276,7 @@ def test_smoke_search_records_every_trial(smoke):
     c, exp = _client(runs)
     (search,) = _searches(c, exp)
     assert search.info.status == "FINISHED" and search.data.tags[tr.STATE] == "finished"
-    trials = tr.trial_runs(c, exp, search.info.run_id)
+    trials = trial_runs(c, exp, search.info.run_id)
     assert len(trials) == 3  # one nested run per trial
     assert len({t.data.tags[tr.TRIAL_ID] for t in trials}) == 3
     for t in trials:
@@ -270,7 +316,7 @@ def test_failing_trial_does_not_stop_the_search(smoke):
     runs, proc = smoke
     c, exp = _client(runs)
     (search,) = _searches(c, exp)
-    trials = tr.trial_runs(c, exp, search.info.run_id)
+    trials = trial_runs(c, exp, search.info.run_id)
     failed = [t for t in trials if t.info.status == "FAILED"]
     assert len(failed) == 1
     f = failed[0]
@@ -291,7 +337,7 @@ def test_resume_after_interruption(tmp_path, cache_dir):
     c, exp = _client(runs)
     (search,) = _searches(c, exp)
     assert search.info.status == "KILLED"
-    before = {t.data.tags[tr.TRIAL_ID]: t for t in tr.trial_runs(c, exp, search.info.run_id)}
+    before = {t.data.tags[tr.TRIAL_ID]: t for t in trial_runs(c, exp, search.info.run_id)}
     done_before = {k: t.info.run_id for k, t in before.items() if t.data.tags[tr.STATE] != "interrupted"}
     assert len(done_before) == 1 and all(t.info.status != "RUNNING" for t in before.values())
 
@@ -299,7 +345,7 @@ def test_resume_after_interruption(tmp_path, cache_dir):
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     (search,) = _searches(c, exp)  # the same search run, not a new one
     assert search.info.status == "FINISHED"
-    after = tr.trial_runs(c, exp, search.info.run_id)
+    after = trial_runs(c, exp, search.info.run_id)
     ids = [t.data.tags[tr.TRIAL_ID] for t in after]
     assert len(after) == 3 and len(set(ids)) == 3  # no duplicated trial runs
     for trial_id, run_id in done_before.items():  # the finished trial kept its run

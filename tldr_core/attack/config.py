@@ -27,7 +27,7 @@ GRAD_SCOPES = ("head", "all")
 
 @dataclass(frozen=True)
 class LossWeights:
-    """Weights of the nine TLDR loss terms (method.md §3-4). 0 switches a term off.
+    """Weights of the nine TLDR loss terms (docs/method.md §3-4). 0 switches a term off.
 
     kl      alpha   KL(P || Q): conditioning distribution vs classifier softmax
     kl_pert alpha'  the same on the L-inf perturbed images
@@ -82,7 +82,7 @@ class LossWeights:
         return asdict(self)
 
     def for_mode(self, mode: str) -> "LossWeights":
-        """Inversion uses only the four terms of method.md §3; the other five are zeroed."""
+        """Inversion uses only the four terms of docs/method.md §3; the other five are zeroed."""
         if mode == "reconstruction":
             return self
         if mode == "inversion":
@@ -110,6 +110,10 @@ class AttackConfig:
     per_class: int = 20            # reconstructions per class drawn at the end
     seed: int = 0
     device: str = "auto"
+    # Image priors (off by default; weights/settings beside the nine, never among them):
+    bn: float = 0.0                # BatchNorm-statistics matching (DeepInversion, Yin et al. 2020)
+    jitter: int = 0                # roll classifier inputs by up to this many pixels each step
+    flip: bool = False             # flip classifier inputs horizontally (whole batch, p = 0.5)
 
     def __post_init__(self) -> None:
         def check(cond: bool, msg: str) -> None:
@@ -135,10 +139,20 @@ class AttackConfig:
         check(self.gen_dropout < 1, "gen_dropout must be < 1")
         check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
               f"device must be auto, cpu or cuda, got {self.device!r}")
+        check(isinstance(self.bn, (int, float)) and not isinstance(self.bn, bool) and math.isfinite(self.bn)
+              and self.bn >= 0, f"bn must be a finite number >= 0, got {self.bn!r}")
+        object.__setattr__(self, "bn", float(self.bn))
+        check(isinstance(self.jitter, int) and not isinstance(self.jitter, bool) and self.jitter >= 0,
+              f"jitter must be an integer >= 0 (pixels), got {self.jitter!r}")
+        check(isinstance(self.flip, bool), f"flip must be true or false, got {self.flip!r}")
 
     @property
     def effective_weights(self) -> LossWeights:
         return self.weights.for_mode(self.mode)
+
+    def term_weights(self) -> dict[str, float]:
+        """Weight of every loss term by name: the nine (for this mode) plus the BatchNorm prior "bn"."""
+        return {**self.effective_weights.as_dict(), "bn": self.bn}
 
     def flat(self) -> dict[str, Any]:
         """Flat dict (weights spelled by their field names) for MLflow params and metrics.json."""
@@ -162,7 +176,7 @@ class AttackConfig:
         wvals = {**nested, **{k: v for k, v in values.items() if k in wnames}}
         weights = LossWeights.from_mapping(wvals, base=base.weights)
         other = {k: v for k, v in values.items() if k in names}
-        for k in ("steps", "batch_size", "latent_dim", "per_class", "seed"):
+        for k in ("steps", "batch_size", "latent_dim", "per_class", "seed", "jitter"):
             if k in other and isinstance(other[k], float) and other[k].is_integer():
                 other[k] = int(other[k])
         return replace(base, weights=weights, **other)

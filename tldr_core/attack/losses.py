@@ -1,19 +1,24 @@
-"""The nine TLDR loss terms (method.md §3-4), one small pure function each.
+"""The nine TLDR loss terms (docs/method.md §3-4), one small pure function each.
 
 Names match `LossWeights` fields. `compute_terms` returns a dict of unweighted terms; the
 weighted sum is one line in `weighted_total`. Shapes: B batch, N classes, F features,
 C/H/W image channels and size.
+
+Image priors, off by default (their settings are `AttackConfig.bn`, `.jitter`, `.flip`): the
+BatchNorm-statistics term "bn" (DeepInversion, Yin et al. 2020) and random jitter/flips of the
+classifier's input (`augment`); the generated images themselves are never altered.
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from tldr_core.attack.config import AttackConfig, LossWeights
+from tldr_core.attack.config import AttackConfig, ConfigError, LossWeights
 from tldr_core.attack.models import HeadOnly
 
 _EPS = 1e-12
@@ -57,6 +62,60 @@ def var(images: torch.Tensor) -> torch.Tensor:
 def pix(images: torch.Tensor) -> torch.Tensor:
     """sum max(0, -I) + sum max(0, I - 1) per image (B, C, H, W), averaged over the batch."""
     return (F.relu(-images).sum() + F.relu(images - 1).sum()) / images.shape[0]
+
+
+# ---- image priors: BatchNorm statistics, jitter and flips ------------------------------------------
+
+def bn_stats(features_inputs: list[torch.Tensor], running_means: list[torch.Tensor],
+             running_vars: list[torch.Tensor]) -> torch.Tensor:
+    """Σ over BatchNorm layers of ‖μ_batch − μ_run‖₂ + ‖σ²_batch − σ²_run‖₂ (DeepInversion).
+
+    features_inputs[l]: layer l's input (B, C) or (B, C, H, W); running_means/vars[l]: (C,).
+    Batch statistics per channel over the batch (and positions), variance biased as BatchNorm
+    normalises with it. Zero exactly when the batch has the training set's running statistics.
+    """
+    total = features_inputs[0].new_zeros(())
+    for a, mu, var in zip(features_inputs, running_means, running_vars, strict=True):
+        flat = a.transpose(0, 1).reshape(a.shape[1], -1)  # (C, B·H·W)
+        total = total + torch.linalg.vector_norm(flat.mean(1) - mu) + \
+            torch.linalg.vector_norm(flat.var(1, unbiased=False) - var)
+    return total
+
+
+@contextlib.contextmanager
+def record_bn_inputs(classifier: nn.Module) -> Iterator[list[tuple[nn.Module, torch.Tensor]]]:
+    """Within the block, every forward of a BatchNorm layer appends (layer, its input) to the list."""
+    seen: list[tuple[nn.Module, torch.Tensor]] = []
+    hooks = [m.register_forward_hook(lambda m, inp, out: seen.append((m, inp[0])))
+             for m in classifier.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    try:
+        yield seen
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def bn_term(seen: list[tuple[nn.Module, torch.Tensor]]) -> torch.Tensor:
+    """`bn_stats` of the layer inputs recorded by `record_bn_inputs` (needs running statistics)."""
+    if not seen:
+        raise ConfigError("the bn prior needs a classifier with BatchNorm layers; set bn: 0 for this model")
+    mods = [m for m, _ in seen]
+    if any(m.running_mean is None for m in mods):
+        raise ConfigError("the bn prior needs BatchNorm layers that track running statistics (bn: 0 otherwise)")
+    return bn_stats([a for _, a in seen], [m.running_mean for m in mods], [m.running_var for m in mods])
+
+
+def augment(images: torch.Tensor, jitter: int = 0, flip: bool = False,
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, C, H, W) -> the same images rolled by (dy, dx) ∈ [−jitter, jitter]² and, with probability
+    1/2, flipped left-right; one draw for the whole batch (as DeepInversion). A new tensor: the
+    input is never modified. The draws use `generator` (CPU), so no device sync is needed."""
+    if jitter:
+        dy, dx = torch.randint(-jitter, jitter + 1, (2,), generator=generator).tolist()
+        images = torch.roll(images, shifts=(dy, dx), dims=(2, 3))
+    if flip and torch.rand((), generator=generator).item() < 0.5:
+        images = torch.flip(images, dims=(3,))
+    return images
 
 
 # ---- Grad: the norm of the classifier's weight gradient on the generated images -----------------
@@ -225,29 +284,39 @@ def perturb(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, e
 
 
 def compute_terms(classifier: nn.Module, images: torch.Tensor, v: torch.Tensor, labels: torch.Tensor,
-                  cfg: AttackConfig) -> dict[str, torch.Tensor]:
-    """All loss terms with a non-zero weight, unweighted, keyed by `LossWeights` names.
+                  cfg: AttackConfig, *, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """All loss terms with a non-zero weight, unweighted, keyed by `LossWeights` names (+ "bn").
 
     images (B, C, H, W) from the generator, v (B, N) conditioning vectors, labels (B,) encoded labels.
     Terms whose weight is 0 are skipped (the perturbed pass and Grad are the expensive ones).
+    With cfg.jitter / cfg.flip the classifier sees `augment(images)` (draws from `generator`);
+    Var and Pix always see the generated images. With cfg.bn the BatchNorm inputs of the main
+    forward pass give the "bn" term.
     """
     w = cfg.effective_weights
-    trunk = classifier.trunk(images)  # computed once: Grad (head scope) starts from it too
-    feats = classifier.fc(trunk)  # == classifier.features(images)
+    x = augment(images, cfg.jitter, cfg.flip, generator) if cfg.jitter or cfg.flip else images
+    with record_bn_inputs(classifier) if cfg.bn else contextlib.nullcontext() as seen:
+        trunk = classifier.trunk(x)  # computed once: Grad (head scope) starts from it too
+        feats = classifier.fc(trunk)  # == classifier.features(x)
     logits = classifier.head(feats)
     terms = {"kl": kl(v, logits), "ce": ce(logits, labels), "cos": cos(feats), "ortho": ortho(feats)}
     if w.kl_pert or w.ce_pert:
-        logits_p = classifier(perturb(classifier, images, labels, cfg.epsilon, cfg.perturbation))
+        logits_p = classifier(perturb(classifier, x, labels, cfg.epsilon, cfg.perturbation))
         terms["kl_pert"], terms["ce_pert"] = kl(v, logits_p), ce(logits_p, labels)
     if w.var:
         terms["var"] = var(images)
     if w.pix:
         terms["pix"] = pix(images)
     if w.grad:
-        terms["grad"] = grad_term(classifier, images, labels, cfg.grad_mode, cfg.grad_scope, trunk=trunk)
-    return {k: t for k, t in terms.items() if getattr(w, k) or k in ("kl", "ce")}
+        terms["grad"] = grad_term(classifier, x, labels, cfg.grad_mode, cfg.grad_scope, trunk=trunk)
+    terms = {k: t for k, t in terms.items() if getattr(w, k) or k in ("kl", "ce")}
+    if cfg.bn:
+        terms["bn"] = bn_term(seen)
+    return terms
 
 
-def weighted_total(terms: dict[str, torch.Tensor], weights: LossWeights) -> torch.Tensor:
-    """The weighted sum of the terms (method.md's L_inv / L_rec)."""
-    return sum(getattr(weights, k) * t for k, t in terms.items())
+def weighted_total(terms: dict[str, torch.Tensor], weights: LossWeights | Mapping[str, float]) -> torch.Tensor:
+    """The weighted sum of the terms (docs/method.md's L_inv / L_rec). `weights`: the nine, or a mapping
+    that also names the priors (`AttackConfig.term_weights()`)."""
+    w = weights.as_dict() if isinstance(weights, LossWeights) else weights
+    return sum(w[k] * t for k, t in terms.items())

@@ -1,4 +1,4 @@
-"""The classifiers under audit and the conditioned generator (method.md §1-2).
+"""The classifiers under audit and the conditioned generator (docs/method.md §1-2).
 
 Classifiers are `trunk` (convolutions; just a flatten for MLPs) -> `fc` -> `out`. They expose
 `features(x)` (the input of the last fully connected layer, used by the Cos/Ortho diversity terms)
@@ -174,7 +174,7 @@ def build_classifier(spec: dict[str, Any]) -> nn.Module:
 # --------------------------------------------------------------------------------------------
 
 def hot_matrix(labels: torch.Tensor, n: int) -> torch.Tensor:
-    """(B,) int -> (B, 1, n, n): row k and column k all ones, the rest zeros (method.md §2)."""
+    """(B,) int -> (B, 1, n, n): row k and column k all ones, the rest zeros (docs/method.md §2)."""
     eye = F.one_hot(labels, n).to(torch.float32)          # (B, n)
     return torch.clamp(eye[:, :, None] + eye[:, None, :], max=1.0)[:, None]
 

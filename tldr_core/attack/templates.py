@@ -1,10 +1,10 @@
-"""The weight-template attack (method.md §5; the Lab41 blog post in seeds/).
+"""The weight-template attack (docs/method.md §5; after the Lab41 blog post on reading training data out of weights).
 
 For a classifier whose first trainable layer is fully connected, each class has a direction in
 pixel space that the weights point along; reshaped to the input's shape and rescaled to [0, 1] it
 is a candidate reconstruction of that class. No optimisation and no data are needed. The
 candidates are scored with exactly the metrics and baselines of the generator's reconstructions
-(:func:`tldr_core.scoring.metrics.score_reconstructions`), so both attacks sit in one table.
+(:func:`tldr_core.scoring.pipeline.template_attack`), so both attacks sit in one table.
 
 Which direction is "class k's weight rows" (:func:`class_directions`):
 
@@ -37,7 +37,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tldr_core.scoring.metrics import nn_ssim, score_reconstructions
 
 RENDERINGS = ("minmax", "positive")
 SIGNS = ("+", "-")
@@ -56,6 +55,7 @@ class TemplateResult:
     metrics: dict[str, float] = field(default_factory=dict)  # score_reconstructions' dict (after scoring)
     nearest_index: Tensor | None = None  # (K,) index into the training set of each nearest training image
     nearest_ssim: Tensor | None = None   # (K,)
+    exposure: Any = None                 # per-training-image exposure (set by the scoring layer)
 
     def summary(self) -> dict[str, Any]:
         return {"method": self.method, "choice": self.choice,
@@ -170,14 +170,3 @@ def weight_templates(model: nn.Module, in_shape: tuple[int, int, int] | None = N
     return TemplateResult(images=images, labels=labels, directions=d.reshape(k, *in_shape),
                           choice=[names[int(b)] for b in best], class_prob=probs.max(dim=0).values, method=method)
 
-
-def run_template_attack(model: nn.Module, bundle, *, tau: float = 0.5, seed: int = 0,
-                        renderings: tuple[str, ...] = RENDERINGS) -> TemplateResult:
-    """Templates of `model` scored against `bundle` like any reconstructions (quality, gap, coverage, ...)."""
-    model = model.cpu()
-    res = weight_templates(model, tuple(bundle.image_shape), renderings=renderings)
-    res.metrics = score_reconstructions(res.images, res.labels, bundle.train, bundle.heldout, classifier=model,
-                                        tau=tau, seed=seed)
-    near = nn_ssim(res.images, res.labels, bundle.train.images, bundle.train.labels)
-    res.nearest_index, res.nearest_ssim = near.index, near.values
-    return res

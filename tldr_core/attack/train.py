@@ -43,7 +43,11 @@ Callback = Callable[[int, dict[str, float], ConditionedGenerator], "bool | None"
 def train_generator(classifier: nn.Module, num_classes: int, image_shape: tuple[int, int, int], cfg: AttackConfig, *,
                     callback: Callback | None = None, log_every: int = 50,
                     log: Callable[[str], None] | None = print) -> TrainResult:
-    """Train one generator for `cfg.steps` steps; records per-term losses (unweighted and weighted)."""
+    """Train one generator for `cfg.steps` steps; records per-term losses (unweighted and weighted).
+
+    The image priors of `cfg` (bn, jitter, flip) act only here, in training: `generate` draws
+    plain images from the generator.
+    """
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     rng = torch.Generator().manual_seed(cfg.seed)
@@ -53,7 +57,9 @@ def train_generator(classifier: nn.Module, num_classes: int, image_shape: tuple[
     # Decay the step size over the last half: late steps refine rather than jump between modes.
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 1.0 if s < cfg.steps // 2 else 0.5 * (1 + math.cos(math.pi * (s - cfg.steps // 2) / max(cfg.steps - cfg.steps // 2, 1))))
-    weights = cfg.effective_weights
+    weights = cfg.term_weights()  # the nine for this mode, plus the "bn" prior
+    # Jitter/flip draw from their own generator: switched off, every other random stream is unchanged.
+    aug_rng = torch.Generator().manual_seed(cfg.seed + 1) if cfg.jitter or cfg.flip else None
     result = TrainResult(generator=gen)
     t0 = time.time()
     for step in range(1, cfg.steps + 1):
@@ -61,7 +67,7 @@ def train_generator(classifier: nn.Module, num_classes: int, image_shape: tuple[
         z = torch.randn(cfg.batch_size, cfg.latent_dim, generator=rng).to(device)
         v, labels = sample_conditioning(cfg.batch_size, num_classes, cfg.mode, rng, device)
         images = gen(z, v, labels)
-        terms = compute_terms(classifier, images, v, labels, cfg)
+        terms = compute_terms(classifier, images, v, labels, cfg, generator=aug_rng)
         total = weighted_total(terms, weights)
         if not torch.isfinite(total):
             bad = {k: t.item() for k, t in terms.items()}
@@ -77,7 +83,7 @@ def train_generator(classifier: nn.Module, num_classes: int, image_shape: tuple[
             record: dict[str, float] = {"step": step, "loss": total.item(), "seconds": time.time() - t0}
             for k, t in terms.items():
                 record[f"loss_{k}"] = t.item()
-                record[f"wloss_{k}"] = t.item() * getattr(weights, k)
+                record[f"wloss_{k}"] = t.item() * weights[k]
             result.history.append(record)
             if log:
                 rate = step / max(time.time() - t0, 1e-9)

@@ -13,56 +13,76 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-import torch
 from torch import nn
 
-from tldr_core.attack.checkpoints import GENERATOR_FORMAT, CheckpointError, load_classifier, save_checkpoint
+from tldr_core.attack.checkpoints import CheckpointError, load_classifier
 from tldr_core.attack.classifier import ClassifierSettings, load_or_train
 from tldr_core.attack.config import (GRAD_MODES, GRAD_SCOPES, MODES, PERTURBATIONS, VARIANTS, AttackConfig, ConfigError,
-                     LossWeights, load_yaml_config)
+                                     LossWeights, load_yaml_config)
 from tldr_core.attack.data import DATASETS, DataError, DatasetBundle, DatasetNotFoundError, load_dataset
-from tldr_core.scoring.metrics import nn_ssim, score_baselines, score_reconstructions
-from tldr_core.report.page import audit_report
-from tldr_core.attack.train import NonFiniteLossError, TrainResult, generate, resolve_device, summarize_history, train_generator
-from tldr_core.report.pictures import save_grid, save_nearest
+from tldr_core.attack.templates import TemplateResult, applies as templates_apply
+from tldr_core.attack.train import NonFiniteLossError, resolve_device, summarize_history
+from tldr_core.report.artifacts import write_artifacts
+from tldr_core.report.page import render_report
+from tldr_core.scoring.metrics import score_baselines
+from tldr_core.scoring.pipeline import Scored, attack_and_score, heldout_nearest, reference_index, template_attack
 
 OUTPUT_FILES = ("metrics.json", "reconstructions.npz", "grid.png", "nearest.png", "generator.pt", "report.html")
 
 
 @dataclass
-class AttackResult:
-    """A trained generator, its hot-conditioned reconstructions, and their scores."""
+class AuditResults:
+    """Everything an audit computes; the report and metrics.json only present it."""
 
-    train: TrainResult
-    images: torch.Tensor          # (R, C, H, W) in [0, 1]
-    labels: torch.Tensor          # (R,)
-    metrics: dict[str, float]     # see metrics.score_reconstructions
-    nearest_index: torch.Tensor   # (R,) index into bundle.train.images of each nearest training image
-    nearest_ssim: torch.Tensor    # (R,)
-    extra: dict[str, Any] = field(default_factory=dict)
+    attack: Scored                        # the generator's reconstructions, scores and nearest training images
+    baselines: dict[str, dict[str, float]]  # score_baselines' dict
+    heldout: Scored                       # real unseen images beside their nearest training images
+    templates: TemplateResult | None = None  # the weight-template attack, when the first layer is fully connected
 
 
-def run_attack(classifier: nn.Module, bundle: DatasetBundle, cfg: AttackConfig, *, tau: float = 0.5,
-               callback=None, log: Callable[[str], None] | None = print, log_every: int = 100) -> AttackResult:
-    """Train a generator against `classifier` and score its reconstructions against `bundle`."""
-    result = train_generator(classifier, bundle.num_classes, bundle.image_shape, cfg, callback=callback,
-                             log=log, log_every=log_every)
-    images, labels = generate(result.generator, cfg.per_class, seed=cfg.seed + 1, device=resolve_device(cfg.device))
-    classifier = classifier.cpu()
-    metrics = score_reconstructions(images, labels, bundle.train, bundle.heldout, classifier=classifier, tau=tau,
-                                    seed=cfg.seed)
-    near = nn_ssim(images, labels, bundle.train.images, bundle.train.labels)
-    return AttackResult(result, images, labels, metrics, near.index, near.values)
+def run_audit(classifier: nn.Module, bundle: DatasetBundle, cfg: AttackConfig, *, tau: float = 0.5,
+              log: Callable[[str], None] | None = print) -> AuditResults:
+    """The generator attack (train, generate, score, nearest), the baselines, the weight-template attack
+    when it applies, and the held-out comparison, all scored against ``bundle`` with seed ``cfg.seed``."""
+    say = log or (lambda s: None)
+    index = reference_index(bundle)
+    attack = attack_and_score(classifier, bundle, cfg, tau=tau, log=log, index=index)
+    say("scoring baselines (noise, class means, real held-out images) with the same code")
+    baselines = score_baselines(bundle.train, bundle.heldout, bundle.test, bundle.num_classes, cfg.per_class,
+                                classifier=classifier, tau=tau, seed=cfg.seed)
+    templates = (template_attack(classifier, bundle, tau=tau, seed=cfg.seed, index=index)
+                 if templates_apply(classifier) else None)
+    heldout = heldout_nearest(bundle, cfg.per_class, seed=cfg.seed, index=index)
+    return AuditResults(attack, baselines, heldout, templates)
 
 
-def write_outputs(out: Path, bundle: DatasetBundle, cfg: AttackConfig, attack: AttackResult,
-                  baselines: dict[str, dict[str, float]], classifier_info: dict[str, Any],
-                  classifier: nn.Module | None = None) -> Path:
+def audit_record(bundle: DatasetBundle, res: AuditResults, classifier_info: dict[str, Any]) -> dict[str, Any]:
+    """metrics.json's content (adds "template_attack" when the template attack ran)."""
+    out = res.attack.out
+    record = {
+        "dataset": {"name": bundle.name, "source": bundle.source, "train_size": len(bundle.train),
+                    "heldout_size": len(bundle.heldout), "test_size": len(bundle.test),
+                    "image_shape": list(bundle.image_shape), "num_classes": bundle.num_classes},
+        "classifier": classifier_info,
+        "settings": out.settings,
+        "metrics": res.attack.metrics,
+        "baselines": res.baselines,
+        "final_losses": summarize_history(out.history),
+        "generator": {"steps": out.steps, "seconds": round(out.seconds, 2),
+                      "steps_per_second": round(out.steps_per_second, 2)},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if res.templates is not None:
+        record["template_attack"] = res.templates.summary()
+    return record
+
+
+def write_outputs(out: Path, bundle: DatasetBundle, res: AuditResults, classifier_info: dict[str, Any],
+                  spec: dict[str, Any] | None = None) -> Path:
     """Write every artefact into a staging folder, then move them into `out` (metrics.json last)."""
     out.mkdir(parents=True, exist_ok=True)
     stage = out / ".partial"
@@ -70,32 +90,10 @@ def write_outputs(out: Path, bundle: DatasetBundle, cfg: AttackConfig, attack: A
     stage.mkdir()
     for name in OUTPUT_FILES:  # an older complete result must not survive beside a new partial one
         (out / name).unlink(missing_ok=True)
-    np.savez_compressed(stage / "reconstructions.npz", images=attack.images.numpy().astype(np.float32),
-                        labels=attack.labels.numpy().astype(np.int64))
-    m = attack.metrics
-    save_grid(stage / "grid.png", attack.images, attack.labels, bundle.class_names,
-              title=f"{bundle.name}: {cfg.variant} generator, quality {m['quality']:.3f}, "
-                    f"label agreement {m['label_agreement']:.2f}")
-    save_nearest(stage / "nearest.png", attack.images, attack.labels, bundle.train.images[attack.nearest_index],
-                 attack.nearest_ssim, bundle.class_names)
-    save_checkpoint(stage / "generator.pt", attack.train.generator.cpu(), GENERATOR_FORMAT,
-                    {"attack": cfg.flat(), "dataset": bundle.name, "classifier": classifier_info.get("path")})
-    record = {
-        "dataset": {"name": bundle.name, "source": bundle.source, "train_size": len(bundle.train),
-                    "heldout_size": len(bundle.heldout), "test_size": len(bundle.test),
-                    "image_shape": list(bundle.image_shape), "num_classes": bundle.num_classes},
-        "classifier": classifier_info,
-        "settings": cfg.flat(),
-        "metrics": m,
-        "baselines": baselines,
-        "final_losses": summarize_history(attack.train.history),
-        "generator": {"steps": attack.train.steps, "seconds": round(attack.train.seconds, 2),
-                      "steps_per_second": round(attack.train.steps / max(attack.train.seconds, 1e-9), 2)},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    # report.html; adds record["template_attack"] when the classifier's first layer is fully connected
-    html, extra = audit_report(bundle, cfg, attack, baselines, record, classifier)
-    record.update(extra)
+    write_artifacts(stage, bundle, res.attack, meta={"classifier": classifier_info.get("path")})
+    record = audit_record(bundle, res, classifier_info)
+    html = render_report(bundle, res.baselines, attack=res.attack, templates=res.templates, heldout=res.heldout,
+                         spec=spec, record=record)
     (stage / "report.html").write_text(html, encoding="utf-8")
     (stage / "metrics.json").write_text(json.dumps(record, indent=2, default=float))
     for name in sorted(OUTPUT_FILES, key=lambda n: n == "metrics.json"):  # metrics.json last: it marks completion
@@ -137,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--per-class", type=int, default=None, help="reconstructions per class to score")
     a.add_argument("--seed", type=int, default=None)
     a.add_argument("--device", default=None, help="cpu, cuda or auto (default: cuda when available)")
-    w = p.add_argument_group("loss weights (method.md §4; 0 switches a term off)")
+    w = p.add_argument_group("loss weights (docs/method.md; 0 switches a term off)")
     for name in LossWeights.names():
         w.add_argument(_weight_flag(name), dest=f"w_{name}", default=None, metavar="W",
                        help=f"weight of {name} (default {getattr(LossWeights(), name)})")
@@ -200,15 +198,13 @@ def main(argv: list[str] | None = None) -> int:
         classifier, info = load_audited_classifier(args, bundle, device, log)
         log(f"attack: {cfg.variant} generator, {cfg.mode} mode, {cfg.steps} steps on {device}; "
             f"weights {cfg.effective_weights.as_dict()}")
-        attack = run_attack(classifier, bundle, cfg, tau=args.tau, log=log)
-        log("scoring baselines (noise, class means, real held-out images) with the same code")
-        baselines = score_baselines(bundle.train, bundle.heldout, bundle.test, bundle.num_classes, cfg.per_class,
-                                    classifier=classifier, tau=args.tau, seed=cfg.seed)
-        path = write_outputs(Path(args.out), bundle, cfg, attack, baselines, info, classifier=classifier)
+        res = run_audit(classifier, bundle, cfg, tau=args.tau, log=log)
+        spec = classifier.spec() if hasattr(classifier, "spec") else None
+        path = write_outputs(Path(args.out), bundle, res, info, spec=spec)
     except (ConfigError, DataError, DatasetNotFoundError, CheckpointError, NonFiniteLossError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    m = attack.metrics
+    m, baselines = res.attack.metrics, res.baselines
     log(f"\nquality {m['quality']:.3f} (noise {baselines['noise']['quality']:.3f}, class means "
         f"{baselines['class_mean']['quality']:.3f}, real held-out {baselines['heldout_real']['quality']:.3f})")
     log(f"memorisation gap {m['gap']:+.4f} [95% CI {m['gap_ci_low']:+.4f}, {m['gap_ci_high']:+.4f}]  "

@@ -17,26 +17,26 @@ base T / T), so they differ in data, not in optimisation length.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
-from tldr_core.cli.audit import run_attack
 from tldr_core.attack.classifier import ClassifierSettings, load_or_train
 from tldr_core.attack.config import AttackConfig, ConfigError, LossWeights, load_yaml_config
 from tldr_core.attack.data import DATASETS, DataError, DatasetNotFoundError, load_dataset
-from tldr_core.scoring.metrics import score_baselines
-from tldr_core.report.page import MEDIUM_GAP_CI_LOW, assess, thresholds_html
-from tldr_core.report.html import COLOURS, esc, fig_uri, kv_table, montage, page, verdict_html
-from tldr_core.attack.templates import applies, run_template_attack
+from tldr_core.attack.templates import applies
 from tldr_core.attack.train import resolve_device
+from tldr_core.report.defence import (ATTACK_LABEL, attack_columns, markdown_table, plot, render_defence_report,
+                                      table_rows, write_csv)
+from tldr_core.report.html import fig_uri, montage
+from tldr_core.scoring.metrics import score_baselines
+from tldr_core.scoring.pipeline import attack_and_score, template_attack
+from tldr_core.scoring.risk import assess
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,6 @@ VARIANTS = (
     Variant("T-2000", "training set of 2000", train_size=2000),
     Variant("dropout-0.5", "dropout 0.5", {"dropout": 0.5}),
 )
-ATTACK_LABEL = {"templates": "weight templates", "generator": "generator"}
 # The comparison's own generator settings, pinned so its numbers do not drift with the project defaults (tuned for
 # 1,200-step runs; measured here: with them, 200 steps left 5 of 8 variants at label agreement ~0.1). These weights
 # converge in 200 steps on every variant. --config YAML replaces them (e.g. a search champion's settings).
@@ -92,10 +91,10 @@ def attack_config(config: str | None = None, *, steps: int | None = None, per_cl
     return AttackConfig.from_flat({**over, "seed": seed, "device": device}, base=base)
 
 
-def run_comparison(dataset: str, *, attack: AttackConfig | None = None, variants=VARIANTS, archs=("mlp", "cnn"),
-                   generator_archs=("cnn",), train_size: int = 1000, test_size: int = 500, epochs: int = 10,
-                   tau: float = 0.5, data_root: str | None = None,
-                   log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+def run_comparison(dataset: str, *, attack: AttackConfig | None = None, variants: Sequence[Variant] = VARIANTS,
+                   archs: Sequence[str] = ("mlp", "cnn"), generator_archs: Sequence[str] = ("cnn",),
+                   train_size: int = 1000, test_size: int = 500, epochs: int = 10, tau: float = 0.5,
+                   data_root: str | None = None, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """One result row per variant (flat dict: `<arch>_acc`, `<arch>_<attack>_<metric>`, ...)."""
     cfg = attack or attack_config()
     seed, per_class, steps, device = cfg.seed, cfg.per_class, cfg.steps, str(resolve_device(cfg.device))
@@ -120,11 +119,11 @@ def run_comparison(dataset: str, *, attack: AttackConfig | None = None, variants
             row.update({f"baseline_{k}_quality": base[k]["quality"] for k in base})
             results = []
             if applies(model):
-                res = run_template_attack(model, bundle, tau=tau, seed=seed)
+                res = template_attack(model, bundle, tau=tau, seed=seed)
                 results.append(("templates", res))
             if arch in generator_archs:
-                res = run_attack(model, bundle, cfg, tau=tau, log=lambda m: log("    " + m),
-                                 log_every=max(steps // 3, 1))
+                res = attack_and_score(model, bundle, cfg, tau=tau, log=lambda m: log("    " + m),
+                                       log_every=max(steps // 3, 1))
                 results.append(("generator", res))
             for attack, res in results:
                 m = res.metrics
@@ -144,160 +143,8 @@ def run_comparison(dataset: str, *, attack: AttackConfig | None = None, variants
     return rows
 
 
-def attack_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """(arch, attack) pairs present in the rows, in a stable order."""
-    seen = []
-    for r in rows:
-        for k in r:
-            if k.endswith("_quality_heldout") and not k.startswith("baseline"):
-                arch, attack = k[: -len("_quality_heldout")].split("_", 1)
-                if (arch, attack) not in seen:
-                    seen.append((arch, attack))
-    return seen
-
-
-def table_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
-
-
-def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
-    flat = table_rows(rows)
-    keys = list(dict.fromkeys(k for r in flat for k in r))
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for r in flat:
-            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
-    return path
-
-
-def _table(rows: list[dict[str, Any]], html: bool) -> tuple[list[str], list[list[str]]]:
-    """Header and cells of the comparison table (markdown text or HTML cell contents)."""
-    cols = attack_columns(rows)
-    archs = list(dict.fromkeys(a for a, _ in cols))
-    head = ["variant", "what changed", "T"] + [f"{a} test acc" for a in archs]
-    for a, k in cols:
-        head += [f"{ATTACK_LABEL[k]} ({a}): quality", "gap [95% CI]", "risk"]
-    e = esc if html else str
-    body = []
-    for r in rows:
-        cells = [f"<b>{e(r['variant'])}</b>" if html else r["variant"], e(r["change"]), str(r["train_size"])]
-        cells += [f"{r.get(a + '_acc', math.nan):.3f}" for a in archs]
-        for a, k in cols:
-            p = f"{a}_{k}"
-            if p + "_quality" not in r:
-                cells += ["n/a"] * 3
-                continue
-            ci = f"[{r[p + '_gap_ci_low']:+.3f}, {r[p + '_gap_ci_high']:+.3f}]"
-            lvl, la = r[p + "_risk"], r.get(p + "_label_agreement", 1.0)
-            note = f" (label agreement {la:.2f}: did not converge)" if la < 0.8 else ""
-            cells += [f"{r[p + '_quality']:.3f}", f"{r[p + '_gap']:+.3f} " + (f"<small>{ci}</small>" if html else ci),
-                      (f"<span class='badge' style='background:{COLOURS[lvl]}'>{lvl}</span>" if html else lvl) + note]
-        body.append(cells)
-    return head, body
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    head, body = _table(rows, html=False)
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(c) + " |" for c in body]
-    return "\n".join(lines) + "\n"
-
-
-def html_table(rows: list[dict[str, Any]]) -> str:
-    head, body = _table(rows, html=True)
-    trs = "".join("<tr>" + "".join(f"<td{' class=l' if i < 2 else ''}>{c}</td>" for i, c in enumerate(cells)) + "</tr>"
-                  for cells in body)
-    return "<table class='metrics'><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + f"</tr>{trs}</table>"
-
-
-def plot(rows: list[dict[str, Any]]):
-    """Leakage (quality, gap with 95% CI) against test accuracy: one row of panels per attack."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = attack_columns(rows)
-    fig, axes = plt.subplots(len(cols), 2, figsize=(11, 3.6 * len(cols)), squeeze=False)
-    for i, (arch, attack) in enumerate(cols):
-        p = f"{arch}_{attack}"
-        pts = [r for r in rows if p + "_quality" in r]
-        acc = [r[f"{arch}_acc"] for r in pts]
-        for j, (key, what) in enumerate((("quality", "quality (SSIM to nearest training image)"),
-                                         ("gap", "memorisation gap (95% CI)"))):
-            ax = axes[i][j]
-            y = [r[f"{p}_{key}"] for r in pts]
-            if key == "gap":
-                err = [[r[p + "_gap"] - r[p + "_gap_ci_low"] for r in pts], [r[p + "_gap_ci_high"] - r[p + "_gap"]
-                                                                             for r in pts]]
-                ax.errorbar(acc, y, yerr=err, fmt="none", ecolor="#999", capsize=3, zorder=1)
-                ax.axhline(0, color="#444", lw=0.8)
-            else:
-                b = pts[0]
-                ax.axhline(b["baseline_class_mean_quality"], color="tab:green", ls="--", lw=1,
-                           label=f"class-mean image ({b['variant']})")
-                ax.axhline(b["baseline_noise_quality"], color="tab:gray", ls=":", lw=1, label="uniform noise")
-                ax.legend(fontsize=7, loc="best")
-            colours = [COLOURS[r[p + "_risk"]] for r in pts]
-            ax.scatter(acc, y, c=colours, s=36, zorder=2, edgecolors="k", linewidths=0.5)
-            for r, xv, yv in zip(pts, acc, y):
-                ax.annotate(r["variant"], (xv, yv), textcoords="offset points", xytext=(4, 3), fontsize=7.5)
-            ax.set_xlabel(f"{arch} test accuracy")
-            ax.set_ylabel(what, fontsize=8.5)
-            ax.set_title(f"{ATTACK_LABEL[attack]} on {arch}", fontsize=9.5)
-            ax.grid(alpha=0.3)
-    from matplotlib.lines import Line2D
-
-    fig.legend(handles=[Line2D([], [], marker="o", ls="", color=c, markeredgecolor="k", label=f"{lvl} risk")
-                        for lvl, c in COLOURS.items()], loc="upper right", fontsize=8, ncol=3)
-    fig.suptitle("Leakage against test accuracy (further down = leaks less; right = more accurate)", fontsize=10,
-                 x=0.4)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    return fig
-
-
-def summary(rows: list[dict[str, Any]]) -> tuple[str, list[str]]:
-    """(worst risk level, one sentence per attack: which variant leaks least among the accurate ones)."""
-    parts, levels = [], []
-    for arch, attack in attack_columns(rows):
-        p = f"{arch}_{attack}"
-        pts = [r for r in rows if p + "_quality" in r]
-        best_acc = max(r[f"{arch}_acc"] for r in pts)
-        ok = [r for r in pts if r[f"{arch}_acc"] >= best_acc - 0.01]
-        least = min(ok, key=lambda r: (r[p + "_gap_ci_low"] > MEDIUM_GAP_CI_LOW, r[p + "_quality"]))
-        sig = [r["variant"] for r in pts if r[p + "_gap_ci_low"] > MEDIUM_GAP_CI_LOW]
-        levels += [r[p + "_risk"] for r in pts]
-        parts.append(f"{ATTACK_LABEL[attack].capitalize()} on {arch}: the gap is significant (CI above "
-                     f"{MEDIUM_GAP_CI_LOW}) for {', '.join(sig) if sig else 'no variant'}; of the variants within 0.01 "
-                     f"of the best test "
-                     f"accuracy ({best_acc:.3f}), {least['variant']} leaks least (quality {least[p + '_quality']:.3f}, "
-                     f"gap {least[p + '_gap']:+.3f}).")
-    level = max(levels, key=["LOW", "MEDIUM", "HIGH"].index) if levels else "LOW"
-    return level, parts
-
-
-def render_defence_report(rows: list[dict[str, Any]], settings: dict[str, Any], figures: dict[str, str]) -> str:
-    level, items = summary(rows)
-    headline = {"HIGH": "some variants give away training images", "MEDIUM": "some variants leak measurably",
-                "LOW": "no variant leaks measurably"}[level]
-    b = [f"<h1>TLDR defence comparison: {esc(settings['dataset'])}</h1>",
-         "<p class='idline'>Classifier variants that differ from the base in one training choice, each attacked "
-         "with the same settings. Which setting leaks least for the accuracy you need?</p>",
-         verdict_html(level, headline, "The worst variant sets the level; per attack:", items),
-         "<h2>Leakage against test accuracy</h2>",
-         f"<img src='{figures['plot']}' alt='leakage against test accuracy' style='max-width:100%'>",
-         "<h2>Table</h2>", html_table(rows)]
-    for key, title in (("templates", "What came out: weight templates of each variant"),
-                       ("generator", "What came out: each variant's best generator reconstruction per class")):
-        if key in figures:
-            b += [f"<h2>{title}</h2>", f"<img src='{figures[key]}' alt='{esc(title)}' style='max-width:100%'>"]
-    b += ["<h2>How the risk level is decided</h2>", thresholds_html(settings["tau"]),
-          "<h2>Settings that reproduce this</h2>", f"<pre>{esc(settings['command'])}</pre>",
-          kv_table({k: v for k, v in settings.items() if k != "command"})]
-    return page(f"TLDR defence comparison: {settings['dataset']}", "".join(b))
-
-
-def write_outputs(rows: list[dict[str, Any]], out: Path, settings: dict[str, Any], class_names) -> dict[str, Path]:
+def write_outputs(rows: list[dict[str, Any]], out: Path, settings: dict[str, Any],
+                  class_names: Sequence[str]) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": write_csv(rows, out / "defence.csv"), "md": out / "defence.md", "png": out / "defence.png"}
     paths["md"].write_text(markdown_table(rows))

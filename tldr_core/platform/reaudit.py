@@ -19,29 +19,25 @@ search itself failed, e.g. a transient error), when it carries reaudit=requested
 audit (done or error) is older than --max-age-days. `error` means its model could not be loaded
 (weights-only, no pickled code runs): it is skipped until it ages out or is requested again.
 
-Each audit is one run of tune/search.py against `models:/<name>/<version>`, warm-started: the
-search space (tune/space.yaml) is copied with one `initial_points` entry holding the settings of the
-data set's current champion generator (its trial run's parameters), which OptunaSearch evaluates
-first (points_to_evaluate). The search registers and promotes the generator as usual; the best
-trial's metrics are written back to the classifier version, with the risk level of
-`tldr_core.report.page.assess`.
+Each audit is one search (`tldr_core.platform.search.run`, in this process; it returns the search's
+run id) against `models:/<name>/<version>`, warm-started: the search space is copied with one
+`initial_points` entry holding the settings of the data set's current champion generator (its trial
+run's parameters), which OptunaSearch evaluates first (points_to_evaluate). The search registers and
+promotes the generator as usual; the best trial's metrics are written back to the classifier
+version, with the risk level of `tldr_core.scoring.risk.assess`.
 """
 from __future__ import annotations
 
 import datetime as _dt
-import os
-import re
-import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from tldr_core.platform import tracking as tr
+from tldr_core.platform.trial_runs import best_trial, summarize_trials
 
 PREFIX = "tldr-classifier-"
-SEARCH_SCRIPT = Path(__file__).resolve().parent.parent / "tune" / "search.py"
 STATUS, STARTED, TIME, ERROR, RUN_ID = "audit.status", "audit.started", "audit.time", "audit.error", "audit.run_id"
 REQUEST_TAG, REQUESTED = "reaudit", "requested"
 RESULT_TAGS = ("audit.quality", "audit.gap", "audit.gap_ci_low", "audit.gap_ci_high", "audit.coverage",
@@ -201,8 +197,10 @@ def write_space(space_path: str | None, point: dict[str, Any] | None, out: Path)
 
 # ------------------------------------------------------------------------------------- one audit
 
-@dataclass
+@dataclass(frozen=True)
 class Options:
+    """How each audit's search runs (None: the search command's default)."""
+
     tracking_uri: str
     trials: int | None = None
     steps: int | None = None
@@ -230,68 +228,39 @@ def _delete_tags(c, mv: Candidate, keys) -> None:
             pass  # not there
 
 
-def search_argv(cand: Candidate, opts: Options, space_file: Path) -> list[str]:
-    argv = ["--dataset", cand.dataset, "--classifier", cand.uri, "--space", str(space_file),
-            "--tracking-uri", opts.tracking_uri, "--seed", str(opts.seed)]
-    if cand.tags.get("train_size", "").isdigit():  # the data the classifier was trained on
-        argv += ["--train-size", cand.tags["train_size"]]
-    for flag, v in (("--trials", opts.trials), ("--steps", opts.steps), ("--data-root", opts.data_root),
-                    ("--per-class", opts.per_class)):
-        if v is not None:
-            argv += [flag, str(v)]
-    if opts.smoke_test:
-        argv.append("--smoke-test")
-    if opts.download:
-        argv.append("--download")
-    return argv
+def search_settings(cand: Candidate, opts: Options, space_file: Path):
+    """The SearchSettings of one audit: the search command's defaults, against `cand`'s model, on the
+    training-set size the classifier was trained with (its train_size tag)."""
+    from tldr_core.platform.search import make_settings
+
+    train_size = int(cand.tags["train_size"]) if cand.tags.get("train_size", "").isdigit() else None
+    return make_settings(cand.dataset, classifier=cand.uri, space=space_file, tracking_uri=opts.tracking_uri,
+                         seed=opts.seed, train_size=train_size, trials=opts.trials, steps=opts.steps,
+                         per_class=opts.per_class, data_root=opts.data_root, download=opts.download,
+                         smoke_test=opts.smoke_test)
 
 
-def run_search(argv: list[str], say: Callable[[str], None]) -> tuple[int, str | None, str]:
-    """Run tune/search.py in a child process; (exit code, search run id, last error line)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, str(SEARCH_SCRIPT), *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, cwd=str(SEARCH_SCRIPT.parent.parent))
-    run_id, last_err = None, ""
-    assert proc.stdout is not None
+def run_search(cand: Candidate, opts: Options, space_file: Path,
+               say: Callable[[str], None]) -> tuple[str | None, str | None]:
+    """Run the audit's search in this process; (search run id, None) when it finished, else
+    (its run id if it got one, why it failed). Ctrl-C propagates (the version stays `running`)."""
+    from tldr_core.platform.search import run
+
     try:
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            say(f"    | {line}")
-            m = re.search(r"search run ([0-9a-f]{32})", line)
-            if m:
-                run_id = m.group(1)
-            if line.startswith("error:") or "Error" in line:
-                last_err = line
-        rc = proc.wait()
-    except BaseException:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        raise
-    return rc, run_id, last_err
-
-
-def _find_search_run(c, cand: Candidate, since_ms: int) -> str | None:
-    """Fallback when the search's output did not name its run: the newest search of this classifier."""
-    runs = tr.retry(lambda: c.search_runs(
-        [e.experiment_id for e in c.search_experiments()],
-        f"tags.`{tr.ROLE}` = 'search' and tags.`tldr.classifier_name` = '{cand.name}' and "
-        f"tags.`tldr.classifier_version` = '{cand.version}' and attributes.start_time >= {since_ms}",
-        order_by=["attributes.start_time DESC"], max_results=1))
-    return runs[0].info.run_id if runs else None
+        return run(search_settings(cand, opts, space_file), say), None
+    except Exception as exc:  # noqa: BLE001 - any failure of one audit is recorded, the others still run
+        return getattr(exc, "search_run_id", None), f"search failed: {type(exc).__name__}: {one_line(exc)}"
 
 
 def audit_results(c, search_run_id: str) -> dict[str, Any]:
     """The best trial's metrics of a finished search, its risk level and its promotion outcome."""
     import mlflow
 
-    from tldr_core.report.page import assess
+    from tldr_core.scoring.risk import assess
 
     parent = tr.retry(lambda: c.get_run(search_run_id))
     objective = parent.data.tags.get(tr.OBJECTIVE, "quality")
-    best = tr.best_trial(tr.summarize_trials(c, parent.info.experiment_id, search_run_id, objective))
+    best = best_trial(summarize_trials(c, parent.info.experiment_id, search_run_id, objective))
     if best is None:
         raise ReauditError(f"search run {search_run_id}: no trial finished")
     m = tr.retry(lambda: c.get_run(best.run_id)).data.metrics
@@ -315,10 +284,18 @@ def audit_results(c, search_run_id: str) -> dict[str, Any]:
     return out
 
 
+def _echo(say: Callable[[str], None], quiet: bool) -> Callable[[str], None]:
+    """The search's output, indented under the audit's lines (nothing when quiet)."""
+    def echo(text: str) -> None:
+        if not quiet:
+            for line in text.split("\n"):
+                say(f"    | {line}")
+
+    return echo
+
+
 def audit_one(c, cand: Candidate, opts: Options, say: Callable[[str], None]) -> str:
     """Audit one classifier version; returns its final audit.status (done | error | failed)."""
-    import time
-
     from tldr_core.platform.registry import load_registered_classifier
     from tldr_core.platform.search_space import load_space
 
@@ -339,14 +316,11 @@ def audit_one(c, cand: Candidate, opts: Options, say: Callable[[str], None]) -> 
         point, source = warm_start_point(c, cand.dataset, space)
         space_file = write_space(opts.space, point, Path(tmp) / "space.yaml")
         say(f"  warm start: {source}")
-        # 3. the search (registers and promotes the generator itself)
-        since_ms = int(time.time() * 1000) - 1000
-        rc, run_id, last_err = run_search(search_argv(cand, opts, space_file),
-                                          (lambda s: None) if opts.quiet else say)
-        run_id = run_id or _find_search_run(c, cand, since_ms)
+        # 3. the search (registers and promotes the generator itself), in this process
+        run_id, failure = run_search(cand, opts, space_file, _echo(say, opts.quiet))
         try:
-            if rc != 0 or run_id is None:
-                raise ReauditError(f"search exited with code {rc}" + (f": {last_err}" if last_err else ""))
+            if failure is not None:
+                raise ReauditError(failure)
             results = audit_results(c, run_id)
         except Exception as exc:  # noqa: BLE001 - failed: retried by the next run
             msg = one_line(exc)

@@ -4,9 +4,10 @@
     python -m tldr_core.platform.registry show --dataset mnist-bundled      (versions, tags and the champion)
 
 Models are logged as MLflow pyfunc models whose only data is a tldr weights-only checkpoint
-(`tldr_core.attack.checkpoints`): loading one, through `mlflow.pyfunc.load_model` or through the helpers
-here, never unpickles code (this module is the pyfunc `loader_module`; it calls `load_classifier` /
-`load_generator`, which use `torch.load(weights_only=True)`).
+(`tldr_core.attack.checkpoints`): loading one, through `mlflow.pyfunc.load_model` (the flavour is
+`tldr_core.platform.pyfunc`) or through the helpers here, never unpickles code (`load_classifier` /
+`load_generator` use `torch.load(weights_only=True)`). A registered generator samples with the same
+`generate` the search scored, so it reproduces the scored reconstructions for the same seed.
 
 Registered names: `tldr-classifier-<dataset>` (tags: sha256 of the checkpoint, test_accuracy, ...),
 `tldr-generator-<dataset>` (tags: the classifier version it attacks, objective, objective_value,
@@ -28,11 +29,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tldr_core.platform import tracking as tr
+# _load_pyfunc: also the loader of models logged while this module was their `loader_module`
+from tldr_core.platform.pyfunc import LOADER_MODULE, _load_pyfunc  # noqa: F401
+from tldr_core.platform.trial_runs import TrialSummary, best_trial, summarize_trials
 
 CLASSIFIER_MODEL = "tldr-classifier-{dataset}"
 GENERATOR_MODEL = "tldr-generator-{dataset}"
 CHAMPION = "champion"
-LOADER_MODULE = "tldr_core.platform.registry"
 
 
 class RegistryError(RuntimeError):
@@ -60,63 +63,6 @@ def pip_requirements() -> list[str]:
 
     return [f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas", "mlflow",
             "# plus this repository's tldr_core package (pip install -e .)"]
-
-
-# ------------------------------------------------------------------------------ the pyfunc flavour
-
-class CheckpointPyfunc:
-    """What `mlflow.pyfunc.load_model` returns for our models (see `_load_pyfunc`).
-
-    generator:  predict({"label": [...], "seed": s}) -> images (N, C, H, W) float32 in [0, 1]
-    classifier: predict(images (N, C, H, W)) -> class probabilities (N, K)
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        from tldr_core.attack.checkpoints import CheckpointError, load_classifier, load_generator
-
-        self.path = Path(path)
-        try:
-            self.model, self.meta = load_generator(self.path)
-            self.kind = "generator"
-        except CheckpointError:
-            self.model, self.meta = load_classifier(self.path)
-            self.kind = "classifier"
-
-    def get_raw_model(self):
-        return self.model
-
-    def predict(self, model_input: Any, params: dict[str, Any] | None = None):
-        import numpy as np
-        import torch
-
-        if self.kind == "classifier":
-            x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
-            spec = self.model.spec()
-            x = x.reshape(-1, *spec["in_shape"])
-            with torch.no_grad():
-                return torch.softmax(self.model(x), dim=1).numpy()
-        import torch.nn.functional as F
-
-        if hasattr(model_input, "to_dict"):  # pandas DataFrame
-            model_input = {k: list(v.values()) for k, v in model_input.to_dict().items()}
-        labels = torch.as_tensor(np.asarray(model_input["label"]).reshape(-1), dtype=torch.long)
-        seed = int(np.asarray(model_input.get("seed", [0])).reshape(-1)[0]) if isinstance(model_input, dict) else 0
-        gen = self.model.eval()
-        z = torch.randn(len(labels), gen.latent_dim, generator=torch.Generator().manual_seed(seed))
-        v = F.one_hot(labels, gen.num_classes).float()
-        with torch.no_grad():
-            return gen(z, v, labels).clamp(0, 1).numpy()
-
-
-def _load_pyfunc(data_path: str) -> CheckpointPyfunc:
-    """MLflow pyfunc loader hook (`loader_module=tldr_core.platform.registry`)."""
-    p = Path(data_path)
-    if p.is_dir():
-        found = sorted(p.glob("*.pt"))
-        if not found:
-            raise RegistryError(f"no .pt checkpoint in {p}")
-        p = found[0]
-    return CheckpointPyfunc(p)
 
 
 def log_checkpoint_model(c, run_id: str, checkpoint: str | Path, name: str) -> Any:
@@ -279,82 +225,97 @@ def _float(s: Any) -> float | None:
         return None
 
 
-def promote(c, search_run_id: str, log: Callable[[str], None] | None = print) -> PromotionResult:
-    """Register the best finished trial's generator of a search; alias it `champion` only if it beats the
-    comparable champion (same classifier checkpoint, same objective). Idempotent for a search."""
-    log = log or (lambda s: None)
-    parent = tr.retry(lambda: c.get_run(search_run_id))
-    t = parent.data.tags
+def _search_context(c, search_run_id: str) -> tuple[str, str, str, dict[str, str]]:
+    """(experiment id, objective, dataset, classifier tags) of a search run; RegistryError when it is not one."""
+    run = tr.retry(lambda: c.get_run(search_run_id))
+    t = run.data.tags
     if t.get(tr.ROLE) != "search":
         raise RegistryError(f"run {search_run_id} is not a search run (tag {tr.ROLE}={t.get(tr.ROLE)!r})")
     objective, dataset = t.get(tr.OBJECTIVE), t.get("tldr.dataset")
     if not objective or not dataset:
         raise RegistryError(f"search run {search_run_id} lacks its objective/dataset tags")
-    trials = tr.summarize_trials(c, parent.info.experiment_id, search_run_id, objective)
-    best = tr.best_trial(trials)
-    if best is None:
-        res = PromotionResult(None, None, False, "nothing to promote: no trial of this search finished")
-        tr.set_tags(c, search_run_id, {"tldr.promotion": res.reason})
-        log(f"promotion: {res.reason}")
-        return res
+    clf = {k: t.get(f"tldr.{k}", "") for k in ("classifier_name", "classifier_version", "classifier_sha256")}
+    return run.info.experiment_id, objective, dataset, clf
+
+
+def _version_of(c, name: str, versions: list, best: TrialSummary, search_run_id: str, objective: str,
+                dataset: str, clf: dict[str, str], log: Callable[[str], None]):
+    """The generator version holding the best trial's model: the existing one, or a new one."""
+    mine = [v for v in versions if v.run_id == best.run_id]
+    if mine:
+        log(f"registry: {name} version {mine[0].version} already holds trial run {best.run_id}")
+        return mine[0]
     best_run = tr.retry(lambda: c.get_run(best.run_id))
     source = best_run.data.tags.get(tr.GENERATOR_MODEL)
     if not source:
         raise RegistryError(f"trial run {best.run_id} has no logged generator model (tag {tr.GENERATOR_MODEL})")
-    name = generator_model_name(dataset)
-    clf = {"classifier_name": t.get("tldr.classifier_name", ""), "classifier_version": t.get("tldr.classifier_version", ""),
-           "classifier_sha256": t.get("tldr.classifier_sha256", "")}
-    _ensure_registered_model(c, name, f"TLDR generators attacking the {dataset} classifier; alias `champion`: "
-                                      "the best one for the latest audited classifier (see tldr_core/registry.py).")
-    versions = _versions(c, name)
-    mine = [v for v in versions if v.run_id == best.run_id]
-    if mine:
-        mv = mine[0]
-        log(f"registry: {name} version {mv.version} already holds trial run {best.run_id}")
-    else:
-        tags = {**clf, "objective": objective, "objective_value": repr(best.value), "dataset": dataset,
-                "search_run": search_run_id, "trial_run": best.run_id, "trial_id": best.trial_id,
-                "label_agreement": "" if best.label_agreement is None else repr(best.label_agreement),
-                "variant": best.params.get("variant", "")}
-        mv = tr.retry(lambda: c.create_model_version(
-            name, source=source, run_id=best.run_id, tags=tags,
-            model_id=best_run.data.tags.get(tr.GENERATOR_MODEL_ID) or None,
-            description=f"search {search_run_id}, trial {best.trial_id}: {objective} {best.value:.4f}"))
-        versions.append(mv)
-    version = str(mv.version)
-    holder = _alias_version(c, name, CHAMPION)
-    comparable = [v for v in versions if str(v.version) != version
-                  and v.tags.get("classifier_sha256") == clf["classifier_sha256"]
-                  and v.tags.get("objective") == objective and _float(v.tags.get("objective_value")) is not None]
-    incumbent = max(comparable, key=lambda v: _float(v.tags["objective_value"]), default=None)
-    value = best.value
+    tags = {**clf, "objective": objective, "objective_value": repr(best.value), "dataset": dataset,
+            "search_run": search_run_id, "trial_run": best.run_id, "trial_id": best.trial_id,
+            "label_agreement": "" if best.label_agreement is None else repr(best.label_agreement),
+            "variant": best.params.get("variant", "")}
+    mv = tr.retry(lambda: c.create_model_version(
+        name, source=source, run_id=best.run_id, tags=tags, model_id=best_run.data.tags.get(tr.GENERATOR_MODEL_ID) or None,
+        description=f"search {search_run_id}, trial {best.trial_id}: {objective} {best.value:.4f}"))
+    versions.append(mv)
+    return mv
+
+
+def champion_decision(name: str, version: str, value: float, holder, incumbent, clf: dict[str, str],
+                      objective: str) -> tuple[bool, str]:
+    """(promoted, reason): `version` becomes the champion unless the comparable `incumbent` (the best
+    other version for the same classifier and objective) scores at least as high. `holder`: the
+    version holding the alias now (any classifier/objective), or None."""
     if holder is not None and str(holder.version) == version:
-        promoted, reason = True, f"version {version} already is the champion"
-    elif incumbent is None:
-        promoted = True
+        return True, f"version {version} already is the champion"
+    if incumbent is None:
         reason = (f"no earlier {name} version attacks classifier {clf['classifier_name']} v{clf['classifier_version']} "
                   f"on {objective}: version {version} ({objective} {value:.4f}) becomes the champion")
         if holder is not None:
             reason += (f" (replacing version {holder.version}, which attacks classifier v"
                        f"{holder.tags.get('classifier_version', '?')} / objective {holder.tags.get('objective', '?')})")
-    else:
-        inc_value = _float(incumbent.tags["objective_value"])
-        if value > inc_value:
-            promoted = True
-            reason = (f"version {version} beats the champion for this classifier and objective, version "
+        return True, reason
+    inc_value = _float(incumbent.tags["objective_value"])
+    if value > inc_value:
+        return True, (f"version {version} beats the champion for this classifier and objective, version "
                       f"{incumbent.version}: {objective} {value:.4f} > {inc_value:.4f}")
-        else:
-            promoted = False
-            reason = (f"version {version} does not beat the champion for this classifier and objective, version "
-                      f"{incumbent.version}: {objective} {value:.4f} <= {inc_value:.4f}; it stays a version "
-                      f"without the alias")
+    return False, (f"version {version} does not beat the champion for this classifier and objective, version "
+                   f"{incumbent.version}: {objective} {value:.4f} <= {inc_value:.4f}; it stays a version "
+                   f"without the alias")
+
+
+def _incumbent(versions: list, version: str, clf: dict[str, str], objective: str):
+    """The best other version attacking the same classifier checkpoint on the same objective, or None."""
+    comparable = [v for v in versions if str(v.version) != version
+                  and v.tags.get("classifier_sha256") == clf["classifier_sha256"]
+                  and v.tags.get("objective") == objective and _float(v.tags.get("objective_value")) is not None]
+    return max(comparable, key=lambda v: _float(v.tags["objective_value"]), default=None)
+
+
+def promote(c, search_run_id: str, log: Callable[[str], None] | None = print) -> PromotionResult:
+    """Register the best finished trial's generator of a search; alias it `champion` only if it beats the
+    comparable champion (same classifier checkpoint, same objective). Idempotent for a search."""
+    log = log or (lambda s: None)
+    experiment_id, objective, dataset, clf = _search_context(c, search_run_id)
+    best = best_trial(summarize_trials(c, experiment_id, search_run_id, objective))
+    if best is None:
+        res = PromotionResult(None, None, False, "nothing to promote: no trial of this search finished")
+        tr.set_tags(c, search_run_id, {"tldr.promotion": res.reason})
+        log(f"promotion: {res.reason}")
+        return res
+    name = generator_model_name(dataset)
+    _ensure_registered_model(c, name, f"TLDR generators attacking the {dataset} classifier; alias `champion`: "
+                                      "the best one for the latest audited classifier (see tldr_core/platform/registry.py).")
+    versions = _versions(c, name)
+    version = str(_version_of(c, name, versions, best, search_run_id, objective, dataset, clf, log).version)
+    holder, incumbent = _alias_version(c, name, CHAMPION), _incumbent(versions, version, clf, objective)
+    promoted, reason = champion_decision(name, version, best.value, holder, incumbent, clf, objective)
     if promoted and (holder is None or str(holder.version) != version):
         tr.retry(lambda: c.set_registered_model_alias(name, CHAMPION, version))
     tr.retry(lambda: c.set_model_version_tag(name, version, "promotion", reason))
     tr.set_tags(c, search_run_id, {"tldr.promotion": reason, "tldr.generator_model": name,
                                    "tldr.generator_version": version, "tldr.champion": str(promoted).lower()})
     log(f"promotion: {reason}")
-    return PromotionResult(name, version, promoted, reason, value,
+    return PromotionResult(name, version, promoted, reason, best.value,
                            version if promoted else (str(incumbent.version) if incumbent else None))
 
 

@@ -1,6 +1,7 @@
-"""The search space of `tune/search.py`: loaded from a YAML file a user can copy and edit.
+"""The search space of the search (`tune/search.py`): loaded from a YAML file a user can copy and edit.
 
-The file (default: `tune/space.yaml`) has four sections:
+The file (default: the packaged `spaces/tldr.yaml`, linked as `tune/space.yaml` in a checkout) has
+four sections (each entry is parsed by `space_specs`):
 
     weights:          one entry per loss term named by `LossWeights.names()` (all nine, no more):
                         {low: L, high: H, allow_off: true}   log-uniform over [L, H]; `allow_off: true`
@@ -37,6 +38,7 @@ from typing import Any, Mapping
 import yaml
 
 from tldr_core.attack.config import AttackConfig, ConfigError, LossWeights
+from tldr_core.platform.space_specs import ParamSpec, WeightSpec, check_values, parse_param, parse_weight
 
 SWITCH_SUFFIX = "_on"
 #: `initial_points: [defaults]` enqueues the current AttackConfig / LossWeights defaults first.
@@ -59,118 +61,6 @@ def switch_name(weight: str) -> str:
 
 def _attack_fields() -> tuple[str, ...]:
     return tuple(f.name for f in fields(AttackConfig) if f.name != "weights")
-
-
-def _num(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{where} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise ConfigError(f"{where} must be finite, got {value!r}")
-    return float(value)
-
-
-@dataclass(frozen=True)
-class WeightSpec:
-    name: str
-    low: float | None = None     # None: fixed
-    high: float | None = None
-    off: bool = False            # may the search switch the term off?
-    fixed: float | None = None
-
-    @property
-    def searched(self) -> bool:
-        return self.fixed is None
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    name: str
-    kind: str                    # "categorical" | "float" | "int"
-    choices: tuple = ()
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    when_on: tuple[str, ...] = ()
-
-
-def _check_attack_value(name: str, value: Any, where: str) -> None:
-    try:
-        AttackConfig.from_flat({name: value})
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-
-
-def _parse_weight(name: str, spec: Any) -> WeightSpec:
-    where = f"weights.{name}"
-    if not isinstance(spec, Mapping):
-        value = _num(spec, where)
-        if value < 0:
-            raise ConfigError(f"{where} must be >= 0, got {value}")
-        return WeightSpec(name, fixed=value)
-    unknown = sorted(map(str, set(spec) - {"low", "high", "allow_off"}))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; use low, high and allow_off (note: a bare YAML key `off` reads as false)")
-    if "low" not in spec or "high" not in spec:
-        raise ConfigError(f"{where} needs both low and high (log-uniform range), or a single number to fix it")
-    low, high = _num(spec["low"], f"{where}.low"), _num(spec["high"], f"{where}.high")
-    if not 0 < low < high:
-        raise ConfigError(f"{where}: need 0 < low < high for a log-uniform range, got low={low}, high={high}")
-    off = spec.get("allow_off", False)
-    if not isinstance(off, bool):
-        raise ConfigError(f"{where}.allow_off must be true or false, got {off!r}")
-    return WeightSpec(name, low, high, off)
-
-
-def _parse_param(name: str, spec: Any, weights: dict[str, WeightSpec]) -> ParamSpec:
-    where = f"params.{name}"
-    if not isinstance(spec, Mapping):
-        raise ConfigError(f"{where} must be a mapping ({{choices: [...]}} or {{low: .., high: ..}}); "
-                          "put constants under fixed:")
-    unknown = sorted(set(spec) - {"choices", "low", "high", "log", "int", "when_on"})
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; use choices, or low/high/log/int, and when_on")
-    when = spec.get("when_on", [])
-    if isinstance(when, str):
-        when = [when]
-    if not isinstance(when, list) or not all(isinstance(w, str) for w in when):
-        raise ConfigError(f"{where}.when_on must be a list of loss-term names")
-    bad = sorted(set(when) - set(LossWeights.names()))
-    if bad:
-        raise ConfigError(f"{where}.when_on: unknown loss term(s) {bad}; valid: {list(LossWeights.names())}")
-    never = [w for w in when if weights[w].fixed == 0]
-    if when and len(never) == len(when):
-        raise ConfigError(f"{where}.when_on: the term(s) {never} are always off, so {name} would never be sampled")
-    if "choices" in spec:
-        if any(k in spec for k in ("low", "high", "log", "int")):
-            raise ConfigError(f"{where}: give either choices or a low/high range, not both")
-        choices = spec["choices"]
-        if not isinstance(choices, list) or not choices:
-            raise ConfigError(f"{where}.choices must be a non-empty list")
-        if len(set(map(repr, choices))) != len(choices):
-            raise ConfigError(f"{where}.choices has duplicates: {choices}")
-        for c in choices:
-            if not (c is None or isinstance(c, (bool, int, float, str))):
-                raise ConfigError(f"{where}.choices: {c!r} is not a plain value")
-            _check_attack_value(name, c, f"{where}.choices")
-        return ParamSpec(name, "categorical", choices=tuple(choices), when_on=tuple(when))
-    if "low" not in spec or "high" not in spec:
-        raise ConfigError(f"{where} needs choices, or both low and high")
-    is_int = spec.get("int", False)
-    log = spec.get("log", False)
-    if not isinstance(is_int, bool) or not isinstance(log, bool):
-        raise ConfigError(f"{where}: log and int must be true or false")
-    low, high = _num(spec["low"], f"{where}.low"), _num(spec["high"], f"{where}.high")
-    if not low < high:
-        raise ConfigError(f"{where}: need low < high, got low={low}, high={high}")
-    if log and low <= 0:
-        raise ConfigError(f"{where}: a log range needs low > 0, got {low}")
-    if is_int:
-        if not (low.is_integer() and high.is_integer()):
-            raise ConfigError(f"{where}: an integer range needs integer bounds")
-        low, high = int(low), int(high)
-    for bound in (low, high):
-        _check_attack_value(name, bound, f"{where}")
-    return ParamSpec(name, "int" if is_int else "float", low=low, high=high, log=log, when_on=tuple(when))
 
 
 @dataclass
@@ -331,89 +221,95 @@ class SearchSpace:
                 "initial_points": [dict(p) for p in self.initial_points]}
 
 
+def _weights(data: Mapping[str, Any]) -> dict[str, WeightSpec]:
+    raw = data.get("weights") or {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError("weights: must be a mapping of loss-term names")
+    bad = sorted(set(raw) - set(LossWeights.names()))
+    if bad:
+        raise ConfigError(f"weights: unknown loss term(s) {bad}; valid: {list(LossWeights.names())}")
+    missing = [n for n in LossWeights.names() if n not in raw]
+    if missing:
+        raise ConfigError(f"weights: no entry for {missing}; give each term a range "
+                          "({low, high, allow_off}), a fixed number, or 0 to switch it off")
+    return {n: parse_weight(n, raw[n]) for n in LossWeights.names()}
+
+
+def _check_settings_section(sec: str, raw: Any) -> None:
+    """params: / fixed: may only name AttackConfig fields that are neither weights nor RESERVED."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{sec}: must be a mapping")
+    weights_there = sorted(set(raw) & set(LossWeights.names()))
+    if weights_there:
+        raise ConfigError(f"{sec}: {weights_there} are loss weights; put them under weights:")
+    reserved = sorted(set(raw) & set(RESERVED))
+    if reserved:
+        raise ConfigError(f"{sec}: {reserved} are set by the search command (--steps, --seed, ...), not by the space")
+    allowed = set(_attack_fields()) - set(RESERVED)
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"{sec}: unknown setting(s) {unknown}; valid: {sorted(allowed)}")
+
+
+def _params_and_fixed(data: Mapping[str, Any], weights: dict[str, WeightSpec]
+                      ) -> tuple[dict[str, ParamSpec], dict[str, Any]]:
+    raw_p, raw_f = data.get("params") or {}, data.get("fixed") or {}
+    _check_settings_section("params", raw_p)
+    _check_settings_section("fixed", raw_f)
+    both = sorted(set(raw_p) & set(raw_f))
+    if both:
+        raise ConfigError(f"{both} appear in both params: and fixed:")
+    params = {n: parse_param(n, s, weights) for n, s in raw_p.items()}
+    fixed = dict(raw_f)
+    for n, v in fixed.items():
+        check_values({n: v}, f"fixed.{n}")
+    # the fixed part together with every weight at its range's low end must form a valid config
+    probe = {n: (w.fixed if not w.searched else w.low) for n, w in weights.items()}
+    check_values({**probe, **fixed}, "fixed")
+    return params, fixed
+
+
+def _initial_points(space: SearchSpace, raw: Any) -> list[dict[str, Any]]:
+    """The `initial_points:` section, each point checked against the space (`defaults` expanded)."""
+    raw = raw or []
+    if not isinstance(raw, list) or not all(isinstance(p, Mapping) or p == DEFAULTS_POINT for p in raw):
+        raise ConfigError(f"initial_points: must be a list of mappings (or the word {DEFAULTS_POINT!r})")
+    points = []
+    for i, p in enumerate(raw):
+        if p == DEFAULTS_POINT:  # today's AttackConfig/LossWeights defaults, for the searched parameters
+            p = {k: v for k, v in AttackConfig().flat().items()
+                 if k in space.weights and space.weights[k].searched or k in space.params}
+        try:
+            AttackConfig.from_flat(dict(p))
+            unknown = sorted(set(p) - set(LossWeights.names()) - set(space.params))
+            if unknown:
+                raise ConfigError(f"{unknown} are not searched parameters of this space")
+            space.to_optuna_params(p)
+        except ConfigError as exc:
+            raise ConfigError(f"initial_points[{i}]: {exc}") from None
+        points.append(dict(p))
+    return points
+
+
 def space_from_dict(data: Any, source: str = "<dict>") -> SearchSpace:
     """Validate a parsed space (see the module docstring); raises ConfigError naming the bad entry."""
-    def err(msg: str) -> ConfigError:
-        return ConfigError(f"search space {source}: {msg}")
-
     try:
         if not isinstance(data, Mapping):
             raise ConfigError("must hold a mapping with weights:, params:, fixed: (and optionally initial_points:)")
         unknown = sorted(set(data) - set(_SECTIONS))
         if unknown:
             raise ConfigError(f"unknown section(s) {unknown}; valid: {list(_SECTIONS)}")
-        raw_w = data.get("weights") or {}
-        if not isinstance(raw_w, Mapping):
-            raise ConfigError("weights: must be a mapping of loss-term names")
-        bad = sorted(set(raw_w) - set(LossWeights.names()))
-        if bad:
-            raise ConfigError(f"weights: unknown loss term(s) {bad}; valid: {list(LossWeights.names())}")
-        missing = [n for n in LossWeights.names() if n not in raw_w]
-        if missing:
-            raise ConfigError(f"weights: no entry for {missing}; give each term a range "
-                              "({low, high, allow_off}), a fixed number, or 0 to switch it off")
-        weights = {n: _parse_weight(n, raw_w[n]) for n in LossWeights.names()}
-
-        allowed = set(_attack_fields()) - set(RESERVED)
-        raw_p = data.get("params") or {}
-        raw_f = data.get("fixed") or {}
-        for sec, raw in (("params", raw_p), ("fixed", raw_f)):
-            if not isinstance(raw, Mapping):
-                raise ConfigError(f"{sec}: must be a mapping")
-            weights_there = sorted(set(raw) & set(LossWeights.names()))
-            if weights_there:
-                raise ConfigError(f"{sec}: {weights_there} are loss weights; put them under weights:")
-            reserved = sorted(set(raw) & set(RESERVED))
-            if reserved:
-                raise ConfigError(f"{sec}: {reserved} are set by the search command (--steps, --seed, ...), "
-                                  "not by the space")
-            unknown = sorted(set(raw) - allowed)
-            if unknown:
-                raise ConfigError(f"{sec}: unknown setting(s) {unknown}; valid: {sorted(allowed)}")
-        both = sorted(set(raw_p) & set(raw_f))
-        if both:
-            raise ConfigError(f"{both} appear in both params: and fixed:")
-        params = {n: _parse_param(n, s, weights) for n, s in raw_p.items()}
-        fixed = dict(raw_f)
-        for n, v in fixed.items():
-            _check_attack_value(n, v, f"fixed.{n}")
-        # the fixed part together with every weight at its range's low end must form a valid config
-        probe = {n: (w.fixed if not w.searched else w.low) for n, w in weights.items()}
-        _check_attack_value_mapping({**probe, **fixed}, "fixed")
-
+        weights = _weights(data)
+        params, fixed = _params_and_fixed(data, weights)
         space = SearchSpace(weights, params, fixed, [], source)
-        raw_i = data.get("initial_points") or []
-        if not isinstance(raw_i, list) or not all(isinstance(p, Mapping) or p == DEFAULTS_POINT for p in raw_i):
-            raise ConfigError(f"initial_points: must be a list of mappings (or the word {DEFAULTS_POINT!r})")
-        points = []
-        for i, p in enumerate(raw_i):
-            if p == DEFAULTS_POINT:  # today's AttackConfig/LossWeights defaults, for the searched parameters
-                p = {k: v for k, v in AttackConfig().flat().items() if k in weights and weights[k].searched
-                     or k in params}
-            try:
-                AttackConfig.from_flat({k: v for k, v in p.items()})
-                unknown = sorted(set(p) - set(LossWeights.names()) - set(params))
-                if unknown:
-                    raise ConfigError(f"{unknown} are not searched parameters of this space")
-                space.to_optuna_params(p)
-            except ConfigError as exc:
-                raise ConfigError(f"initial_points[{i}]: {exc}") from None
-            points.append(dict(p))
-        space.initial_points = points
+        space.initial_points = _initial_points(space, data.get("initial_points"))
         return space
     except ConfigError as exc:
-        raise err(str(exc)) from None
-
-
-def _check_attack_value_mapping(values: Mapping[str, Any], where: str) -> None:
-    try:
-        AttackConfig.from_flat(dict(values))
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        raise ConfigError(f"search space {source}: {exc}") from None
 
 
 def load_space(path: str | Path | None = None) -> SearchSpace:
-    """Read and validate a search-space YAML file (default: tune/space.yaml)."""
+    """Read and validate a search-space YAML file (default: the packaged `spaces/tldr.yaml`)."""
     path = Path(path) if path else DEFAULT_SPACE
     if not path.is_file():
         raise ConfigError(f"search space file {path} does not exist")

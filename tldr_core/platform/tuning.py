@@ -1,6 +1,7 @@
-"""The Ray Tune side of `tune/search.py`: the trial function and the driver's MLflow status callback.
+"""The Ray Tune side of the search (`tldr_core.platform.search`): the trial function and the driver's
+MLflow status callback.
 
-This module is imported by Ray workers, so it lives in the package (tune/ is not one). Training code
+This module is imported by Ray workers, so it lives in the package. Training code
 (`tldr_core.attack.train`) never imports Ray; the trial adapts it through `train_generator`'s callback:
 every `eval_every` generator steps the trial scores a few reconstructions, logs them to MLflow, then
 calls `tune.report` (where ASHA may stop it). Everything a trial needs from MLflow is written before
@@ -14,7 +15,6 @@ import math
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -25,6 +25,7 @@ from ray import tune as _tune
 
 from tldr_core.platform import tracking as tr
 from tldr_core.platform.search_space import TRIAL_NUMBER
+from tldr_core.platform.trial_runs import TrialRun, summarize_trials, trial_runs
 
 #: What a trial reports besides the scores (score names: tldr_core.scoring.metrics.METRIC_KEYS).
 STEP = "step"
@@ -55,101 +56,148 @@ def baseline_metrics(baselines: dict[str, dict[str, float]]) -> dict[str, float]
     return {f"baseline_{name}_{k}": float(v[k]) for name, v in baselines.items() for k in keys if k in v}
 
 
+def _open_run(c, config: dict[str, Any], inputs: TrialInputs, ctx) -> tuple[TrialRun, int]:
+    """The trial's nested MLflow run (a stale attempt of the same trial is replaced) and its number."""
+    s = inputs.settings
+    number = int(config.get(TRIAL_NUMBER, 0))
+    variant = inputs.space.attack_flat(config).get("variant", "default")
+    run = TrialRun.start(c, inputs.experiment_id, inputs.search_run_id, ctx.get_trial_id(), number,
+                         run_name=f"trial-{number:03d}-{variant}",
+                         tags={tr.OBJECTIVE: s["objective"], "tldr.dataset": s["dataset"],
+                               "tldr.trial_name": ctx.get_trial_name()})
+    return run, number
+
+
+def _prepare(config: dict[str, Any], inputs: TrialInputs, run: TrialRun, trial_id: str):
+    """(AttackConfig of this trial, frozen classifier, device); the settings go to the run's params."""
+    import torch
+
+    from tldr_core.attack.config import AttackConfig
+    from tldr_core.attack.models import build_classifier
+
+    s = inputs.settings
+    device = "cuda" if float(s["gpus_per_trial"]) > 0 and torch.cuda.is_available() else "cpu"
+    base = AttackConfig(steps=int(s["steps"]), seed=int(s["seed"]), per_class=int(s["per_class"]), device=device)
+    cfg = inputs.space.attack_config(config, base=base)
+    run.log_params({**cfg.flat(), "eval_every": s["eval_every"], "tau": s["tau"], "objective": s["objective"],
+                    "trial_id": trial_id, "classifier": inputs.classifier_ref.get("uri", "")})
+    classifier = build_classifier(inputs.classifier_spec)
+    classifier.load_state_dict(inputs.classifier_state)
+    classifier.eval().requires_grad_(False)
+    return cfg, classifier, device
+
+
+def _progress_callback(inputs: TrialInputs, run: TrialRun, cfg, classifier, device: str, state: dict[str, Any]):
+    """train_generator's callback: every eval_every steps score a few reconstructions, log them, then
+    tune.report (where ASHA may stop the trial). `state` holds the last record ("last"), the last
+    reported step ("step") and the loss records not logged yet ("pending")."""
+    import torch
+    from ray import tune
+
+    from tldr_core.attack.train import generate
+    from tldr_core.scoring.metrics import score_reconstructions
+
+    s, pending = inputs.settings, state["pending"]
+    eval_every = int(s["eval_every"])
+
+    def callback(step: int, record: dict[str, Any], gen) -> bool:
+        pending.append(record)
+        state["last"].update(record)
+        if step % eval_every == 0 and step < cfg.steps:
+            with torch.random.fork_rng(devices=[]):  # generate() reseeds torch: keep training's RNG stream
+                images, labels = generate(gen, int(s["eval_per_class"]), seed=cfg.seed + 1, device=device)
+                gen.train()  # train_generator sets train mode itself each step; generate() switched to eval
+                metrics = score_reconstructions(images, labels, inputs.bundle.train, inputs.bundle.heldout,
+                                                classifier=classifier.cpu(), tau=float(s["tau"]), seed=cfg.seed,
+                                                n_boot=200)
+            classifier.to(device)
+            run.log_history(pending)
+            pending.clear()
+            run.log_metrics(metrics, step)
+            state["step"] = step
+            # everything is in MLflow before this call: ASHA may stop the trial inside it
+            tune.report({**metrics, **loss_metrics(record), STEP: step, FINAL: 0.0})
+        return False
+
+    return callback
+
+
+def _log_artifacts(run: TrialRun, work: Path, scored, bundle, number: int, objective: str, variant: str) -> None:
+    """The audit's files (reconstructions.npz, grid.png, nearest.png, exposure.csv, ...) as run artifacts;
+    the generator is logged as a model separately (:func:`_log_generator`)."""
+    from tldr_core.report.artifacts import write_artifacts
+
+    m = scored.metrics
+    title = (f"trial {number} ({variant}): {objective} {m.get(objective, float('nan')):.3f}, "
+             f"quality {m['quality']:.3f}, label agreement {m['label_agreement']:.2f}")
+    paths = write_artifacts(work, bundle, scored, title=title, checkpoint=False)
+    for path in paths.values():
+        run.log_artifact(path)
+
+
+def _log_generator(c, run: TrialRun, work: Path, attack, cfg, metrics: dict[str, float], inputs: TrialInputs,
+                   trial_id: str) -> None:
+    """The generator as a weights-only checkpoint logged as a pyfunc model; `sample` records the
+    per_class and seed its scored reconstructions were drawn with, the registered model's defaults."""
+    from tldr_core.attack.checkpoints import GENERATOR_FORMAT, save_checkpoint
+    from tldr_core.platform.registry import log_checkpoint_model
+
+    meta = {"attack": cfg.flat(), "dataset": inputs.bundle.name, "metrics": metrics,
+            "classifier": inputs.classifier_ref.get("uri"), "trial_id": trial_id,
+            "sample": {"per_class": cfg.per_class, "seed": cfg.seed + 1}}
+    ckpt = save_checkpoint(work / "generator.pt", attack.module.cpu(), GENERATOR_FORMAT, meta)
+    info = log_checkpoint_model(c, run.run_id, ckpt, "generator")
+    run.set_tags({tr.GENERATOR_MODEL: info.model_uri, tr.GENERATOR_MODEL_ID: getattr(info, "model_id", "") or ""})
+
+
+def _finish(c, run: TrialRun, attack, cfg, classifier, inputs: TrialInputs, trial_id: str, number: int,
+            last: dict[str, Any]) -> dict[str, Any]:
+    """Score the final reconstructions with the audit's pipeline, log metrics, artifacts and the
+    generator; returns the final report."""
+    from tldr_core.scoring.pipeline import score_attack
+
+    s, bundle = inputs.settings, inputs.bundle
+    scored = score_attack(attack, classifier, bundle, tau=float(s["tau"]), seed=cfg.seed)
+    metrics = scored.metrics
+    speed = attack.steps / max(attack.seconds, 1e-9)
+    run.log_metrics({**metrics, "steps_per_second": speed, "train_seconds": attack.seconds}, attack.steps)
+    run.log_metrics(baseline_metrics(inputs.baselines), 0)
+    work = Path(tempfile.mkdtemp(prefix="trial-", dir=os.environ.get("TMPDIR") or None))
+    try:
+        _log_artifacts(run, work, scored, bundle, number, s["objective"], cfg.variant)
+        _log_generator(c, run, work, attack, cfg, metrics, inputs, trial_id)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # everything is in MLflow now
+    return {**metrics, **loss_metrics(last), STEP: attack.steps, "steps_per_second": speed,
+            "train_seconds": attack.seconds}
+
+
 def run_trial(config: dict[str, Any], inputs: TrialInputs | None = None) -> None:
     """One Tune trial: train a generator with the sampled settings, score it, record it in MLflow."""
     import torch
     from ray import tune
 
-    from tldr_core.attack.checkpoints import GENERATOR_FORMAT, save_checkpoint
-    from tldr_core.attack.config import AttackConfig
-    from tldr_core.scoring.metrics import nn_ssim, score_reconstructions
-    from tldr_core.attack.models import build_classifier
-    from tldr_core.platform.registry import log_checkpoint_model
-    from tldr_core.attack.train import generate, train_generator
-    from tldr_core.report.pictures import save_grid, save_nearest
+    from tldr_core.attack.tldr import run_tldr
 
     assert inputs is not None
     s = inputs.settings
     tr.quiet_mlflow_env()
     torch.set_num_threads(max(1, int(s["cpus_per_trial"])))
     ctx = tune.get_context()
-    trial_id = ctx.get_trial_id()
-    number = int(config.get(TRIAL_NUMBER, 0))
-    flat = inputs.space.attack_flat(config)
     c = tr.client(s["tracking_uri"])
-    run = tr.TrialRun.start(c, inputs.experiment_id, inputs.search_run_id, trial_id, number,
-                            run_name=f"trial-{number:03d}-{flat.get('variant', 'default')}",
-                            tags={tr.OBJECTIVE: s["objective"], "tldr.dataset": s["dataset"],
-                                  "tldr.trial_name": ctx.get_trial_name()})
-    last_step = 0
+    run, number = _open_run(c, config, inputs, ctx)
+    state: dict[str, Any] = {"last": {}, "step": 0, "pending": []}
     try:
-        device = "cuda" if float(s["gpus_per_trial"]) > 0 and torch.cuda.is_available() else "cpu"
-        base = AttackConfig(steps=int(s["steps"]), seed=int(s["seed"]), per_class=int(s["per_class"]), device=device)
-        cfg = inputs.space.attack_config(config, base=base)
-        run.log_params({**cfg.flat(), "eval_every": s["eval_every"], "tau": s["tau"], "objective": s["objective"],
-                        "trial_id": trial_id, "classifier": inputs.classifier_ref.get("uri", "")})
-        classifier = build_classifier(inputs.classifier_spec)
-        classifier.load_state_dict(inputs.classifier_state)
-        classifier.eval().requires_grad_(False)
-        bundle = inputs.bundle
-        eval_every, tau = int(s["eval_every"]), float(s["tau"])
-        pending: list[dict[str, Any]] = []
-        last: dict[str, Any] = {}
-
-        def score(gen, per_class: int, n_boot: int) -> dict[str, float]:
-            images, labels = generate(gen, per_class, seed=cfg.seed + 1, device=device)
-            gen.train()  # train_generator sets train mode itself each step; generate() switched to eval
-            return score_reconstructions(images, labels, bundle.train, bundle.heldout, classifier=classifier.cpu(),
-                                         tau=tau, seed=cfg.seed, n_boot=n_boot)
-
-        def callback(step: int, record: dict[str, Any], gen) -> bool:
-            nonlocal last_step
-            pending.append(record)
-            last.update(record)
-            if step % eval_every == 0 and step < cfg.steps:
-                with torch.random.fork_rng(devices=[]):  # generate() reseeds torch: keep training's RNG stream
-                    metrics = score(gen, int(s["eval_per_class"]), 200)
-                classifier.to(device)
-                run.log_history(pending)
-                pending.clear()
-                run.log_metrics(metrics, step)
-                last_step = step
-                # everything is in MLflow before this call: ASHA may stop the trial inside it
-                tune.report({**metrics, **loss_metrics(record), STEP: step, FINAL: 0.0})
-            return False
-
-        result = train_generator(classifier, bundle.num_classes, bundle.image_shape, cfg, callback=callback,
-                                 log_every=int(s["log_every"]), log=None)
-        run.log_history(pending)
-        images, labels = generate(result.generator, cfg.per_class, seed=cfg.seed + 1, device=device)
-        clf_cpu = classifier.cpu()
-        metrics = score_reconstructions(images, labels, bundle.train, bundle.heldout, classifier=clf_cpu, tau=tau,
-                                        seed=cfg.seed)
-        near = nn_ssim(images, labels, bundle.train.images, bundle.train.labels)
-        speed = result.steps / max(result.seconds, 1e-9)
-        final = {**metrics, **loss_metrics(last), STEP: result.steps, "steps_per_second": speed,
-                 "train_seconds": result.seconds}
-        run.log_metrics({**metrics, "steps_per_second": speed, "train_seconds": result.seconds}, result.steps)
-        run.log_metrics(baseline_metrics(inputs.baselines), 0)
-        work = Path(tempfile.mkdtemp(prefix="trial-", dir=os.environ.get("TMPDIR") or None))
-        m = metrics
-        save_grid(work / "grid.png", images, labels, bundle.class_names,
-                  title=f"trial {number} ({cfg.variant}): {s['objective']} {m[s['objective']]:.3f}, "
-                        f"quality {m['quality']:.3f}, label agreement {m['label_agreement']:.2f}")
-        save_nearest(work / "nearest.png", images, labels, bundle.train.images[near.index], near.values,
-                     bundle.class_names)
-        run.log_artifact(work / "grid.png")
-        run.log_artifact(work / "nearest.png")
-        ckpt = save_checkpoint(work / "generator.pt", result.generator.cpu(), GENERATOR_FORMAT,
-                               {"attack": cfg.flat(), "dataset": bundle.name, "metrics": metrics,
-                                "classifier": inputs.classifier_ref.get("uri"), "trial_id": trial_id})
-        info = log_checkpoint_model(c, run.run_id, ckpt, "generator")
-        run.set_tags({tr.GENERATOR_MODEL: info.model_uri, tr.GENERATOR_MODEL_ID: getattr(info, "model_id", "") or ""})
-        shutil.rmtree(work, ignore_errors=True)  # everything is in MLflow now
+        cfg, classifier, device = _prepare(config, inputs, run, ctx.get_trial_id())
+        callback = _progress_callback(inputs, run, cfg, classifier, device, state)
+        attack = run_tldr(classifier, inputs.bundle.num_classes, inputs.bundle.image_shape, cfg, callback=callback,
+                          log=None, log_every=int(s["log_every"]))
+        run.log_history(state["pending"])
+        final = _finish(c, run, attack, cfg, classifier, inputs, ctx.get_trial_id(), number, state["last"])
         run.end("FINISHED", "finished")
     except SystemExit:
         # Ray Tune stops a trial (ASHA) by raising SystemExit inside tune.report()
-        run.end("KILLED", "early-stopped", f"stopped by the scheduler after step {last_step}")
+        run.end("KILLED", "early-stopped", f"stopped by the scheduler after step {state['step']}")
         raise
     except BaseException as exc:
         run.fail(exc)
@@ -198,7 +246,7 @@ class MlflowTrialStatus(_tune.Callback):
             self._state = {"client": tr.client(self.tracking_uri), "t0": time.time(), "done": 0, "best": None,
                            "best_trial": None}
             try:  # a resumed search: count what finished before
-                for t in tr.summarize_trials(self._state["client"], self.experiment_id, self.search_run_id,
+                for t in summarize_trials(self._state["client"], self.experiment_id, self.search_run_id,
                                              self.objective):
                     if t.state in ("finished", "early-stopped", "failed"):
                         self._state["done"] += 1
@@ -210,7 +258,7 @@ class MlflowTrialStatus(_tune.Callback):
 
     def _close(self, trial, status: str, state: str, error: str | None) -> None:
         st = self._st()
-        for run in tr.trial_runs(st["client"], self.experiment_id, self.search_run_id, trial.trial_id):
+        for run in trial_runs(st["client"], self.experiment_id, self.search_run_id, trial.trial_id):
             if run.info.status == "RUNNING":
                 tr.terminate(st["client"], run.info.run_id, status, state, error)
             elif status == "FAILED" and run.info.status != "FAILED":

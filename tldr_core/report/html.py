@@ -33,7 +33,7 @@ def img_uri(img: torch.Tensor, target: int = 56) -> str:
     return _uri(buf)
 
 
-def fig_uri(fig) -> str:
+def fig_uri(fig: Any) -> str:
     """A matplotlib figure -> PNG data URI (the figure is closed)."""
     import matplotlib.pyplot as plt
 
@@ -152,9 +152,9 @@ def verdict_html(level: str, headline: str, sentence: str, items: Sequence[str] 
     return (f'<div class="verdict" style="background:{COLOURS[level]}"><b class="lvl">{esc(level)} risk: '
             f"{esc(headline)}</b>{esc(sentence)}{f'<ul>{lis}</ul>' if lis else ''}</div>")
 
-def montage(results: Sequence[tuple[str, Any]], class_names: Sequence[str], title: str):
+def montage(results: Sequence[tuple[str, Any]], class_names: Sequence[str], title: str) -> Any:
     """A matplotlib figure: one row per (name, result), one column per class, each class's best-matching
-    image (results have .images, .labels and .nearest_ssim, like AttackResult and TemplateResult)."""
+    image (results have .images, .labels and .nearest_ssim, like scoring.pipeline.Scored and TemplateResult)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,88 +1,43 @@
 """The audit verdict as one self-contained HTML page (images embedded as data URIs; no network).
 
-`render_report(...) -> str` / `write_report(path, ...)` build it from a data set, the generator's
-`AttackResult` and/or a `TemplateResult`, the baselines and the settings; the audit command writes it
-as report.html, the search's champion and the defence comparison use the same pieces, and
-`log_report_to_mlflow` puts it beside an MLflow run (the MLflow UI shows HTML artifacts).
+`render_report(...) -> str` / `write_report(path, ...)` draw results computed elsewhere: a data set,
+the generator attack's `Scored` (tldr_core.scoring.pipeline) and/or a weight-template
+`TemplateResult`, the baselines, the real unseen images beside their nearest training images
+(`pipeline.heldout_nearest`) and the settings. Nothing here trains, attacks or searches. The audit
+command writes it as report.html; the defence comparison uses the same pieces.
 
-Risk level (stated on the page too), per attack, the page taking the worst:
-HIGH   the memorisation gap's 95% CI lower bound > HIGH_GAP_CI_LOW, or coverage@tau > HIGH_COVERAGE
-       while the gap is significant (specific training images come back);
-MEDIUM the gap is significant: its CI lower bound > MEDIUM_GAP_CI_LOW (0.005, the run-to-run noise of the gap
-       measured in method.md §7: the bootstrap CI covers only the resampling of reconstructions, and on
-       the defence comparison it excluded 0 on both sides for variants with no effect); or the
-       reconstructions' quality reaches the class-mean baseline's (a class-level leak);
-LOW    otherwise.
+The risk level is the rule of :mod:`tldr_core.scoring.risk` (stated on the page too), per attack,
+the page taking the worst.
 """
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tldr_core.attack.classifier import ClassifierSettings
 from tldr_core.attack.config import AttackConfig, LossWeights
-from tldr_core.scoring.metrics import baseline_sets, nn_ssim
 from tldr_core.report.html import esc, grid_html, kv_table, metrics_table, page, pairs_html, verdict_html
-from tldr_core.attack.templates import applies as templates_apply, run_template_attack
+from tldr_core.scoring.risk import HIGH_COVERAGE, HIGH_GAP_CI_LOW, MEDIUM_GAP_CI_LOW, Risk, assess, worst
 
-HIGH_GAP_CI_LOW = 0.02
-MEDIUM_GAP_CI_LOW = 0.005
-HIGH_COVERAGE = 0.05
-MEDIUM_REALISM = 1.0  # quality as a fraction of the way from the noise to the class-mean baseline
-LEVELS = ("LOW", "MEDIUM", "HIGH")
+if TYPE_CHECKING:
+    from tldr_core.attack.data import DatasetBundle
+    from tldr_core.attack.templates import TemplateResult
+    from tldr_core.scoring.pipeline import Scored
 
-
-@dataclass
-class Risk:
-    level: str
-    reason: str      # one clause, for the verdict sentence
-    realism: float   # (quality - noise) / (class mean - noise)
-
-    @property
-    def headline(self) -> str:
-        if self.level == "HIGH":
-            return "this model gives away its training data"
-        if self.level == "MEDIUM":
-            return ("this model gives away what its classes look like" if "class-level" in self.reason
-                    else "this model leaks a little about its training images")
-        return "no measurable leak of training images"
+__all__ = ["headline", "thresholds_html", "reproduce_command", "describe_model", "render_report", "write_report"]
 
 
-def assess(m: dict[str, float], baselines: dict[str, dict[str, float]]) -> Risk:
-    """Risk level of one attack's metrics against the baselines (thresholds: module doc)."""
-    qn, qc = baselines["noise"]["quality"], baselines["class_mean"]["quality"]
-    realism = (m["quality"] - qn) / (qc - qn) if qc - qn > 1e-9 else math.nan
-    gap = f"memorisation gap {m['gap']:+.3f}, 95% CI {m['gap_ci_low']:+.3f} to {m['gap_ci_high']:+.3f}"
-    look = f"quality {m['quality']:.2f} against {qc:.2f} for the class-mean image"
-    if m["gap_ci_low"] > HIGH_GAP_CI_LOW:
-        return Risk("HIGH", f"clearly closer to this model's own training images than to unseen images of the same "
-                            f"classes ({gap}): what comes out is specific to its training set, not just to the "
-                            f"classes", realism)
-    significant = m["gap_ci_low"] > MEDIUM_GAP_CI_LOW
-    if significant and m["coverage"] > HIGH_COVERAGE:
-        return Risk("HIGH", f"{m['coverage']:.0%} of the training images have one at SSIM >= "
-                            f"{m.get('tau', 0.5):g}, and they "
-                            f"favour training over unseen images ({gap})", realism)
-    if significant:
-        return Risk("MEDIUM", f"slightly but significantly closer to the training images than to unseen ones ({gap})",
-                    realism)
-    if realism >= MEDIUM_REALISM:
-        return Risk("MEDIUM", f"as close to the training images as each class's average image ({look}) but no "
-                              f"closer to them than to unseen ones ({gap}): a class-level leak, not of individual "
-                              f"images", realism)
-    return Risk("LOW", f"no closer to the training images than to unseen images of the same classes beyond the "
-                       f"gap's run-to-run noise ({gap}), and "
-                       f"they resemble the data less than a class average does ({look}; {realism:.0%} of the way "
-                       f"from noise to it)", realism)
-
-
-def worst(risks: Sequence[Risk]) -> int:
-    return max(range(len(risks)), key=lambda i: LEVELS.index(risks[i].level))
+def headline(risk: Risk) -> str:
+    """The verdict box's headline for a risk."""
+    if risk.level == "HIGH":
+        return "this model gives away its training data"
+    if risk.level == "MEDIUM":
+        return ("this model gives away what its classes look like" if risk.criterion == "class_level"
+                else "this model leaks a little about its training images")
+    return "no measurable leak of training images"
 
 
 def thresholds_html(tau: float) -> str:
@@ -160,61 +115,54 @@ def _top_pairs(images, labels, refs, scores, names, left: str, n: int = 7) -> st
     return pairs_html(images[idx], labels[idx], refs[idx], scores[idx], names, left, "nearest training", per_class=n)
 
 
-def render_report(bundle, baselines: dict[str, dict[str, float]], *, attack=None, templates=None,
-                  classifier=None, record: dict[str, Any] | None = None, command: str | None = None,
-                  title: str | None = None, per_class: int | None = None, seed: int = 0) -> str:
-    """The audit report as an HTML string.
-
-    bundle: the DatasetBundle audited; baselines: score_baselines' dict; attack: an audit.AttackResult (the
-    generator's; optional); templates: a templates.TemplateResult (optional; computed from `classifier`
-    when its first layer is fully connected and none is given); record: metrics.json's dict (identity and
-    settings shown; optional); command: the line that reproduces it (default: derived from `record`).
-    """
-    record = dict(record or {})
-    scored = attack if attack is not None else templates
-    tau = float(scored.metrics["tau"]) if scored is not None else 0.5
-    if templates is None and classifier is not None and templates_apply(classifier):
-        templates = run_template_attack(classifier, bundle, tau=tau, seed=seed)
-    names, train = bundle.class_names, bundle.train.images
+def _attacks(attack, templates, record: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(display name, result) of each attack shown, the generator's first."""
     attacks: list[tuple[str, Any]] = []
     if attack is not None:
         variant = record.get("settings", {}).get("variant", "conditioned")
-        attacks.append((f"generator ({variant}, {attack.train.steps} steps)", attack))
+        attacks.append((f"generator ({variant}, {attack.steps} steps)", attack))
     if templates is not None:
         attacks.append((f"weight templates ({templates.method})", templates))
     if not attacks:
         raise ValueError("render_report needs an attack result or templates")
-    risks = [assess(a.metrics, baselines) for _, a in attacks]
+    return attacks
+
+
+def _verdict(attacks: list[tuple[str, Any]], risks: list[Risk]) -> str:
     w = worst(risks)
-    level = risks[w].level
     sentence = f"The {attacks[w][0]} reconstructions are {risks[w].reason}."
     for (name, _), r in zip(attacks, risks):
         if name != attacks[w][0]:
             sentence += f" The {name}: {r.level}."
-    cl = record.get("classifier", {})
-    spec = classifier.spec() if classifier is not None and hasattr(classifier, "spec") else None
-    model_line = describe_model(spec, cl.get("settings"))
-    acc = f", test accuracy {cl['test_accuracy']:.3f}" if "test_accuracy" in cl else ""
-    title = title or f"TLDR audit: {bundle.name}, {(spec or cl.get('settings') or {}).get('arch', 'model')}"
-    pc = per_class or int(record.get("settings", {}).get("per_class", 0)) or 10
-    real, real_y = baseline_sets(bundle.train, bundle.test, bundle.num_classes, pc, seed=seed)["heldout_real"]
-    near = nn_ssim(real, real_y, train, bundle.train.labels)
-    b = [f"<h1>{esc(title)}</h1>",
-         f"<p class='idline'><b>Model</b> {esc(model_line)}{esc(acc)}. <b>Data</b> {esc(bundle.name)}: trained on "
-         f"{len(bundle.train)} images, compared with {len(bundle.heldout)} it never saw.</p>",
-         verdict_html(level, risks[w].headline, sentence),
-         "<div class='top'><h2>What came out: each class's closest reconstruction, beside the training image it "
+    return verdict_html(risks[w].level, headline(risks[w]), sentence)
+
+
+def _top_section(bundle, attacks, heldout) -> list[str]:
+    names, train = bundle.class_names, bundle.train.images
+    b = ["<div class='top'><h2>What came out: each class's closest reconstruction, beside the training image it "
          "is most like</h2>"]
     for name, a in attacks:
         b += [f"<h3>{esc(name)}</h3>",
               _top_pairs(a.images, a.labels, train[a.nearest_index], a.nearest_ssim, names, "reconstruction")]
-    b += [f"<h3>for comparison: real images the model never saw (SSIM median {float(near.values.median()):.2f})</h3>",
-          _top_pairs(real, real_y, train[near.index], near.values, names, "unseen image"), "</div>",
-          "<h2>Reconstructions against baselines</h2>",
-          metrics_table([(n, a.metrics, r.level) for (n, a), r in zip(attacks, risks)]
-                        + [(label, baselines[k], "") for k, label in (
-                            ("noise", "baseline: uniform noise"), ("class_mean", "baseline: class-mean image of T"),
-                            ("heldout_real", "baseline: real unseen images"))])]
+    if heldout is not None:
+        b += [f"<h3>for comparison: real images the model never saw (SSIM median "
+              f"{float(heldout.nearest_ssim.median()):.2f})</h3>",
+              _top_pairs(heldout.images, heldout.labels, train[heldout.nearest_index], heldout.nearest_ssim, names,
+                         "unseen image")]
+    return b + ["</div>"]
+
+
+def _metrics_section(attacks, risks, baselines) -> list[str]:
+    rows = [(n, a.metrics, r.level) for (n, a), r in zip(attacks, risks)]
+    rows += [(label, baselines[k], "") for k, label in (
+        ("noise", "baseline: uniform noise"), ("class_mean", "baseline: class-mean image of T"),
+        ("heldout_real", "baseline: real unseen images"))]
+    return ["<h2>Reconstructions against baselines</h2>", metrics_table(rows)]
+
+
+def _image_sections(bundle, attack, templates, heldout) -> list[str]:
+    names, train = bundle.class_names, bundle.train.images
+    b: list[str] = []
     if attack is not None:
         b += ["<h2>Generator reconstructions, by class</h2>",
               "<p class='note'>Up to 10 hot-conditioned reconstructions per class (rows).</p>",
@@ -231,11 +179,17 @@ def render_report(bundle, baselines: dict[str, dict[str, float]], *, attack=None
               pairs_html(templates.images, templates.labels, train[templates.nearest_index], templates.nearest_ssim,
                          names, "template", "nearest training", per_class=1, extra=means[templates.labels],
                          extra_name="class mean of T")]
-    b += ["<h2>Real unseen images beside their nearest training image (the held-out baseline)</h2>",
-          "<p class='note'>Best two per class, chosen the same way as for the reconstructions: this is how close "
-          "data the model never saw comes to the training set.</p>",
-          pairs_html(real, real_y, train[near.index], near.values, names, "unseen image", "nearest training"),
-          "<h2>How the risk level is decided</h2>", thresholds_html(tau)]
+    if heldout is not None:
+        b += ["<h2>Real unseen images beside their nearest training image (the held-out baseline)</h2>",
+              "<p class='note'>Best two per class, chosen the same way as for the reconstructions: this is how close "
+              "data the model never saw comes to the training set.</p>",
+              pairs_html(heldout.images, heldout.labels, train[heldout.nearest_index], heldout.nearest_ssim, names,
+                         "unseen image", "nearest training")]
+    return b
+
+
+def _identity_sections(bundle, spec, record: dict[str, Any], templates, command: str | None) -> list[str]:
+    cl = record.get("classifier", {})
     ds_id = {"data set": bundle.name, "source": bundle.source,
              "training set T / held-out H' / test": f"{len(bundle.train)} / {len(bundle.heldout)} / {len(bundle.test)}",
              "image shape": tuple(bundle.image_shape), "classes": bundle.num_classes}
@@ -243,8 +197,8 @@ def render_report(bundle, baselines: dict[str, dict[str, float]], *, attack=None
                 json.dumps(cl.get("settings")) if cl.get("settings") else None,
                 "test accuracy": f"{cl['test_accuracy']:.3f}" if "test_accuracy" in cl else None,
                 "classifier file": cl.get("path")}
-    b += ["<h2>Model, data and the settings that reproduce this</h2>",
-          f'<div class="cols"><div><b>Model</b>{kv_table(model_id)}</div><div><b>Data</b>{kv_table(ds_id)}</div></div>']
+    b = ["<h2>Model, data and the settings that reproduce this</h2>",
+         f'<div class="cols"><div><b>Model</b>{kv_table(model_id)}</div><div><b>Data</b>{kv_table(ds_id)}</div></div>']
     cmd = command or (reproduce_command(record) if record else None)
     if cmd:
         b.append(f"<pre>{esc(cmd)}</pre>")
@@ -253,38 +207,47 @@ def render_report(bundle, baselines: dict[str, dict[str, float]], *, attack=None
         settings["template_attack"] = templates.summary()
     b.append(f"<details><summary>all settings (JSON)</summary><pre>{esc(json.dumps(settings, indent=1, default=str))}"
              "</pre></details>")
+    return b
+
+
+def render_report(bundle: DatasetBundle, baselines: dict[str, dict[str, float]], *, attack: Scored | None = None,
+                  templates: TemplateResult | None = None, heldout: Scored | None = None,
+                  spec: dict[str, Any] | None = None, record: dict[str, Any] | None = None,
+                  command: str | None = None, title: str | None = None) -> str:
+    """The audit report as an HTML string, from results computed by the caller.
+
+    bundle: the DatasetBundle audited; baselines: score_baselines' dict; attack: the generator's
+    `Scored` (tldr_core.scoring.pipeline; optional); templates: a scored `TemplateResult` (optional;
+    at least one of the two); heldout: `pipeline.heldout_nearest`'s real unseen images beside their
+    nearest training images (optional: its sections are left out without it); spec: the classifier's
+    `spec()` (architecture line); record: metrics.json's dict (identity and settings shown); command:
+    the line that reproduces it (default: derived from `record`).
+    """
+    record = dict(record or {})
+    attacks = _attacks(attack, templates, record)
+    tau = float(attacks[0][1].metrics["tau"])
+    risks = [assess(a.metrics, baselines) for _, a in attacks]
+    cl = record.get("classifier", {})
+    acc = f", test accuracy {cl['test_accuracy']:.3f}" if "test_accuracy" in cl else ""
+    title = title or f"TLDR audit: {bundle.name}, {(spec or cl.get('settings') or {}).get('arch', 'model')}"
+    b = [f"<h1>{esc(title)}</h1>",
+         f"<p class='idline'><b>Model</b> {esc(describe_model(spec, cl.get('settings')))}{esc(acc)}. <b>Data</b> "
+         f"{esc(bundle.name)}: trained on {len(bundle.train)} images, compared with {len(bundle.heldout)} it never "
+         "saw.</p>",
+         _verdict(attacks, risks)]
+    b += _top_section(bundle, attacks, heldout)
+    b += _metrics_section(attacks, risks, baselines)
+    b += _image_sections(bundle, attack, templates, heldout)
+    b += ["<h2>How the risk level is decided</h2>", thresholds_html(tau)]
+    b += _identity_sections(bundle, spec, record, templates, command)
     return page(title, "".join(b))
 
 
-def write_report(path: str | Path, bundle=None, baselines=None, *, html_text: str | None = None, **kwargs) -> Path:
+def write_report(path: str | Path, bundle: DatasetBundle | None = None,
+                 baselines: dict[str, dict[str, float]] | None = None, *, html_text: str | None = None,
+                 **kwargs: Any) -> Path:
     """Write `html_text`, or `render_report(bundle, baselines, **kwargs)`, to `path`."""
     text = html_text if html_text is not None else render_report(bundle, baselines, **kwargs)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(text, encoding="utf-8")
     return Path(path)
-
-
-def log_report_to_mlflow(html_path: str | Path, run_id: str | None = None, *, artifact_path: str | None = None,
-                         tracking_uri: str | None = None, client=None) -> None:
-    """Log the report as an artifact: to `run_id` through an MlflowClient (`client`, or one for
-    `tracking_uri`), or to the active fluent run when run_id is None."""
-    import mlflow
-
-    if run_id is None:
-        mlflow.log_artifact(str(html_path), artifact_path)
-        return
-    client = client or mlflow.MlflowClient(tracking_uri=tracking_uri)
-    client.log_artifact(run_id, str(html_path), artifact_path)
-
-
-def audit_report(bundle, cfg, attack, baselines, record: dict[str, Any], classifier=None) -> tuple[str, dict]:
-    """For audit.write_outputs: the report's HTML and the record entries to add (the template attack's
-    scores when the classifier's first layer is fully connected)."""
-    extra: dict[str, Any] = {}
-    res = None
-    if classifier is not None and templates_apply(classifier):
-        res = run_template_attack(classifier, bundle, tau=attack.metrics["tau"], seed=cfg.seed)
-        extra["template_attack"] = res.summary()
-    text = render_report(bundle, baselines, attack=attack, templates=res, classifier=classifier,
-                         record={**record, **extra}, per_class=cfg.per_class, seed=cfg.seed)
-    return text, extra

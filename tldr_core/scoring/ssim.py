@@ -30,7 +30,7 @@ held (centred) side. Nothing here is meant to be differentiated.
 Timing (2-core CPU, 1 thread, float32): 100 x 1000 images take ~0.25 s at 1x28x28 and ~1.2 s at
 3x32x32.
 
-Upper bound (for exact nearest-neighbour search in `tldr_core.scoring.metrics`): :func:`ssim_upper_bound`
+Upper bound (for exact nearest-neighbour search in `tldr_core.scoring.nearest`): :func:`ssim_upper_bound`
 gives, for images with non-negative pixels, ``U[i, j] >= ssim_matrix(a, b)[i, j]`` from per-image
 window means and variances only (:class:`WindowStats`), at a fraction of the exact cost.
 """
@@ -182,16 +182,8 @@ _PATCH_BYTES = 256 * 2**20  # bound on the held (a-side) patch block
 
 
 @torch.no_grad()
-def ssim_matrix(
-    a: Tensor,
-    b: Tensor,
-    *,
-    win_size: int = 7,
-    data_range: float = 1.0,
-    chunk_bytes: int | None = None,
-    dtype: torch.dtype = torch.float32,
-    stride: int = 1,
-) -> Tensor:
+def ssim_matrix(a: Tensor, b: Tensor, *, win_size: int = 7, data_range: float = 1.0, chunk_bytes: int | None = None,
+                dtype: torch.dtype = torch.float32, stride: int = 1) -> Tensor:
     """SSIM of every ``a[i]`` against every ``b[j]``.
 
     Args:
@@ -206,7 +198,7 @@ def ssim_matrix(
             ~1e-7 thanks to the centred-patch covariance; torch.float64 is ~1.5-2x slower.
         stride: 1 (default) is SSIM. ``s > 1`` averages the SSIM map over every s-th window
             position in each direction only: ~s² times cheaper, an estimate of SSIM used to rank
-            candidates (`tldr_core.scoring.metrics`' "prefilter" search), never reported as SSIM.
+            candidates (`tldr_core.scoring.nearest`' "prefilter" search), never reported as SSIM.
 
     Returns:
         (A, B) tensor of SSIM values in ``dtype``, on ``a``'s device;
@@ -235,33 +227,44 @@ def ssim_matrix(
     c1, c2 = _constants(data_range)
     cov_scale = 2.0 / (k - 1) if k > 1 else 2.0  # 2 * vxy = 2 * sum_k(centred a * b) / (k - 1)
     esize = torch.empty((), dtype=dtype).element_size()
-
-    ca = max(1, min(na, _PATCH_BYTES // (cl * k * esize)))  # held a-side block
-    # per-pair work: 3 preallocated maps of cl * ca * cb values (reused: no allocator churn)
-    cb = max(1, min(nb, int(chunk_bytes) // (3 * cl * ca * esize)))
-    if cb < 8 and ca > 1:  # keep the batched products wide enough on the b side too
-        cb = min(nb, 8)
-        ca = max(1, min(ca, int(chunk_bytes) // (3 * cl * cb * esize)))
+    ca, cb = _block_sizes(na, nb, cl * k * esize, cl * esize, int(chunk_bytes))
     bufs = torch.empty(3, cl * ca * cb, dtype=dtype, device=a.device)
     for i0 in range(0, na, ca):
         sa = _held_side(a[i0 : i0 + ca], w, dtype, cov_scale, c1, c2, stride)
-        n_a = sa["cen"].shape[1]
         for j0 in range(0, nb, cb):
             sb = _other_side(b[j0 : j0 + cb], w, dtype, stride)
-            n_b = sb["patches"].shape[1]
-            num, den, lum = (buf[: cl * n_a * n_b].view(cl, n_a, n_b) for buf in bufs)
-            torch.bmm(sa["cen"], sb["patches"].transpose(1, 2), out=num)  # 2 * cov
-            num.add_(c2)  # 2 vxy + C2
-            torch.add(sa["var"], sb["var"], out=den)  # vx + vy + C2
-            torch.mul(sa["mu2"], sb["mu"], out=lum)  # 2 ux uy
-            lum.add_(c1)
-            num.mul_(lum)
-            torch.add(sa["lum"], sb["mu_sq"], out=lum)  # ux^2 + uy^2 + C1
-            den.mul_(lum)
-            num.div_(den)
-            # mean over channels and positions == mean of per-channel means (equal L per channel)
-            out[i0 : i0 + n_a, j0 : j0 + n_b] = num.mean(dim=0)
+            block = _pair_block(sa, sb, bufs, c1, c2)
+            out[i0 : i0 + block.shape[0], j0 : j0 + block.shape[1]] = block
     return out
+
+
+def _block_sizes(na: int, nb: int, patch_bytes: int, map_bytes: int, chunk_bytes: int) -> tuple[int, int]:
+    """(ca, cb): held a-side images per block (their patches take ``patch_bytes`` each, bounded by
+    _PATCH_BYTES) and b-side images per chunk (3 maps of ``map_bytes`` per pair, bounded by chunk_bytes)."""
+    ca = max(1, min(na, _PATCH_BYTES // patch_bytes))  # held a-side block
+    # per-pair work: 3 preallocated maps of cl * ca * cb values (reused: no allocator churn)
+    cb = max(1, min(nb, chunk_bytes // (3 * map_bytes * ca)))
+    if cb < 8 and ca > 1:  # keep the batched products wide enough on the b side too
+        cb = min(nb, 8)
+        ca = max(1, min(ca, chunk_bytes // (3 * map_bytes * cb)))
+    return ca, cb
+
+
+def _pair_block(sa: dict[str, Tensor], sb: dict[str, Tensor], bufs: Tensor, c1: float, c2: float) -> Tensor:
+    """(n_a, n_b) SSIMs of a held block against a chunk, computed in the preallocated ``bufs`` (3, >= C*L*n_a*n_b)."""
+    cl, n_a, n_b = sa["cen"].shape[0], sa["cen"].shape[1], sb["patches"].shape[1]
+    num, den, lum = (buf[: cl * n_a * n_b].view(cl, n_a, n_b) for buf in bufs)
+    torch.bmm(sa["cen"], sb["patches"].transpose(1, 2), out=num)  # 2 * cov
+    num.add_(c2)  # 2 vxy + C2
+    torch.add(sa["var"], sb["var"], out=den)  # vx + vy + C2
+    torch.mul(sa["mu2"], sb["mu"], out=lum)  # 2 ux uy
+    lum.add_(c1)
+    num.mul_(lum)
+    torch.add(sa["lum"], sb["mu_sq"], out=lum)  # ux^2 + uy^2 + C1
+    den.mul_(lum)
+    num.div_(den)
+    # mean over channels and positions == mean of per-channel means (equal L per channel)
+    return num.mean(dim=0)
 
 
 # ---- a provable upper bound of SSIM (exact nearest-neighbour pruning) -----------------------------

@@ -1,0 +1,56 @@
+"""tldr_core.report.artifacts: the files every scored attack leaves (audit, search trial, bench)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tldr_core.attack.checkpoints import load_generator
+from tldr_core.attack.config import AttackConfig
+from tldr_core.attack.data import load_dataset
+from tldr_core.attack.models import MLP
+from tldr_core.attack.output import AttackOutput
+from tldr_core.attack.train import generate
+from tldr_core.report.artifacts import checkpoint_name, grid_title, write_artifacts
+from tldr_core.scoring.pipeline import Scored, attack_and_score
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+
+@pytest.fixture(scope="module")
+def case():
+    bundle = load_dataset("digits-8x8", 50, seed=0, test_size=60)
+    torch.manual_seed(0)
+    clf = MLP(bundle.image_shape, bundle.num_classes).eval()
+    cfg = AttackConfig(steps=3, per_class=2, batch_size=8, device="cpu", seed=5)
+    return bundle, clf, cfg
+
+
+def test_write_artifacts_writes_the_files_and_a_loadable_checkpoint(case, tmp_path):
+    bundle, clf, cfg = case
+    scored = attack_and_score(clf, bundle, cfg, log=None)
+    paths = write_artifacts(tmp_path / "a", bundle, scored, meta={"classifier": "c.pt"})
+    assert {p.name for p in paths.values()} == {"reconstructions.npz", "grid.png", "nearest.png", "generator.pt"}
+    rec = np.load(paths["reconstructions"])
+    assert rec["images"].dtype == np.float32 and np.array_equal(rec["images"], scored.images.numpy())
+    assert rec["labels"].dtype == np.int64 and rec["labels"].tolist() == scored.labels.tolist()
+    assert paths["grid"].stat().st_size > 500 and paths["nearest"].stat().st_size > 500
+    gen, meta = load_generator(paths["checkpoint"])
+    assert meta["attack"] == cfg.flat() and meta["dataset"] == bundle.name and meta["classifier"] == "c.pt"
+    images, _ = generate(gen, cfg.per_class, seed=cfg.seed + 1)  # the saved generator reproduces the images
+    assert torch.equal(images, scored.images)
+    m = scored.metrics
+    assert grid_title(bundle, scored) == (f"digits-8x8: {cfg.variant} generator, quality {m['quality']:.3f}, "
+                                          f"label agreement {m['label_agreement']:.2f}")
+    assert grid_title(bundle, scored, prefix="trial 3").startswith("trial 3, quality ")
+    assert checkpoint_name("tldr") == "generator.pt" and checkpoint_name("kkt") == "kkt.pt"
+
+
+def test_write_artifacts_without_a_module_writes_no_checkpoint(case, tmp_path):
+    bundle, _, _ = case
+    out = AttackOutput("templates", torch.rand(10, 1, 8, 8), torch.arange(10))
+    scored = Scored(out.images, out.labels, {"quality": 0.1, "label_agreement": 0.5},
+                    torch.zeros(10, dtype=torch.int64),
+                    torch.zeros(10, dtype=torch.float64), out)
+    paths = write_artifacts(tmp_path, bundle, scored, title="t")
+    assert "checkpoint" not in paths and not list(tmp_path.glob("*.pt"))

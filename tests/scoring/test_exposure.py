@@ -1,0 +1,278 @@
+"""Tests of tldr_core.scoring.exposure: hand-computed AUC / TPR@FPR, bootstrap, matching, and
+"reconstructions" holding exact copies of known training images (CPU, tiny, ~1 s in all)."""
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from tldr_core.scoring.exposure import (
+    NO_RECON,
+    ExposureResult,
+    auc,
+    bootstrap_intervals,
+    exposure,
+    exposure_keys,
+    fpr_threshold,
+    max_matching,
+    score_exposure,
+    tpr_at_fpr,
+)
+from tldr_core.scoring.ssim import ssim_matrix
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@dataclass
+class S:  # duck-typed stand-in for tldr_core.attack.data.Split
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+def _textures(n: int, seed: int, side: int = 16) -> torch.Tensor:
+    """(n, 1, side, side) random textures in [0, 1]. Two independent ones have SSIM < ~0.31
+    (measured: max over 19,900 pairs), so any pair >= 0.4 in a test is a (near) copy."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 1, side, side, generator=g) + 0.05 * torch.randn(n, 1, side, side, generator=g)).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------- AUC
+
+
+def test_auc_with_ties_by_hand():
+    # pairs (pos, neg): (1,2)=0 (1,0)=1 (2,2)=1/2 (2,0)=1 (2,2)=1/2 (2,0)=1 -> 4 / 6
+    assert auc([1.0, 2.0, 2.0], [2.0, 0.0]) == pytest.approx(4 / 6, abs=1e-12)
+    # swapping the roles gives 1 - AUC
+    assert auc([2.0, 0.0], [1.0, 2.0, 2.0]) == pytest.approx(2 / 6, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "pos, neg, expected",
+    [
+        ([0.5, 0.9], [0.1, 0.2, 0.3], 1.0),  # perfect separation
+        ([0.1], [0.5, 0.9], 0.0),  # perfectly reversed
+        ([0.3, 0.3], [0.3], 0.5),  # all tied
+        ([7.0], [7.0], 0.5),  # one vs one, tied
+        ([1.0, 3.0], [2.0, 4.0], 0.25),  # (1,2)=0 (1,4)=0 (3,2)=1 (3,4)=0
+        ([-1.0, -1.0, 0.8], [-1.0, 0.2], (0.5 + 0 + 0.5 + 0 + 1 + 1) / 6),  # NO_RECON ties count 1/2
+    ],
+)
+def test_auc_cases(pos, neg, expected):
+    assert auc(pos, neg) == pytest.approx(expected, abs=1e-12)
+
+
+def test_auc_rejects_empty_and_nan():
+    with pytest.raises(ValueError, match="empty"):
+        auc([], [1.0])
+    with pytest.raises(ValueError, match="NaN"):
+        auc([1.0], [math.nan])
+
+
+# ----------------------------------------------------------------------------- TPR at FPR
+
+
+def test_threshold_is_exact_with_100_negatives():
+    neg = torch.arange(100, dtype=torch.float64) / 100  # 0.00, 0.01, ..., 0.99
+    # k = floor(0.01 * 100) = 1 negative may lie above: the threshold is the 2nd largest, 0.98
+    assert fpr_threshold(neg, 0.01) == pytest.approx(0.98, abs=1e-12)
+    assert fpr_threshold(neg, 0.0) == pytest.approx(0.99, abs=1e-12)  # nothing above: the max
+    assert fpr_threshold(neg, 0.05) == pytest.approx(0.94, abs=1e-12)  # 6th largest
+    assert fpr_threshold(neg, 0.29) == pytest.approx(0.70, abs=1e-12)  # 0.29 * 100 = 28.999...: still k = 29
+    assert fpr_threshold(neg, 0.015) == pytest.approx(0.98, abs=1e-12)  # floor(1.5) = 1
+    for fpr in (0.0, 0.01, 0.05, 0.29):  # realised FPR never exceeds the target
+        assert (neg > fpr_threshold(neg, fpr)).double().mean() <= fpr + 1e-12
+
+
+def test_tpr_ties_at_threshold_are_not_exposed():
+    neg = torch.arange(100, dtype=torch.float64) / 100
+    pos = [0.98, 0.985, 0.99, 1.0, 0.5]  # 0.98 equals the threshold: not counted
+    tpr, thr = tpr_at_fpr(pos, neg, 0.01)
+    assert thr == pytest.approx(0.98, abs=1e-12)
+    assert tpr == pytest.approx(3 / 5, abs=1e-12)
+    # tied negatives: the threshold is the tied value, and positives equal to it are not above it
+    assert tpr_at_fpr([0.5, 0.6], [0.5] * 100, 0.01) == (0.5, 0.5)
+    # tiny negative set: floor(0.01 * 5) = 0, the threshold is the max
+    assert tpr_at_fpr([0.2, 0.4, 0.41], [0.1, 0.4, 0.3, 0.0, 0.2], 0.01) == (pytest.approx(1 / 3), 0.4)
+
+
+def test_fpr_validation():
+    for bad in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match="fpr"):
+            fpr_threshold([0.1, 0.2], bad)
+
+
+# ----------------------------------------------------------------------------- bootstrap
+
+
+def _reference_boot(pos, neg, fpr, n_boot, seed):
+    """Loop version of bootstrap_intervals: same draws (neg then pos, one block), scalar statistics."""
+    pos = torch.as_tensor(pos, dtype=torch.float64).sort().values
+    neg = torch.as_tensor(neg, dtype=torch.float64).sort().values
+    g = torch.Generator().manual_seed(seed)
+    idx_n = torch.randint(neg.numel(), (n_boot, neg.numel()), generator=g)
+    idx_p = torch.randint(pos.numel(), (n_boot, pos.numel()), generator=g)
+    aucs = torch.tensor([auc(pos[idx_p[b]], neg[idx_n[b]]) for b in range(n_boot)], dtype=torch.float64)
+    tprs = torch.tensor([tpr_at_fpr(pos[idx_p[b]], neg[idx_n[b]], fpr)[0] for b in range(n_boot)], dtype=torch.float64)
+    q = torch.tensor([0.025, 0.975], dtype=torch.float64)
+    return tuple(torch.quantile(aucs, q).tolist()), tuple(torch.quantile(tprs, q).tolist())
+
+
+def test_bootstrap_matches_loop_reference():
+    g = torch.Generator().manual_seed(3)
+    pos = (torch.rand(23, generator=g) * 10).round() / 10 + 0.1  # coarse values: many ties
+    neg = (torch.rand(31, generator=g) * 10).round() / 10
+    got = bootstrap_intervals(pos, neg, fpr=0.05, n_boot=200, seed=7)
+    want = _reference_boot(pos, neg, 0.05, 200, 7)
+    for g_ci, w_ci in zip(got, want):
+        assert g_ci == pytest.approx(w_ci, abs=1e-12)
+
+
+def test_bootstrap_deterministic_and_contains_estimate():
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randn(300, generator=g) + 0.5
+    neg = torch.randn(300, generator=g)
+    (a_lo, a_hi), (t_lo, t_hi) = bootstrap_intervals(pos, neg, fpr=0.05, n_boot=300, seed=1)
+    assert a_lo < auc(pos, neg) < a_hi
+    assert t_lo < tpr_at_fpr(pos, neg, 0.05)[0] < t_hi
+    assert bootstrap_intervals(pos, neg, fpr=0.05, n_boot=300, seed=1) == ((a_lo, a_hi), (t_lo, t_hi))
+    assert bootstrap_intervals(pos, neg, fpr=0.05, n_boot=300, seed=2) != ((a_lo, a_hi), (t_lo, t_hi))
+    # perfectly separated sets stay separated in every resample
+    assert bootstrap_intervals([2.0, 3.0], [0.0, 1.0], n_boot=50)[0] == (1.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- matching
+
+
+def test_max_matching_is_exact_not_greedy():
+    sim = torch.tensor([[0.9, 0.5], [0.8, 0.1]])
+    assert max_matching(sim, 0.4) == 2  # greedy (0.9 first) would stop at 1
+    assert max_matching(sim, 0.6) == 1  # only column 0 has pairs >= 0.6
+    assert max_matching(sim, 0.95) == 0
+    assert max_matching(torch.tensor([[0.5, 0.5, 0.5]]), 0.4) == 1  # one row matches one column
+
+
+# ----------------------------------------------------------------------------- exposure
+
+
+def test_exposure_matches_brute_force_and_chunks():
+    recon = _textures(7, 1)
+    refs = _textures(11, 2)
+    recon[5] = refs[4]  # an exact copy, in a later row block than...
+    recon[1] = refs[4]  # ...this one, which must win the tie (lowest index)
+    rl = torch.tensor([0, 0, 1, 1, 0, 0, 1])
+    fl = torch.tensor([0, 1, 0, 1, 0, 1, 0, 2, 1, 0, 1])  # class 2 has no reconstruction
+    e, best = exposure(recon, rl, refs, fl, chunk=3)
+    s = ssim_matrix(recon, refs).double()
+    s[rl[:, None] != fl[None, :]] = -math.inf
+    want = s.max(dim=0).values
+    assert torch.allclose(e[fl != 2], want[fl != 2], atol=1e-6)
+    rest = (fl != 2) & (torch.arange(11) != 4)  # ref 4's two copies tie: checked next
+    assert torch.equal(best[rest], s.argmax(dim=0)[rest])
+    assert best[4] == 1 and e[4] == pytest.approx(1.0, abs=1e-5)
+    assert e[7] == NO_RECON and best[7] == -1
+    e1, best1 = exposure(recon, rl, refs, fl, chunk=1024)  # one block: the same answer
+    assert torch.allclose(e, e1, atol=1e-6) and torch.equal(best, best1)
+
+
+def test_exposure_single_class():
+    refs = _textures(5, 4)
+    recon = torch.cat([refs[2:3], _textures(2, 5)])
+    e, best = exposure(recon, torch.zeros(3), refs, torch.zeros(5))
+    assert e[2] == pytest.approx(1.0, abs=1e-5) and best[2] == 0
+    assert (e[[0, 1, 3, 4]] < 0.4).all()
+
+
+def _copies_setup():
+    """4 classes x 25 training and 30 held-out images (H' = first 25 per class). Reconstructions:
+    two exact copies each of training images 5 (class 0), 30 (class 1), 57 (class 2) plus 3 noise
+    images per class 0..2; class 3 has no reconstruction. Held-out images 0 and 1 (class 0) are
+    near-copies (SSIM ~0.95) of training image 5: an unseen image can look like a memorised one,
+    and they set the 1 % threshold (the 2nd largest held-out exposure) high above chance SSIMs."""
+    train = S(_textures(100, 10), torch.arange(4).repeat_interleave(25))
+    h_img, h_lab = _textures(120, 11), torch.arange(4).repeat_interleave(30)
+    g = torch.Generator().manual_seed(12)
+    h_img[:2] = (train.images[5] + 0.1 * torch.randn(2, 1, 16, 16, generator=g)).clamp(0, 1)
+    copied = [5, 30, 57]
+    recon = torch.cat([train.images[copied], torch.rand(9, 1, 16, 16, generator=g), train.images[copied]])
+    rl = torch.cat([torch.tensor([0, 1, 2]), torch.arange(3).repeat_interleave(3), torch.tensor([0, 1, 2])])
+    return recon, rl, train, S(h_img, h_lab), copied
+
+
+def test_exact_copies_flag_exactly_those_images(tmp_path):
+    recon, rl, train, heldout, copied = _copies_setup()
+    res = score_exposure(recon, rl, train, heldout, n_boot=200)
+    assert isinstance(res, ExposureResult)
+    assert res.e_train.shape == (100,) and res.e_heldout.shape == (100,)
+    assert torch.equal(res.heldout_index, torch.cat([torch.arange(c * 30, c * 30 + 25) for c in range(4)]))
+    # the copies reach SSIM 1, reached first by reconstructions 0, 1, 2 (their duplicates tie)
+    assert torch.allclose(res.e_train[copied], torch.ones(3, dtype=torch.float64), atol=1e-5)
+    assert res.best_recon_train[copied].tolist() == [0, 1, 2]
+    # threshold: 2nd largest held-out exposure = the lower of the two near-copies' SSIMs
+    near = ssim_matrix(heldout.images[:2], train.images[5:6]).double().squeeze(1)
+    assert res.threshold == pytest.approx(float(near.min()), abs=1e-6)
+    others = torch.ones(100, dtype=torch.bool)
+    others[copied] = False
+    assert res.e_train[others].max() < 0.4  # precondition: chance SSIMs stay far below the bar
+    assert sorted(res.exposed_index.tolist()) == copied and res.exposed == 3
+    assert res.tpr == pytest.approx(3 / 100)
+    assert (res.e_train[res.exposed_index].diff() <= 0).all()  # by exposure, descending
+    # class 3 (no reconstruction): the documented floor, never exposed
+    assert (res.e_train[75:] == NO_RECON).all() and (res.best_recon_train[75:] == -1).all()
+    assert (res.e_heldout[75:] == NO_RECON).all()
+    # one-to-one: each copied image counts once although it is copied twice; the two held-out
+    # near-copies pair with the two copies of image 5
+    assert res.matched == {0.4: {"train": 3, "heldout": 2}, 0.6: {"train": 3, "heldout": 2}}
+    assert res.auc == pytest.approx(auc(res.e_train, res.e_heldout))
+    assert res.auc_ci[0] <= res.auc <= res.auc_ci[1]
+
+
+def test_metrics_rows_and_csv(tmp_path):
+    recon, rl, train, heldout, copied = _copies_setup()
+    res = score_exposure(recon, rl, train, heldout, n_boot=50)
+    m = res.metrics()
+    assert tuple(m) == exposure_keys((0.4, 0.6))
+    assert {"matched_train_040", "matched_heldout_040", "matched_train_060", "matched_heldout_060"} <= set(m)
+    assert all(isinstance(v, float) for v in m.values())
+    assert m["exposed_count"] == 3.0 and m["matched_train_040"] == 3.0 and m["matched_heldout_060"] == 2.0
+    assert m["exposure_tpr"] == pytest.approx(0.03) and m["exposure_fpr"] == 0.01
+    assert m["exposure_mean_train"] == pytest.approx(float(res.e_train.mean()))
+    rows = res.rows()
+    assert len(rows) == 100 and [r["exposed"] for r in rows[:4]] == [True, True, True, False]
+    assert sorted(r["train_index"] for r in rows[:3]) == copied
+    assert sum(r["exposed"] for r in rows) == 3
+    assert rows[-1]["exposure"] == NO_RECON and rows[-1]["recon_index"] == -1 and rows[-1]["label"] == 3
+    path = res.write_csv(tmp_path / "out" / "exposure.csv")
+    with path.open() as f:
+        read = list(csv.DictReader(f))
+    assert list(read[0]) == ["train_index", "label", "exposure", "recon_index", "exposed"]
+    assert [int(r["train_index"]) for r in read] == [r["train_index"] for r in rows]
+    assert read[0]["exposed"] == "True" and float(read[0]["exposure"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_score_exposure_validation():
+    recon, rl, train, heldout, _ = _copies_setup()
+    with pytest.raises(ValueError, match="no reconstructions"):
+        score_exposure(recon[:0], rl[:0], train, heldout)
+    with pytest.raises(ValueError, match="fpr"):
+        score_exposure(recon, rl, train, heldout, fpr=1.0)
+    with pytest.raises(ValueError, match="bars"):
+        score_exposure(recon, rl, train, heldout, bars=(1.5,))
+    with pytest.raises(ValueError, match="bars"):
+        score_exposure(recon, rl, train, heldout, bars=(0.4, 0.401))  # both would be named _040
+    with pytest.raises(ValueError, match="n_boot"):
+        score_exposure(recon, rl, train, heldout, n_boot=0)
+    with pytest.raises(ValueError, match="no held-out"):
+        score_exposure(recon, rl, train, S(heldout.images, heldout.labels + 10))
+
+
+def test_bootstrap_at_audit_scale():
+    """5,000 vs 5,000 with 1,000 resamples (the audit's sizes) in one vectorised call; for
+    N(0.5, 1) against N(0, 1) the true AUC is Phi(0.5 / sqrt 2) = 0.638."""
+    g = torch.Generator().manual_seed(5)
+    pos, neg = torch.randn(5000, generator=g) + 0.5, torch.randn(5000, generator=g)
+    (a_lo, a_hi), (t_lo, t_hi) = bootstrap_intervals(pos, neg, n_boot=1000, seed=0)
+    assert a_lo < 0.638 < a_hi and a_hi - a_lo < 0.04
+    assert t_lo < tpr_at_fpr(pos, neg)[0] < t_hi

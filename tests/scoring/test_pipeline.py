@@ -1,0 +1,85 @@
+"""The one attack -> score -> nearest pipeline (tldr_core.attack.tldr, tldr_core.scoring.pipeline): the same
+images and numbers as the steps done by hand (its files: tests/report/test_artifacts.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tldr_core.attack.checkpoints import GENERATOR_FORMAT
+from tldr_core.attack.config import AttackConfig
+from tldr_core.attack.data import load_dataset
+from tldr_core.attack.models import MLP, ConditionedGenerator
+from tldr_core.attack.output import AttackOutput
+from tldr_core.attack.templates import weight_templates
+from tldr_core.attack.tldr import run_tldr
+from tldr_core.attack.train import generate, train_generator
+from tldr_core.scoring.exposure import score_exposure
+from tldr_core.scoring.metrics import baseline_sets, nn_ssim, score_reconstructions
+from tldr_core.scoring.pipeline import attack_and_score, heldout_nearest, reference_index, score_attack, template_attack
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+
+@pytest.fixture(scope="module")
+def case():
+    bundle = load_dataset("digits-8x8", 50, seed=0, test_size=60)
+    torch.manual_seed(0)
+    clf = MLP(bundle.image_shape, bundle.num_classes).eval()
+    cfg = AttackConfig(steps=3, per_class=2, batch_size=8, device="cpu", seed=5)
+    return bundle, clf, cfg
+
+
+def test_run_tldr_draws_what_train_then_generate_draw(case):
+    bundle, clf, cfg = case
+    out = run_tldr(clf, bundle.num_classes, bundle.image_shape, cfg, log=None)
+    res = train_generator(clf, bundle.num_classes, bundle.image_shape, cfg, log=None, log_every=100)
+    images, labels = generate(res.generator, cfg.per_class, seed=cfg.seed + 1, device="cpu")
+    assert torch.equal(out.images, images) and torch.equal(out.labels, labels)
+    assert out.kind == "tldr" and out.images.shape == (20, 1, 8, 8) and out.labels.tolist()[:4] == [0, 0, 1, 1]
+    assert isinstance(out.module, ConditionedGenerator) and out.checkpoint_format == GENERATOR_FORMAT
+    assert out.settings == cfg.flat() and out.steps == 3 and out.history[-1]["step"] == 3
+
+
+def test_score_attack_equals_the_metrics_and_nearest_images_by_hand(case):
+    bundle, clf, cfg = case
+    g = torch.Generator().manual_seed(1)
+    out = AttackOutput("kkt", torch.rand(10, 1, 8, 8, generator=g), torch.arange(10))
+    scored = score_attack(out, clf, bundle, tau=0.4, seed=3, n_boot=50)
+    want = score_reconstructions(out.images, out.labels, bundle.train, bundle.heldout, classifier=clf, tau=0.4,
+                                 seed=3, n_boot=50)
+    exp = score_exposure(out.images, out.labels, bundle.train, bundle.heldout, seed=3, n_boot=50)
+    want.update(exp.metrics())  # one flat dict: the reconstruction metrics and the exposure summary
+    near = nn_ssim(out.images, out.labels, bundle.train.images, bundle.train.labels)
+    assert scored.metrics == want and scored.metrics["tau"] == 0.4
+    assert torch.equal(scored.exposure.e_train, exp.e_train) and scored.exposure.exposed == exp.exposed
+    assert torch.equal(scored.nearest_index, near.index) and torch.equal(scored.nearest_ssim, near.values)
+    assert scored.out is out and scored.kind == "kkt" and torch.equal(scored.images, out.images)
+    # the same with an index shared across calls
+    again = score_attack(out, clf, bundle, tau=0.4, seed=3, n_boot=50, index=reference_index(bundle))
+    assert again.metrics == want
+
+
+def test_attack_and_score_is_run_tldr_then_score_attack(case):
+    bundle, clf, cfg = case
+    scored = attack_and_score(clf, bundle, cfg, tau=0.5, log=None)
+    out = run_tldr(clf, bundle.num_classes, bundle.image_shape, cfg, log=None)
+    assert torch.equal(scored.images, out.images)  # same seeds, same images
+    assert scored.metrics == score_attack(out, clf, bundle, tau=0.5, seed=cfg.seed).metrics
+    assert scored.steps == cfg.steps and next(clf.parameters()).device.type == "cpu"
+
+
+def test_heldout_nearest_and_template_attack_by_hand(case):
+    bundle, clf, cfg = case
+    real = heldout_nearest(bundle, 2, seed=4)
+    images, labels = baseline_sets(bundle.train, bundle.test, bundle.num_classes, 2, seed=4)["heldout_real"]
+    near = nn_ssim(images, labels, bundle.train.images, bundle.train.labels)
+    assert torch.equal(real.images, images) and torch.equal(real.nearest_index, near.index)
+    assert real.metrics == {} and real.out is None and real.kind == "reference"
+    t = template_attack(clf, bundle, tau=0.5, seed=2)
+    ref = weight_templates(clf, tuple(bundle.image_shape))
+    assert torch.equal(t.images, ref.images) and t.method == "linear"
+    assert t.metrics == {**score_reconstructions(ref.images, ref.labels, bundle.train, bundle.heldout, classifier=clf,
+                                                 seed=2),
+                         **score_exposure(ref.images, ref.labels, bundle.train, bundle.heldout, seed=2).metrics()}
+    assert torch.equal(t.nearest_ssim, nn_ssim(ref.images, ref.labels, bundle.train.images,
+                                               bundle.train.labels).values)

@@ -1,0 +1,151 @@
+"""Ray Tune + Optuna search over the nine TLDR loss weights and the conditioning variants.
+
+    python tune/search.py --dataset mnist-bundled --trials 8
+    python tune/search.py --dataset cifar10 --trials 200 --gpus-per-trial 0.25 --address auto ...
+
+One classifier per search (trained or reused once, registered in MLflow as tldr-classifier-<dataset>);
+every trial trains a generator against it with settings drawn by Optuna (TPE, seeded) from the search
+space (tune/space.yaml; --space for your copy), behind a concurrency limit, with ASHA stopping weak
+trials early on generator steps. Every trial is a nested MLflow run of the search's run; the best
+finished generator is registered as tldr-generator-<dataset> and gets the alias `champion` only if it
+beats the champion for the same classifier on the same objective.
+
+Interrupt with Ctrl-C and continue later with --resume. Open the results with `make ui`
+(or python mlflow/serve.py).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# before Ray is imported anywhere: no auth token, our own one line per trial instead of Ray's tables
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "30")
+
+from tldr_core.attack.config import ConfigError  # noqa: E402
+from tldr_core.attack.data import DATASETS  # noqa: E402
+from tldr_core.platform import tracking as tr  # noqa: E402 - light imports only until the checks pass
+from tldr_core.platform.search_settings import (DEFAULT_OBJECTIVE, DEFAULT_STEPS, OBJECTIVES, SMOKE,  # noqa: E402
+                                                SearchError, SearchSettings, make_settings)
+
+#: Errors printed as one line (exit code 2) instead of a traceback, by class name (no heavy imports).
+ONE_LINE_ERRORS = {"DataError", "DatasetNotFoundError", "CheckpointError", "RegistryError", "MlflowException"}
+
+
+def _data_options(p: argparse.ArgumentParser) -> None:
+    d = p.add_argument_group("data and classifier")
+    d.add_argument("--dataset", default="mnist-bundled",
+                   help=f"data set: {', '.join(DATASETS)} (default mnist-bundled, embedded)")
+    d.add_argument("--train-size", type=int, default=None,
+                   help="classifier training-set size T (default 1000; 200 with --smoke-test)")
+    d.add_argument("--data-root", default=None,
+                   help="folder holding the data set (torchvision layout or image folder); passed to load_dataset")
+    d.add_argument("--download", action="store_true", help="let torchvision download the data set if it is missing")
+    d.add_argument("--classifier", default=None,
+                   help="the classifier to audit: a tldr checkpoint file, or a registry URI such as "
+                        "models:/tldr-classifier-mnist-bundled@champion or models:/NAME/VERSION "
+                        "(default: train it once, or reuse the cached one, like python -m tldr_core.cli.audit)")
+
+
+def _search_options(p: argparse.ArgumentParser) -> None:
+    s = p.add_argument_group("search")
+    s.add_argument("--trials", type=int, default=None, help="number of trials (default 8; 2 with --smoke-test)")
+    s.add_argument("--steps", type=int, default=None,
+                   help=f"generator steps per trial, the ASHA time axis (default {DEFAULT_STEPS}; "
+                        f"{SMOKE['steps']} with --smoke-test)")
+    s.add_argument("--objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE,
+                   help="what the search maximises (docs/method.md §6): quality = mean SSIM of each reconstruction to "
+                        "its nearest training image; coverage = fraction of training images matched at SSIM >= tau; "
+                        "gap = quality vs training minus quality vs size-matched held-out images. Label agreement "
+                        f"is reported beside it. Default {DEFAULT_OBJECTIVE} (see docs/search.md)")
+    s.add_argument("--space", default=None,
+                   help="search-space YAML (default tune/space.yaml; copy and edit it)")
+    s.add_argument("--scheduler", choices=("asha", "fifo"), default="asha",
+                   help="asha (default): stop weak trials early at steps/4, /2; fifo: run every trial to the end "
+                        "(fair comparisons, benchmarks)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler and of every trial (default 0)")
+    s.add_argument("--per-class", type=int, default=None,
+                   help="reconstructions per class scored at the end of a trial (default 20)")
+    s.add_argument("--tau", type=float, default=0.5, help="SSIM threshold of coverage (default 0.5)")
+    s.add_argument("--smoke-test", action="store_true",
+                   help=f"tiny search to check the set-up: {SMOKE['trials']} trials of {SMOKE['steps']} steps, "
+                        f"T={SMOKE['train_size']} (explicit flags still win)")
+
+
+def _run_options(p: argparse.ArgumentParser) -> None:
+    r = p.add_argument_group("resources (Ray)")
+    r.add_argument("--address", default=None,
+                   help="a running Ray cluster (host:port, ray://host:port or auto); default: start a local Ray "
+                        "with this machine's cores")
+    r.add_argument("--max-concurrent", type=int, default=None,
+                   help="trials running at once (default: as many as the resources allow locally, 8 on a cluster)")
+    r.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (default 1)")
+    r.add_argument("--gpus-per-trial", type=float, default=0.0,
+                   help="GPUs per trial, fractional allowed (0.25 packs four trials on a GPU; default 0)")
+    o = p.add_argument_group("results")
+    o.add_argument("--storage", default=None,
+                   help="where Ray Tune keeps the search state: a local folder or s3://bucket/prefix "
+                        "(default runs/tune under the runs folder: $TLDR_RUNS, else ./runs)")
+    o.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI, e.g. http://127.0.0.1:5000 (default: $MLFLOW_TRACKING_URI, else "
+                        "sqlite:///<runs folder>/mlflow.db)")
+    o.add_argument("--experiment", default=None, help="MLflow experiment name (default tldr-<dataset>)")
+    o.add_argument("--resume", nargs="?", const="latest", default=None, metavar="SEARCH_RUN_ID",
+                   help="continue an interrupted search (default: the latest unfinished one of the experiment); "
+                        "finished trials are kept, their MLflow runs are not duplicated")
+    o.add_argument("--quiet", action="store_true", help="only the final summary")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python tune/search.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _data_options(p)
+    _search_options(p)
+    _run_options(p)
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> SearchSettings:
+    """The SearchSettings of a parsed command line (ConfigError / SearchError for a bad value)."""
+    return make_settings(
+        args.dataset, train_size=args.train_size, data_root=args.data_root, download=args.download,
+        classifier=args.classifier, trials=args.trials, steps=args.steps, per_class=args.per_class,
+        objective=args.objective, space=args.space, scheduler=args.scheduler, seed=args.seed, tau=args.tau,
+        smoke_test=args.smoke_test, local=args.address is None, max_concurrent=args.max_concurrent,
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, storage=args.storage,
+        tracking_uri=args.tracking_uri, experiment=args.experiment)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: 0 finished, 130 interrupted (continue with --resume), 2 a one-line error."""
+    from tldr_core.platform.search import SearchInterrupted, run
+
+    args = build_parser().parse_args(argv)
+    say = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
+    tr.quiet_mlflow_env()
+    try:
+        run(settings_from_args(args), say, address=args.address, resume=args.resume,
+            report=lambda s: print(s, flush=True))
+        return 0
+    except SearchInterrupted:
+        return 130  # run() said how to continue
+    except KeyboardInterrupt as exc:
+        print("\ninterrupted", file=sys.stderr)
+        run_id = getattr(exc, "search_run_id", None)
+        if run_id:
+            print(f"continue with:  python tune/search.py --resume {run_id}", file=sys.stderr)
+        return 130
+    except (SearchError, ConfigError, tr.TrackingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - data/registry/checkpoint errors: one line, not a traceback
+        if type(exc).__name__ in ONE_LINE_ERRORS:
+            print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""One attack -> score -> nearest sequence, shared by the audit, the search trial and the bench.
+
+    out = run_tldr(classifier, bundle.num_classes, bundle.image_shape, cfg)   # or any attack's AttackOutput
+    scored = score_attack(out, classifier, bundle, tau=tau, seed=cfg.seed)    # metrics + nearest images
+    # then tldr_core.report.artifacts.write_artifacts(folder, bundle, scored) for the files
+
+:func:`attack_and_score` is the first two lines for the TLDR generator. The pictures and the
+checkpoint are written one layer up (:mod:`tldr_core.report.artifacts`), because drawing is the
+report layer's job. What the audit page shows beside an attack is computed here too:
+:func:`heldout_nearest` (real unseen images beside their nearest training image), and
+:func:`template_attack` scores the weight-template attack the same way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import Tensor, nn
+
+from tldr_core.attack.config import AttackConfig
+from tldr_core.attack.output import AttackOutput
+from tldr_core.attack.templates import RENDERINGS, TemplateResult, weight_templates
+from tldr_core.attack.tldr import run_tldr
+from tldr_core.attack.train import Callback
+from tldr_core.scoring.exposure import ExposureResult, score_exposure
+from tldr_core.scoring.metrics import baseline_sets, score_reconstructions
+from tldr_core.scoring.nearest import ReferenceIndex, SearchStats
+
+
+@dataclass
+class Scored:
+    """Images with their scores and their nearest training images (what reports and montages draw).
+
+    images: (R, C, H, W) float32 on the CPU; labels: (R,) int64; metrics: score_reconstructions'
+    dict ({} for images that were not scored as an attack); nearest_index: (R,) int64 index into the
+    training set of each image's same-class nearest training image; nearest_ssim: (R,) float64 its
+    SSIM; out: the AttackOutput scored (None for reference images); exposure: per-training-image
+    exposure (docs/method.md §7), its summary also in ``metrics`` (None for reference images).
+    """
+
+    images: Tensor
+    labels: Tensor
+    metrics: dict[str, float]
+    nearest_index: Tensor
+    nearest_ssim: Tensor
+    out: AttackOutput | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    exposure: ExposureResult | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.out.kind if self.out is not None else "reference"
+
+    @property
+    def steps(self) -> int:
+        return self.out.steps if self.out is not None else 0
+
+
+def score_attack(out: AttackOutput, classifier: nn.Module | None, bundle: Any, *, tau: float = 0.5, seed: int = 0,
+                 n_boot: int = 1000, method: str = "prefilter", index: ReferenceIndex | None = None,
+                 stats: SearchStats | None = None) -> Scored:
+    """Score an attack's reconstructions against ``bundle`` (``.train``, ``.heldout`` splits) and find
+    each one's nearest training image.
+
+    The classifier is moved to the CPU (in place, as ``nn.Module.cpu`` does) for label agreement.
+    ``index``: a ReferenceIndex of ``bundle.train`` to reuse across calls (else one is made here);
+    ``stats``: counters the nearest-neighbour searches add to. ``seed`` seeds the gap's bootstrap.
+    """
+    index = index if index is not None else reference_index(bundle)
+    metrics, exp = score_images(out.images, out.labels, classifier, bundle, tau=tau, seed=seed, n_boot=n_boot,
+                                method=method, index=index, stats=stats)
+    near = index.nearest(out.images, out.labels, stats=stats)  # the default search, as every report shows it
+    return Scored(out.images, out.labels, metrics, near.index, near.values, out, exposure=exp)
+
+
+def score_images(images: Tensor, labels: Tensor, classifier: nn.Module | None, bundle: Any, *, tau: float = 0.5,
+                 seed: int = 0, n_boot: int = 1000, method: str = "prefilter", index: ReferenceIndex | None = None,
+                 stats: SearchStats | None = None) -> tuple[dict[str, float], ExposureResult]:
+    """Every score of one set of reconstructions: score_reconstructions' metrics (quality, gap,
+    coverage, label agreement, ...) and the exposure summary (exposure_auc, exposure_tpr, ...), in one
+    flat dict, and the per-image ExposureResult. The search trial scores its progress with this too."""
+    index = index if index is not None else reference_index(bundle)
+    if classifier is not None:
+        classifier = classifier.cpu()
+    metrics = score_reconstructions(images, labels, index, bundle.heldout, classifier=classifier, tau=tau,
+                                    seed=seed, n_boot=n_boot, method=method, stats=stats)
+    exp = score_exposure(images, labels, bundle.train, bundle.heldout, seed=seed, n_boot=n_boot)
+    return {**metrics, **exp.metrics()}, exp
+
+
+def attack_and_score(classifier: nn.Module, bundle: Any, cfg: AttackConfig, *, tau: float = 0.5,
+                     callback: Callback | None = None, log: Callable[[str], None] | None = print,
+                     log_every: int = 100, index: ReferenceIndex | None = None,
+                     stats: SearchStats | None = None) -> Scored:
+    """:func:`~tldr_core.attack.tldr.run_tldr` against ``classifier`` on ``bundle``'s shapes, then
+    :func:`score_attack` (bootstrap seed ``cfg.seed``). ``scored.out`` holds the generator."""
+    out = run_tldr(classifier, bundle.num_classes, bundle.image_shape, cfg, callback=callback, log=log,
+                   log_every=log_every)
+    return score_attack(out, classifier, bundle, tau=tau, seed=cfg.seed, index=index, stats=stats)
+
+
+def template_attack(model: nn.Module, bundle: Any, *, tau: float = 0.5, seed: int = 0,
+                    renderings: tuple[str, ...] = RENDERINGS, index: ReferenceIndex | None = None) -> TemplateResult:
+    """The weight-template attack (first layer fully connected) scored like any reconstructions: metrics
+    and nearest training images filled in. ``model`` is moved to the CPU in place."""
+    model = model.cpu()
+    index = index if index is not None else reference_index(bundle)
+    res = weight_templates(model, tuple(bundle.image_shape), renderings=renderings)
+    res.metrics, res.exposure = score_images(res.images, res.labels, model, bundle, tau=tau, seed=seed, index=index)
+    near = index.nearest(res.images, res.labels)
+    res.nearest_index, res.nearest_ssim = near.index, near.values
+    return res
+
+
+def heldout_nearest(bundle: Any, per_class: int, *, seed: int = 0, index: ReferenceIndex | None = None) -> Scored:
+    """Real unseen images (the "heldout_real" baseline set: ``per_class`` test images per class, seeded)
+    beside their nearest training image: how close data the model never saw comes to its training set."""
+    index = index if index is not None else reference_index(bundle)
+    real, real_y = baseline_sets(bundle.train, bundle.test, bundle.num_classes, per_class, seed=seed)["heldout_real"]
+    near = index.nearest(real, real_y)
+    return Scored(real, real_y, {}, near.index, near.values)
+
+
+def reference_index(bundle: Any) -> ReferenceIndex:
+    """A ReferenceIndex of ``bundle.train`` to share between the calls above."""
+    return ReferenceIndex(bundle.train.images, bundle.train.labels, name="train")
