@@ -26,6 +26,20 @@ def _training(t: dict[str, Any]) -> list[str]:
     return L
 
 
+def _kkt(sec: dict[str, Any]) -> list[str]:
+    L = ["## KKT (stationarity) attack steps per second", "",
+         "One Adam step on all candidates = one double backward of the stationarity residual"
+         " (docs/method.md §8; `tldr_core.attack.kkt.run_kkt`, layers `all`, soft margin), untrained fully"
+         " connected ReLU classifier (cost does not depend on its weights), 1x28x28 images.", "",
+         "| device | network | candidates | steps | steps/s | load |", "|---|---|---:|---:|---:|---:|"]
+    L += [f"| {r['device']} | {r['network']} | {r['candidates']} | {r['steps']} | {f(r['steps_per_s'], 1)} | "
+          f"{r['load']} |" for r in sec["rows"]]
+    if not sec.get("cuda"):
+        L.append(f"| cuda | | | | {GPU_NOTE} | |")
+    L.append("")
+    return L
+
+
 def _terms(sec: dict[str, Any]) -> list[str]:
     L = ["## Cost of each loss term", "",
          "Forward + backward to the images of one term alone, batch 64 (each line includes the classifier"
@@ -116,7 +130,7 @@ def _memory(sec: dict[str, Any]) -> list[str]:
     return L
 
 
-SECTION_RENDERERS = {"training": _training, "terms": _terms, "grad": _grad, "scoring": _scoring, "ray": _ray,
+SECTION_RENDERERS = {"training": _training, "kkt": _kkt, "terms": _terms, "grad": _grad, "scoring": _scoring, "ray": _ray,
                      "memory": _memory}
 
 

@@ -4,7 +4,8 @@
     python bench/run.py --quick    # laptop check (~2 min), same table with smaller sizes
     python bench/run.py --only grad,scoring --out /tmp/b.md
 
-Sections: generator steps/s (4 conditioning variants x 2 image shapes x 2 modes), the cost of each
+Sections: generator steps/s (4 conditioning variants x 2 image shapes x 2 modes), KKT attack steps/s
+(784-1000-1000-10 MLP, 200 candidates, CPU and CUDA when present), the cost of each
 loss term and of the four Grad forms (both scopes), scoring (brute force vs the pruned exact
 search, 1k/10k/50k references), Ray Tune's overhead against a plain loop with trials/hour at 1 and 2
 concurrent trials, and the peak memory of a trial. Every ratio is measured side by side in one run;
@@ -33,11 +34,12 @@ import torch  # noqa: E402
 
 from bench.ray_section import bench_ray, fixed_trials_space  # noqa: E402,F401 (tests call fixed_trials_space here)
 from bench.render import render  # noqa: E402
-from bench.sections import bench_grad, bench_memory, bench_scoring, bench_terms, bench_training, load  # noqa: E402
+from bench.sections import (bench_grad, bench_kkt, bench_memory, bench_scoring, bench_terms,  # noqa: E402
+                            bench_training, load)
 
-SECTIONS = ("training", "terms", "grad", "scoring", "ray", "memory")
-FUNCTIONS = {"training": bench_training, "terms": bench_terms, "grad": bench_grad, "scoring": bench_scoring,
-             "ray": bench_ray, "memory": bench_memory}
+SECTIONS = ("training", "kkt", "terms", "grad", "scoring", "ray", "memory")
+FUNCTIONS = {"training": bench_training, "kkt": bench_kkt, "terms": bench_terms, "grad": bench_grad,
+             "scoring": bench_scoring, "ray": bench_ray, "memory": bench_memory}
 
 
 def machine() -> dict[str, Any]:

@@ -89,6 +89,30 @@ def bench_training(q: bool, tiny: bool = False) -> dict[str, Any]:
     return {"steps": steps, "batch": 64, "rows": rows}
 
 
+def bench_kkt(q: bool, tiny: bool = False) -> dict[str, Any]:
+    """Steps/s of the stationarity (KKT) attack: an untrained 784-1000-1000-10 ReLU MLP (the attack's
+    cost does not depend on the weights), 200 candidates (20 per class), all parameters in the equation,
+    on the CPU and, when there is one, on CUDA. Each step is one double backward over all candidates."""
+    from tldr_core.attack.kkt import KKTConfig, run_kkt
+    from tldr_core.attack.models import FC
+
+    widths, per_class, steps = ((100, 100), 2, 3) if tiny else ((1000, 1000), 20, 10 if q else 20)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    rows = []
+    for device in devices:
+        torch.manual_seed(0)
+        clf = FC((1, 28, 28), 10, widths=widths).eval().requires_grad_(False)
+        cfg = KKTConfig(steps=steps, per_class=per_class, log_every=steps, device=device)
+        run_kkt(clf, 10, (1, 28, 28), KKTConfig(steps=2, per_class=per_class, device=device),
+                train_per_class=per_class, log=None)  # warm-up (CUDA context, allocator)
+        rates = [run_kkt(clf, 10, (1, 28, 28), cfg, train_per_class=per_class, log=None).steps_per_second
+                 for _ in range(1 if q or tiny else 3)]
+        rows.append({"device": device, "network": "784-" + "-".join(map(str, widths)) + "-10",
+                     "candidates": 10 * per_class, "steps": steps, "steps_per_s": statistics.median(rates),
+                     "load": load()})
+    return {"rows": rows, "cuda": torch.cuda.is_available()}
+
+
 def _term_inputs(shape, batch=64):
     clf = classifier_for(shape)
     g = torch.Generator().manual_seed(0)

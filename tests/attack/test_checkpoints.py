@@ -72,3 +72,59 @@ def test_generator_file_is_not_a_classifier(tmp_path):
         load_classifier(p)
     g2, _ = load_generator(p)
     assert g2.spec() == gen.spec()
+
+
+# ---- the KKT attack's candidates ------------------------------------------------------------------
+
+def _kkt_output():
+    from tldr_core.attack import kkt
+    from tldr_core.attack.models import FC
+
+    torch.manual_seed(0)
+    model = FC((1, 4, 4), 3, widths=(6,)).eval().requires_grad_(False)
+    return kkt.run_kkt(model, 3, (1, 4, 4), kkt.KKTConfig(steps=3, per_class=2, lr=0.05), train_per_class=1, log=None)
+
+
+def test_kkt_candidates_round_trip(tmp_path):
+    from tldr_core.attack.checkpoints import LOADERS, load_kkt_candidates, load_module
+    from tldr_core.attack.kkt import KKT_FORMAT, KKTCandidates
+
+    out = _kkt_output()
+    p = save_checkpoint(tmp_path / "kkt.pt", out.module, out.checkpoint_format, {"dataset": "toy", "steps": 3})
+    cand, meta = load_kkt_candidates(p)
+    assert isinstance(cand, KKTCandidates) and meta == {"dataset": "toy", "steps": 3}
+    assert torch.equal(cand.x, out.module.x) and torch.equal(cand.lam, out.module.lam)
+    assert torch.equal(cand.labels, torch.tensor([0, 0, 1, 1, 2, 2])) and cand.labels.dtype == torch.int64
+    assert cand.spec() == {"count": 6, "image_shape": [1, 4, 4], "num_classes": 3}
+    assert LOADERS[KKT_FORMAT] is load_kkt_candidates
+    again, _ = load_module(p, out.checkpoint_format)
+    assert torch.equal(again.x, out.module.x)
+    with pytest.raises(CheckpointError, match="not a tldr-generator"):
+        load_generator(p)  # formats are not interchangeable
+    with pytest.raises(CheckpointError, match="no loader"):
+        load_module(p, "tldr-unknown/1")
+
+
+def test_kkt_candidates_refuse_code_and_inconsistent_files(tmp_path):
+    from tldr_core.attack.checkpoints import load_kkt_candidates
+    from tldr_core.attack.kkt import KKT_FORMAT
+
+    out = _kkt_output()
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": KKT_FORMAT, "spec": out.module.spec(), "state_dict": {}, "meta": {"x": Boom(str(marker))}},
+               evil)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_kkt_candidates(evil)
+    assert not marker.exists()
+    p = save_checkpoint(tmp_path / "kkt.pt", out.module, KKT_FORMAT)
+    payload = torch.load(p, weights_only=True)
+    payload["spec"]["count"] = 10 ** 9  # would allocate 16 GB if built before checking
+    torch.save(payload, p)
+    with pytest.raises(CheckpointError, match="spec says candidates"):
+        load_kkt_candidates(p)
+    payload["spec"]["count"] = 6
+    payload["state_dict"]["labels"] = torch.tensor([0, 0, 1, 1, 2, 7])
+    torch.save(payload, p)
+    with pytest.raises(CheckpointError, match="labels outside 0..2"):
+        load_kkt_candidates(p)

@@ -31,6 +31,9 @@ def test_audit_end_to_end_on_bundled_mnist(tmp_path, tmp_cache, capsys):
                 "diversity"):
         assert key in m and np.isfinite(m[key]), key
     assert set(record["baselines"]) == {"noise", "class_mean", "heldout_real"}
+    assert 0 <= m["exposure_auc_lo"] <= m["exposure_auc"] <= m["exposure_auc_hi"] <= 1
+    assert record["risk"] in ("LOW", "MEDIUM", "HIGH") and record["risks"]["tldr"]["risk"] == record["risk"]
+    assert len((out / "exposure.csv").read_text().splitlines()) == 1 + 100  # header + every training image
     assert record["settings"]["steps"] == 15 and "grad" in record["settings"]
     assert 0 <= record["classifier"]["test_accuracy"] <= 1
     rec = np.load(out / "reconstructions.npz")

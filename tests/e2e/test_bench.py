@@ -241,3 +241,23 @@ def test_ray_section_runs_the_same_fixed_trials(tmp_path):
         assert cfg == space.attack_config(point)  # what the Tune trial gets == what the plain loop runs
         seen.add((cfg.variant, cfg.weights.grad > 0))
     assert len(seen) == 8  # four variants, with and without the expensive terms
+
+
+def test_kkt_section_measures_and_renders():
+    """The KKT steps/s section (tiny sizes: ~1 s): a row per device with a positive rate, rendered as a table;
+    without CUDA the GPU row says it was not measured."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tldr_bench_run_kkt", ROOT / "bench" / "run.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert "kkt" in bench.SECTIONS
+    sec = bench.FUNCTIONS["kkt"](False, True)
+    devices = [r["device"] for r in sec["rows"]]
+    assert devices == ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for r in sec["rows"]:
+        assert r["steps_per_s"] > 0 and r["candidates"] == 20 and r["steps"] == 3 and r["network"] == "784-100-100-10"
+    text = bench.render({"machine": bench.machine(), "load_start": 0.0, "load_end": 0.0, "kkt": sec}, True, 1.0)
+    assert "## KKT (stationarity) attack steps per second" in text
+    assert "| cpu | 784-100-100-10 | 20 | 3 |" in text
+    assert ("not measured" in text.split("## KKT")[1]) == (not torch.cuda.is_available())

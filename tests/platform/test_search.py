@@ -126,6 +126,8 @@ BAD_SPACES = {
     "when_on unknown": (_set("params.epsilon.when_on", ["nope"]), "unknown loss term"),
     "weight in params": (_set("params.kl", {"low": 0.1, "high": 1}), "put them under weights"),
     "initial point word typo": (_set("initial_points", ["default"]), "or the word 'defaults'"),
+    "a kkt space": (_set("attack", "kkt"), "this is a kkt search space (attack: kkt), not a tldr one"),
+    "bad prior choice": (_set("params.jitter", {"choices": [0, -1]}), "jitter must be an integer >= 0"),
 }
 
 
@@ -146,7 +148,8 @@ def test_help_lists_every_option():
     assert out.returncode == 0, out.stderr
     for flag in ("--dataset", "--train-size", "--trials", "--max-concurrent", "--cpus-per-trial", "--gpus-per-trial",
                  "--steps", "--address", "--storage", "--tracking-uri", "--experiment", "--classifier", "--resume",
-                 "--smoke-test", "--seed", "--data-root", "--download", "--space", "--objective", "--scheduler"):
+                 "--smoke-test", "--seed", "--data-root", "--download", "--space", "--objective", "--scheduler",
+                 "--attack"):
         assert flag in out.stdout, flag
 
 
@@ -287,6 +290,9 @@ def test_smoke_search_records_every_trial(smoke):
         assert t.data.tags[tr.STATE] == expected
         if t.info.status != "FAILED":
             assert "quality" in t.data.metrics and "label_agreement" in t.data.metrics
+            # the intermediate reports score exposure too (pipeline.score_images), so ASHA can rank on it
+            assert {"exposure_tpr", "exposure_auc"} <= set(t.data.metrics)
+            assert 2 in {h.step for h in c.get_metric_history(t.info.run_id, "exposure_auc")}
             assert any(k.startswith("loss_") for k in t.data.metrics)
             assert any(k.startswith("wloss_") for k in t.data.metrics)
     finished = [t for t in trials if t.info.status == "FINISHED"]

@@ -2,6 +2,7 @@
 with every image loaded and no console errors (CI installs Chromium; a missing one fails, never skips)."""
 import json
 import re
+from html import escape
 import sys
 from pathlib import Path
 
@@ -14,11 +15,12 @@ from tldr_core.attack.config import AttackConfig
 from tldr_core.attack.data import load_dataset
 from tldr_core.attack.output import AttackOutput
 from tldr_core.cli import audit
-from tldr_core.report.page import headline, render_report, reproduce_command, write_report
-from tldr_core.scoring import metrics, nearest, ssim
+from tldr_core.attack.kkt import KKTConfig
+from tldr_core.report.page import headline, render_report, reproduce_command, verdict_sentence, write_report
+from tldr_core.scoring import exposure, metrics, nearest, pipeline, ssim
 from tldr_core.scoring.metrics import score_baselines
 from tldr_core.scoring.pipeline import heldout_nearest, score_attack, template_attack
-from tldr_core.scoring.risk import Risk
+from tldr_core.scoring.risk import Risk, assess
 
 sys.path.insert(0, str(Path(__file__).parent))
 from browser_check import INSTALL, check_page, find_chromium  # noqa: E402
@@ -31,6 +33,19 @@ def test_headline_follows_the_level_and_the_criterion():
     assert "what its classes look like" in headline(Risk("MEDIUM", ["x"], criterion="class_level"))
     assert "leaks a little" in headline(Risk("MEDIUM", ["x"], criterion="gap_significant"))
     assert headline(Risk("LOW", ["x"])) == "no measurable leak of training images"
+    assert headline(Risk("HIGH", ["x"], criterion="exposure")) == "this model gives away its training data"
+    assert "leaks a little" in headline(Risk("MEDIUM", ["x"], criterion="exposure_significant"))
+
+
+def test_verdict_sentence_reads_for_every_criterion():
+    """Exposure and coverage reasons are whole clauses; the gap's describe the reconstructions."""
+    assert verdict_sentence("generator", Risk("HIGH", ["individual training images come back: 40%"],
+                                              criterion="exposure")) == (
+        "With the generator reconstructions, individual training images come back: 40%.")
+    coverage = Risk("HIGH", ["12% of the training images have one"], criterion="coverage")
+    assert verdict_sentence("generator", coverage).startswith("With the generator reconstructions, 12%")
+    assert verdict_sentence("generator", Risk("HIGH", ["clearly closer"], criterion="gap")) == (
+        "The generator reconstructions are clearly closer.")
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +76,39 @@ def test_report_computes_nothing(leaky_case, monkeypatch):
 
     for mod, name in ((ssim, "ssim_matrix"), (nearest, "ssim_matrix"), (metrics, "ssim_matrix"),
                       (metrics, "score_reconstructions"), (metrics, "baseline_sets"), (templates, "weight_templates"),
-                      (nearest.ReferenceIndex, "nearest")):
+                      (nearest.ReferenceIndex, "nearest"), (exposure, "ssim_matrix"), (exposure, "score_exposure"),
+                      (pipeline, "ssim_matrix"), (pipeline, "exposure_gallery")):
         monkeypatch.setattr(mod, name, forbidden)
     html = render_report(b, baselines, **results)
     assert "HIGH risk" in html and "Weight templates" in html and "unseen image" in html
+    assert "Exposure: which training images come back" in html
+
+
+def test_report_states_each_attacks_exposure_and_shows_its_gallery(leaky_case):
+    b, baselines, results = leaky_case
+    html = render_report(b, baselines, **results)
+    section = html[html.index("<h2>Exposure: which training images"):html.index("<h2>Generator reconstructions")]
+    assert "Exposure</b> e(t) is the best SSIM" in section  # the one-line explanation
+    for attack in (results["attack"], results["templates"]):
+        m = attack.metrics
+        for needle in (f"<td>{m['exposure_auc']:.3f}</td><td>{m['exposure_auc_lo']:.3f} &ndash; "
+                       f"{m['exposure_auc_hi']:.3f}</td><td>0.5</td>",
+                       f"<td>{m['exposure_tpr']:.1%}</td><td>{m['exposure_tpr_lo']:.1%} &ndash; "
+                       f"{m['exposure_tpr_hi']:.1%}</td><td>1%</td>",
+                       f"{m['exposed_count']:.0f} of {len(b.train)} (e(t) &gt; {m['exposure_threshold']:.3f})",
+                       f"SSIM &ge; 0.4</th><td>{m['matched_train_040']:.0f} training images</td><td></td><td>"
+                       f"{m['matched_heldout_040']:.0f} unseen images",
+                       f"SSIM &ge; 0.6</th><td>{m['matched_train_060']:.0f} training images</td><td></td><td>"
+                       f"{m['matched_heldout_060']:.0f} unseen images"):
+            assert needle in section, needle
+    # noisy copies of 30 training images: 30 exposed, and the gallery is embedded once per attack
+    assert results["attack"].metrics["exposed_count"] >= 25
+    assert section.count('<img class="wide" src="data:image/png;base64,') == 2
+    assert "the most exposed training images" in section
+    # the verdict box names the exposure criterion in a sentence that reads
+    r = assess(results["attack"].metrics, baselines)
+    sentence = f"With the generator (label, 0 steps) reconstructions, {r.reason}."
+    assert r.criterion == "exposure" and escape(sentence) in html
 
 
 def test_report_is_self_contained_and_says_high_risk_for_copied_training_images(leaky_case, tmp_path):
@@ -131,3 +175,16 @@ def test_reproduce_command_uses_flags_or_the_classifier_file():
     assert f"--kl-pert {d.weights.kl_pert:g}" in cmd  # every weight, always: defaults may change
     rec["classifier"]["settings"]["optimizer"] = "sgd"  # not expressible by audit flags: point at the file
     assert "--classifier c.pt" in reproduce_command(rec)
+    rec["settings"].update(bn=0.25, jitter=2, flip=True)  # the image priors have flags now
+    cmd = reproduce_command(rec)
+    assert "--bn 0.25" in cmd and "--jitter 2" in cmd and "--flip true" in cmd and "extra.yaml" in cmd  # latent_dim
+
+
+def test_reproduce_command_of_a_kkt_audit_gives_its_kkt_flags():
+    st = {**KKTConfig(steps=40, layers="fc", weight_decay_form=False).flat(), "per_class": 10, "device": "cuda"}
+    rec = {"dataset": {"name": "digits-8x8", "train_size": 50}, "attack": "kkt",
+           "classifier": {"path": "c.pt"}, "settings": st, "metrics": {"tau": 0.5}}
+    cmd = reproduce_command(rec)
+    assert "--attack kkt" in cmd and "--kkt-steps 40" in cmd and "--kkt-layers fc" in cmd
+    assert "--kkt-weight-decay-form false" in cmd and "--kkt-per-class 10" in cmd
+    assert "--kkt-lr" not in cmd and "device" not in cmd and "--kl " not in cmd and "--steps" not in cmd

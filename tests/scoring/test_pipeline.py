@@ -1,5 +1,6 @@
 """The one attack -> score -> nearest pipeline (tldr_core.attack.tldr, tldr_core.scoring.pipeline): the same
-images and numbers as the steps done by hand (its files: tests/report/test_artifacts.py)."""
+images and numbers as the steps done by hand, and the exposure gallery checked pair by pair with plain SSIM
+(its files: tests/report/test_artifacts.py)."""
 from __future__ import annotations
 
 import pytest
@@ -15,7 +16,9 @@ from tldr_core.attack.tldr import run_tldr
 from tldr_core.attack.train import generate, train_generator
 from tldr_core.scoring.exposure import score_exposure
 from tldr_core.scoring.metrics import baseline_sets, nn_ssim, score_reconstructions
-from tldr_core.scoring.pipeline import attack_and_score, heldout_nearest, reference_index, score_attack, template_attack
+from tldr_core.scoring.pipeline import (attack_and_score, exposure_gallery, heldout_nearest, reference_index,
+                                        score_attack, template_attack)
+from tldr_core.scoring.ssim import ssim
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -83,3 +86,58 @@ def test_heldout_nearest_and_template_attack_by_hand(case):
                          **score_exposure(ref.images, ref.labels, bundle.train, bundle.heldout, seed=2).metrics()}
     assert torch.equal(t.nearest_ssim, nn_ssim(ref.images, ref.labels, bundle.train.images,
                                                bundle.train.labels).values)
+
+
+def _copies_and_noise(bundle, per_class: int, classes: range, seed: int = 0):
+    """Noisy copies of the first ``per_class`` training images of each class (they expose those) and one
+    noise image per class (exposes nothing): (images, labels)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.cat([(bundle.train.labels == c).nonzero().flatten()[:per_class] for c in classes])
+    copies = (bundle.train.images[idx] + 0.03 * torch.randn(len(idx), 1, 8, 8, generator=g)).clamp(0, 1)
+    noise = torch.rand(len(classes), 1, 8, 8, generator=g)
+    return torch.cat([copies, noise]), torch.cat([bundle.train.labels[idx], torch.tensor(list(classes))])
+
+
+def test_exposure_gallery_rows_are_the_most_exposed_images_with_their_recon_and_best_heldout_match(case):
+    bundle, clf, _ = case
+    images, labels = _copies_and_noise(bundle, 1, range(10))
+    scored = score_attack(AttackOutput("kkt", images, labels), clf, bundle, n_boot=50)
+    exp, gal = scored.exposure, scored.gallery
+    assert 0 < exp.exposed < 16  # fewer exposed than shown: the rest fill up, marked not exposed
+    assert len(gal.rows) == 16 and [r.exposed for r in gal.rows] == [True] * exp.exposed + [False] * (16 - exp.exposed)
+    assert [r.train_index for r in gal.rows] == [row["train_index"] for row in exp.rows()[:16]]  # exposure.csv order
+    assert gal.threshold == exp.threshold and gal.exposed == exp.exposed and gal.train_size == len(bundle.train)
+    h_images, h_labels = bundle.heldout.images, bundle.heldout.labels
+    for r in gal.rows:
+        assert torch.equal(r.train_image, bundle.train.images[r.train_index]) and r.label == bundle.train.labels[
+            r.train_index]
+        assert torch.equal(r.recon_image, images[r.recon_index].clamp(0, 1)) and labels[r.recon_index] == r.label
+        assert float(ssim(r.train_image, r.recon_image)) == pytest.approx(r.exposure, abs=1e-5)  # e(t), by hand
+        assert r.exposed == (r.exposure > exp.threshold)
+        # the best H' match of THIS reconstruction, by brute force over H' images of its class
+        pool = exp.heldout_index[h_labels[exp.heldout_index] == r.label]
+        brute = torch.stack([ssim(r.recon_image, h_images[int(j)])[0] for j in pool])
+        assert r.heldout_index == int(pool[int(brute.argmax())]) and r.heldout_ssim == pytest.approx(
+            float(brute.max()), abs=1e-5)
+        assert torch.equal(r.heldout_image, h_images[r.heldout_index])
+    assert gal.rows[0].exposure > gal.rows[-1].exposure  # sorted, and copies beat the rest
+    assert score_attack(AttackOutput("kkt", images, labels), clf, bundle, n_boot=10, gallery_size=0).gallery is None
+
+
+def test_exposure_gallery_leaves_out_classes_without_reconstructions(case):
+    bundle, clf, _ = case
+    images, labels = _copies_and_noise(bundle, 2, range(3))  # classes 0-2 only
+    exp = score_attack(AttackOutput("kkt", images, labels), clf, bundle, n_boot=10).exposure
+    gal = exposure_gallery(exp, images, bundle, top=1000)
+    assert len(gal.rows) == int((bundle.train.labels < 3).sum()) and {r.label for r in gal.rows} == {0, 1, 2}
+    assert len(exposure_gallery(exp, images, bundle, top=4).rows) == 4
+    with pytest.raises(ValueError, match="top"):
+        exposure_gallery(exp, images, bundle, top=0)
+
+
+def test_template_attack_has_a_gallery(case):
+    bundle, clf, _ = case
+    t = template_attack(clf, bundle, seed=2)
+    assert t.gallery is not None and len(t.gallery.rows) == 16
+    assert all(int(t.labels[r.recon_index]) == r.label for r in t.gallery.rows)
+    assert [r.exposure for r in t.gallery.rows] == sorted(t.exposure.e_train.tolist(), reverse=True)[:16]

@@ -3,6 +3,10 @@
 The models this platform audits are untrusted files, so every load uses `torch.load(weights_only=True)`:
 only tensors and plain containers are accepted. A checkpoint is a dict
 `{"format": ..., "spec": {...}, "state_dict": {...}, "meta": {...}}`; `spec` rebuilds the module.
+
+Formats and their loaders (`LOADERS`, or `load_module(path, fmt)`): the classifier, the TLDR
+generator and the KKT attack's candidates (`kkt.KKT_FORMAT`, what `run_kkt`'s AttackOutput.module
+is saved with).
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from tldr_core.attack.kkt import KKT_FORMAT, KKTCandidates, build_candidates
 from tldr_core.attack.models import ConditionedGenerator, build_classifier
 
 CLASSIFIER_FORMAT = "tldr-classifier/1"
@@ -64,7 +69,11 @@ def _read(path: str | Path, fmt: str) -> dict[str, Any]:
 
 
 def _load(path: str | Path, fmt: str, build: Callable[[dict], nn.Module]) -> tuple[nn.Module, dict[str, Any]]:
-    payload = _read(path, fmt)
+    return _build(path, _read(path, fmt), build)
+
+
+def _build(path: str | Path, payload: dict[str, Any], build: Callable[[dict], nn.Module]
+           ) -> tuple[nn.Module, dict[str, Any]]:
     try:
         module = build(payload["spec"])
     except Exception as exc:
@@ -90,3 +99,41 @@ def load_generator(path: str | Path) -> tuple[ConditionedGenerator, dict[str, An
         spec["image_shape"] = tuple(spec["image_shape"])
         return ConditionedGenerator(**spec)
     return _load(path, GENERATOR_FORMAT, build)
+
+
+def load_kkt_candidates(path: str | Path) -> tuple[KKTCandidates, dict[str, Any]]:
+    """(KKT candidates in eval mode, their meta dict): images x (m, C, H, W), coefficients lam (m,), labels (m,).
+
+    The spec is checked against the stored tensors before anything is allocated (a spec naming a
+    huge count would otherwise allocate it), and the labels must be classes of the spec."""
+    payload = _read(path, KKT_FORMAT)
+    state = payload.get("state_dict")
+    x = state.get("x") if isinstance(state, dict) else None
+
+    def build(spec: dict) -> nn.Module:
+        shape = (int(spec["count"]), *(int(d) for d in spec["image_shape"]))
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape:
+            found = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"the spec says candidates {shape} but the stored x is {found}")
+        return build_candidates(spec)
+
+    cand, meta = _build(path, payload, build)
+    labels = cand.labels
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= cand.num_classes):
+        raise CheckpointError(f"{path}: candidate labels outside 0..{cand.num_classes - 1}")
+    return cand, meta
+
+
+#: Every checkpoint format and its loader; all read with torch.load(weights_only=True).
+LOADERS: dict[str, Callable[[str | Path], tuple[nn.Module, dict[str, Any]]]] = {
+    CLASSIFIER_FORMAT: load_classifier,
+    GENERATOR_FORMAT: load_generator,
+    KKT_FORMAT: load_kkt_candidates,
+}
+
+
+def load_module(path: str | Path, fmt: str) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a checkpoint of format `fmt` (e.g. an AttackOutput's `checkpoint_format`) with its loader."""
+    if fmt not in LOADERS:
+        raise CheckpointError(f"no loader for checkpoint format {fmt!r}; known: {sorted(LOADERS)}")
+    return LOADERS[fmt](path)

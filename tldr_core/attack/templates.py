@@ -56,6 +56,7 @@ class TemplateResult:
     nearest_index: Tensor | None = None  # (K,) index into the training set of each nearest training image
     nearest_ssim: Tensor | None = None   # (K,)
     exposure: Any = None                 # per-training-image exposure (set by the scoring layer)
+    gallery: Any = None                  # the most exposed training images (set by the scoring layer)
 
     def summary(self) -> dict[str, Any]:
         return {"method": self.method, "choice": self.choice,

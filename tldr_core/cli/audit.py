@@ -1,10 +1,17 @@
-"""One TLDR audit run: classifier (trained once, cached) -> generator -> reconstructions -> scores.
+"""One audit run: classifier (trained once, cached) -> attack -> reconstructions -> scores -> verdict.
 
     python -m tldr_core.cli.audit --dataset mnist-bundled --train-size 1000 --out runs/demo
+    python -m tldr_core.cli.audit --attack kkt --kkt-steps 2000 ...   # the stationarity (KKT) attack
+    python -m tldr_core.cli.audit ... --fail-on high                  # exit status 3 on a HIGH verdict
 
-writes into --out: metrics.json, reconstructions.npz, grid.png, nearest.png, generator.pt, report.html.
-Files are written to a staging folder and moved into place at the end (metrics.json last), so a
-failed run never leaves output that looks complete.
+writes into --out: metrics.json, reconstructions.npz, grid.png, nearest.png, exposure.csv (every
+training image's exposure), exposure.png (the most exposed ones), the attack's checkpoint
+(generator.pt, or kkt.pt with --attack kkt) and report.html. metrics.json records the verdict:
+"risk" (LOW/MEDIUM/HIGH), "reasons", "criterion", "thresholds" and "risk_attack" of the worst attack,
+and the same per attack under "risks" (tldr_core.scoring.risk). Files are written to a staging
+folder and moved into place at the end (metrics.json last), so a failed run never leaves output
+that looks complete. Exit status: 0 done, 2 bad input or a failed run, 3 the verdict is at or above
+--fail-on.
 """
 from __future__ import annotations
 
@@ -24,46 +31,95 @@ from tldr_core.attack.classifier import ClassifierSettings, load_or_train
 from tldr_core.attack.config import (GRAD_MODES, GRAD_SCOPES, MODES, PERTURBATIONS, VARIANTS, AttackConfig, ConfigError,
                                      LossWeights, load_yaml_config)
 from tldr_core.attack.data import DATASETS, DataError, DatasetBundle, DatasetNotFoundError, load_dataset
+from tldr_core.attack.kkt import KKTConfig, run_kkt
+from tldr_core.attack.output import AttackOutput
 from tldr_core.attack.templates import TemplateResult, applies as templates_apply
+from tldr_core.attack.tldr import run_tldr
 from tldr_core.attack.train import NonFiniteLossError, resolve_device, summarize_history
-from tldr_core.report.artifacts import write_artifacts
+from tldr_core.cli.attack_flags import (ATTACKS, add_kkt_flags, add_prior_flags, check_attack_flags,
+                                        kkt_config_from_args)
+from tldr_core.report.artifacts import checkpoint_name, write_artifacts
 from tldr_core.report.page import render_report
 from tldr_core.scoring.metrics import score_baselines
-from tldr_core.scoring.pipeline import Scored, attack_and_score, heldout_nearest, reference_index, template_attack
+from tldr_core.scoring.pipeline import Scored, heldout_nearest, reference_index, score_attack, template_attack
+from tldr_core.scoring.risk import LEVELS, Risk, assess, worst
 
-OUTPUT_FILES = ("metrics.json", "reconstructions.npz", "grid.png", "nearest.png", "generator.pt", "report.html")
+OUTPUT_FILES = ("metrics.json", "reconstructions.npz", "grid.png", "nearest.png", "exposure.csv", "exposure.png",
+                "generator.pt", "report.html")
+FAIL_STATUS = 3  # exit status when the verdict is at or above --fail-on
+
+
+def output_files(kind: str = "tldr") -> tuple[str, ...]:
+    """The files an audit with attack ``kind`` leaves in --out (its checkpoint named by kind)."""
+    return tuple(checkpoint_name(kind) if n == "generator.pt" else n for n in OUTPUT_FILES)
 
 
 @dataclass
 class AuditResults:
     """Everything an audit computes; the report and metrics.json only present it."""
 
-    attack: Scored                        # the generator's reconstructions, scores and nearest training images
+    attack: Scored                        # the attack's reconstructions, scores, exposure and nearest training images
     baselines: dict[str, dict[str, float]]  # score_baselines' dict
     heldout: Scored                       # real unseen images beside their nearest training images
     templates: TemplateResult | None = None  # the weight-template attack, when the first layer is fully connected
 
+    def risks(self) -> dict[str, Risk]:
+        """The risk rule's verdict per attack ("tldr" or "kkt", then "templates"), as the report states it."""
+        out = {self.attack.kind: assess(self.attack.metrics, self.baselines)}
+        if self.templates is not None:
+            out["templates"] = assess(self.templates.metrics, self.baselines)
+        return out
 
-def run_audit(classifier: nn.Module, bundle: DatasetBundle, cfg: AttackConfig, *, tau: float = 0.5,
+
+def train_per_class(bundle: DatasetBundle) -> int:
+    """Training images per class (the sets are class-balanced): what the KKT attacker is assumed to know."""
+    return max(1, round(len(bundle.train) / bundle.num_classes))
+
+
+def run_attack(classifier: nn.Module, bundle: DatasetBundle, cfg: AttackConfig | KKTConfig, *,
+               log: Callable[[str], None] | None = print) -> AttackOutput:
+    """TLDR (an AttackConfig) or the KKT attack (a KKTConfig) against ``classifier`` on ``bundle``'s shapes."""
+    if isinstance(cfg, KKTConfig):
+        return run_kkt(classifier, bundle.num_classes, tuple(bundle.image_shape), cfg,
+                       train_per_class=train_per_class(bundle), log=log)
+    return run_tldr(classifier, bundle.num_classes, tuple(bundle.image_shape), cfg, log=log)
+
+
+def run_audit(classifier: nn.Module, bundle: DatasetBundle, cfg: AttackConfig | KKTConfig, *, tau: float = 0.5,
               log: Callable[[str], None] | None = print) -> AuditResults:
-    """The generator attack (train, generate, score, nearest), the baselines, the weight-template attack
-    when it applies, and the held-out comparison, all scored against ``bundle`` with seed ``cfg.seed``."""
+    """The attack (:func:`run_attack`, then scored with its exposure), the baselines (as many per class as
+    the attack made), the weight-template attack when it applies, and the held-out comparison, all
+    scored against ``bundle`` with seed ``cfg.seed``."""
     say = log or (lambda s: None)
     index = reference_index(bundle)
-    attack = attack_and_score(classifier, bundle, cfg, tau=tau, log=log, index=index)
+    out = run_attack(classifier, bundle, cfg, log=log)
+    attack = score_attack(out, classifier, bundle, tau=tau, seed=cfg.seed, index=index)
+    per_class = max(1, len(out.labels) // bundle.num_classes)
     say("scoring baselines (noise, class means, real held-out images) with the same code")
-    baselines = score_baselines(bundle.train, bundle.heldout, bundle.test, bundle.num_classes, cfg.per_class,
+    baselines = score_baselines(bundle.train, bundle.heldout, bundle.test, bundle.num_classes, per_class,
                                 classifier=classifier, tau=tau, seed=cfg.seed)
     templates = (template_attack(classifier, bundle, tau=tau, seed=cfg.seed, index=index)
                  if templates_apply(classifier) else None)
-    heldout = heldout_nearest(bundle, cfg.per_class, seed=cfg.seed, index=index)
+    heldout = heldout_nearest(bundle, per_class, seed=cfg.seed, index=index)
     return AuditResults(attack, baselines, heldout, templates)
 
 
+def risk_fields(risk: Risk) -> dict[str, Any]:
+    """One verdict as metrics.json records it."""
+    return {"risk": risk.level, "reasons": list(risk.reasons), "criterion": risk.criterion,
+            "thresholds": dict(risk.thresholds)}
+
+
 def audit_record(bundle: DatasetBundle, res: AuditResults, classifier_info: dict[str, Any]) -> dict[str, Any]:
-    """metrics.json's content (adds "template_attack" when the template attack ran)."""
+    """metrics.json's content (adds "template_attack" when the template attack ran). The verdict: the worst
+    attack's risk_fields at the top level (and "risk_attack" naming it), every attack's under "risks"."""
     out = res.attack.out
+    risks = res.risks()
+    kinds = list(risks)
+    top = kinds[worst([risks[k] for k in kinds])]
+    run_key = "generator" if out.kind == "tldr" else out.kind  # the attack's own run: steps and speed
     record = {
+        "attack": out.kind,
         "dataset": {"name": bundle.name, "source": bundle.source, "train_size": len(bundle.train),
                     "heldout_size": len(bundle.heldout), "test_size": len(bundle.test),
                     "image_shape": list(bundle.image_shape), "num_classes": bundle.num_classes},
@@ -72,8 +128,11 @@ def audit_record(bundle: DatasetBundle, res: AuditResults, classifier_info: dict
         "metrics": res.attack.metrics,
         "baselines": res.baselines,
         "final_losses": summarize_history(out.history),
-        "generator": {"steps": out.steps, "seconds": round(out.seconds, 2),
-                      "steps_per_second": round(out.steps_per_second, 2)},
+        run_key: {"steps": out.steps, "seconds": round(out.seconds, 2),
+                  "steps_per_second": round(out.steps_per_second, 2)},
+        **risk_fields(risks[top]),
+        "risk_attack": top,
+        "risks": {k: risk_fields(r) for k, r in risks.items()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if res.templates is not None:
@@ -88,15 +147,15 @@ def write_outputs(out: Path, bundle: DatasetBundle, res: AuditResults, classifie
     stage = out / ".partial"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
-    for name in OUTPUT_FILES:  # an older complete result must not survive beside a new partial one
+    for name in {*OUTPUT_FILES, *(checkpoint_name(k) for k in ATTACKS)}:  # no older result beside a new partial one
         (out / name).unlink(missing_ok=True)
-    write_artifacts(stage, bundle, res.attack, meta={"classifier": classifier_info.get("path")})
+    paths = write_artifacts(stage, bundle, res.attack, meta={"classifier": classifier_info.get("path")})
     record = audit_record(bundle, res, classifier_info)
     html = render_report(bundle, res.baselines, attack=res.attack, templates=res.templates, heldout=res.heldout,
                          spec=spec, record=record)
     (stage / "report.html").write_text(html, encoding="utf-8")
     (stage / "metrics.json").write_text(json.dumps(record, indent=2, default=float))
-    for name in sorted(OUTPUT_FILES, key=lambda n: n == "metrics.json"):  # metrics.json last: it marks completion
+    for name in [p.name for p in paths.values()] + ["report.html", "metrics.json"]:  # metrics.json last: done
         (stage / name).replace(out / name)
     stage.rmdir()
     return out / "metrics.json"
@@ -121,7 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="audit this classifier file (tldr checkpoint) instead of training/reusing the cached one")
     d.add_argument("--arch", default="cnn", choices=["cnn", "mlp"], help="architecture when training (default cnn)")
     d.add_argument("--classifier-epochs", type=int, default=ClassifierSettings.epochs)
-    a = p.add_argument_group("attack (defaults, then --config YAML, then these flags)")
+    p.add_argument("--attack", choices=ATTACKS, default="tldr",
+                   help="tldr: train a conditioned generator against the classifier (default); kkt: optimise "
+                        "candidate images whose margin gradients add up to the weights (docs/method.md section 8; "
+                        "settings: the --kkt-* flags)")
+    a = p.add_argument_group("TLDR attack (defaults, then --config YAML, then these flags); --seed and --device "
+                             "also serve --attack kkt")
     a.add_argument("--config", default=None, help="YAML file with attack settings and/or a weights: mapping")
     a.add_argument("--variant", choices=VARIANTS, default=None, help="conditioning variant (default vector-matrix)")
     a.add_argument("--mode", choices=MODES, default=None, help="inversion (4 terms) or reconstruction (9 terms)")
@@ -135,23 +199,33 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--per-class", type=int, default=None, help="reconstructions per class to score")
     a.add_argument("--seed", type=int, default=None)
     a.add_argument("--device", default=None, help="cpu, cuda or auto (default: cuda when available)")
+    add_prior_flags(a)
     w = p.add_argument_group("loss weights (docs/method.md; 0 switches a term off)")
     for name in LossWeights.names():
         w.add_argument(_weight_flag(name), dest=f"w_{name}", default=None, metavar="W",
                        help=f"weight of {name} (default {getattr(LossWeights(), name)})")
+    add_kkt_flags(p)
     o = p.add_argument_group("output")
     o.add_argument("--out", default="runs/audit", help="output folder (default runs/audit)")
     o.add_argument("--tau", type=float, default=0.5, help="SSIM threshold for coverage (default 0.5)")
     o.add_argument("--smoke-test", action="store_true", help="tiny run (few steps, small sets) to check the set-up")
     o.add_argument("--quiet", action="store_true")
+    o.add_argument("--fail-on", choices=("medium", "high"), default=None,
+                   help=f"after writing everything, exit with status {FAIL_STATUS} when the verdict (the worst "
+                        "attack's risk level) is at or above this level: a gate for CI or a model registry")
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> AttackConfig:
+def config_from_args(args: argparse.Namespace) -> AttackConfig | KKTConfig:
+    """The attack's settings: a KKTConfig with --attack kkt, else an AttackConfig (defaults, --config, flags).
+    Flags of the other attack are a ConfigError."""
+    check_attack_flags(args)
+    if args.attack == "kkt":
+        return kkt_config_from_args(args)
     cfg = load_yaml_config(args.config) if args.config else AttackConfig()
     flat: dict[str, Any] = {}
     for key in ("variant", "mode", "steps", "batch_size", "lr", "epsilon", "perturbation", "grad_mode", "grad_scope",
-                "per_class", "seed", "device"):
+                "per_class", "seed", "device", "bn", "jitter", "flip"):
         if getattr(args, key) is not None:
             flat[key] = getattr(args, key)
     for name in LossWeights.names():
@@ -182,6 +256,30 @@ def load_audited_classifier(args: argparse.Namespace, bundle: DatasetBundle, dev
     return model, {**meta, "path": str(path)}
 
 
+def describe_attack(cfg: AttackConfig | KKTConfig, device: str) -> str:
+    if isinstance(cfg, KKTConfig):
+        return (f"attack: KKT candidates, {cfg.steps} steps on {device}, layers {cfg.layers}, "
+                f"{cfg.per_class or 'auto'} per class")
+    return (f"attack: {cfg.variant} generator, {cfg.mode} mode, {cfg.steps} steps on {device}; "
+            f"weights {cfg.effective_weights.as_dict()}")
+
+
+def summary_lines(res: AuditResults, tau: float) -> list[str]:
+    """What the terminal shows at the end: the scores, exposure and the verdict."""
+    m, b = res.attack.metrics, res.baselines
+    lines = [f"\nquality {m['quality']:.3f} (noise {b['noise']['quality']:.3f}, class means "
+             f"{b['class_mean']['quality']:.3f}, real held-out {b['heldout_real']['quality']:.3f})",
+             f"memorisation gap {m['gap']:+.4f} [95% CI {m['gap_ci_low']:+.4f}, {m['gap_ci_high']:+.4f}]  "
+             f"coverage@{tau} {m['coverage']:.3f}  label agreement {m['label_agreement']:.2f}  "
+             f"diversity {m['diversity']:.3f}"]
+    if "exposure_auc" in m:
+        lines.append(f"exposure AUC {m['exposure_auc']:.3f} [{m['exposure_auc_lo']:.3f}, {m['exposure_auc_hi']:.3f}]"
+                     f"  TPR@{m['exposure_fpr']:.0%}FPR {m['exposure_tpr']:.3f} [{m['exposure_tpr_lo']:.3f}, "
+                     f"{m['exposure_tpr_hi']:.3f}]  exposed {m['exposed_count']:.0f}")
+    lines += [f"risk ({kind}): {r.level}" for kind, r in res.risks().items()]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
@@ -196,22 +294,30 @@ def main(argv: list[str] | None = None) -> int:
         log(f"data: {bundle.name} T={len(bundle.train)} H'={len(bundle.heldout)} test={len(bundle.test)} "
             f"{bundle.image_shape} from {bundle.source}")
         classifier, info = load_audited_classifier(args, bundle, device, log)
-        log(f"attack: {cfg.variant} generator, {cfg.mode} mode, {cfg.steps} steps on {device}; "
-            f"weights {cfg.effective_weights.as_dict()}")
+        log(describe_attack(cfg, device))
         res = run_audit(classifier, bundle, cfg, tau=args.tau, log=log)
         spec = classifier.spec() if hasattr(classifier, "spec") else None
         path = write_outputs(Path(args.out), bundle, res, info, spec=spec)
     except (ConfigError, DataError, DatasetNotFoundError, CheckpointError, NonFiniteLossError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    m, baselines = res.attack.metrics, res.baselines
-    log(f"\nquality {m['quality']:.3f} (noise {baselines['noise']['quality']:.3f}, class means "
-        f"{baselines['class_mean']['quality']:.3f}, real held-out {baselines['heldout_real']['quality']:.3f})")
-    log(f"memorisation gap {m['gap']:+.4f} [95% CI {m['gap_ci_low']:+.4f}, {m['gap_ci_high']:+.4f}]  "
-        f"coverage@{args.tau} {m['coverage']:.3f}  label agreement {m['label_agreement']:.2f}  "
-        f"diversity {m['diversity']:.3f}")
-    log(f"wrote {path.parent}/ ({', '.join(OUTPUT_FILES)})")
-    return 0
+    for line in summary_lines(res, args.tau):
+        log(line)
+    log(f"wrote {path.parent}/ ({', '.join(output_files(res.attack.kind))})")
+    return fail_on_status(res, args.fail_on)
+
+
+def fail_on_status(res: AuditResults, fail_on: str | None) -> int:
+    """0, or FAIL_STATUS (saying so on stderr) when the worst verdict is at or above ``fail_on``."""
+    if fail_on is None:
+        return 0
+    risks = list(res.risks().values())
+    level = risks[worst(risks)].level
+    if LEVELS.index(level) < LEVELS.index(fail_on.upper()):
+        return 0
+    print(f"fail-on: the verdict {level} is at or above --fail-on {fail_on}: exit status {FAIL_STATUS}",
+          file=sys.stderr, flush=True)
+    return FAIL_STATUS
 
 
 if __name__ == "__main__":

@@ -15,6 +15,10 @@ search_run, trial_run, label_agreement). A generator version gets the alias `cha
 beats the current champion for the same classifier on the same objective: the comparable
 incumbent is the best earlier version with the same classifier checkpoint and objective (under this
 rule that is always the last version that held the alias for that classifier and objective).
+
+Only TLDR searches promote: a KKT search (`--attack kkt`, tag `tldr.attack=kkt`) produces candidate
+images, not a sampler, so it registers nothing (its best trial's `kkt.pt` stays a run artifact);
+`promote` says so and tags the search run.
 """
 from __future__ import annotations
 
@@ -297,6 +301,9 @@ def promote(c, search_run_id: str, log: Callable[[str], None] | None = print) ->
     log = log or (lambda s: None)
     experiment_id, objective, dataset, clf = _search_context(c, search_run_id)
     best = best_trial(summarize_trials(c, experiment_id, search_run_id, objective))
+    attack = tr.retry(lambda: c.get_run(search_run_id)).data.tags.get(tr.ATTACK, "tldr")
+    if attack != "tldr":
+        return _not_registered(c, search_run_id, attack, best, objective, log)
     if best is None:
         res = PromotionResult(None, None, False, "nothing to promote: no trial of this search finished")
         tr.set_tags(c, search_run_id, {"tldr.promotion": res.reason})
@@ -317,6 +324,18 @@ def promote(c, search_run_id: str, log: Callable[[str], None] | None = print) ->
     log(f"promotion: {reason}")
     return PromotionResult(name, version, promoted, reason, best.value,
                            version if promoted else (str(incumbent.version) if incumbent else None))
+
+
+def _not_registered(c, search_run_id: str, attack: str, best: TrialSummary | None, objective: str,
+                    log: Callable[[str], None]) -> PromotionResult:
+    """The promotion of a non-TLDR search: nothing registered (the registry holds generators); says where
+    its best result is instead."""
+    where = (f"; its best trial {best.number} ({objective} {best.value:.4f}) keeps its candidates as the run "
+             f"artifact kkt.pt of run {best.run_id}" if best is not None else "; no trial of it finished")
+    reason = f"nothing registered: a {attack} search has no generator to register{where}"
+    tr.set_tags(c, search_run_id, {"tldr.promotion": reason, "tldr.champion": "false"})
+    log(f"promotion: {reason}")
+    return PromotionResult(None, None, False, reason, best.value if best is not None else None)
 
 
 # ------------------------------------------------------------------------------ CLI

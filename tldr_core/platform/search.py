@@ -1,12 +1,13 @@
-"""The Ray Tune + Optuna search over the TLDR loss weights and conditioning variants, as a function:
-`run(settings) -> search run id` (the command line is `search_cli`, run as `python tune/search.py`).
+"""The Ray Tune + Optuna search over the TLDR loss weights and conditioning variants (or the KKT attack's
+settings, `settings.attack == "kkt"`), as a function: `run(settings) -> search run id` (the command
+line is `search_cli`, run as `python tune/search.py`).
 
 One classifier per search (trained or reused once, registered in MLflow as tldr-classifier-<dataset>);
 every trial trains a generator against it with settings drawn by Optuna (TPE, seeded) from the search
 space, behind a concurrency limit, with ASHA stopping weak trials early on generator steps. Every
 trial is a nested MLflow run of the search's run; the best finished generator is registered as
 tldr-generator-<dataset> and gets the alias `champion` only if it beats the champion for the same
-classifier on the same objective (`registry.promote`).
+classifier on the same objective (`registry.promote`; a KKT search registers nothing and says so).
 
     from tldr_core.platform.search import make_settings, run
     run_id = run(make_settings("mnist-bundled", trials=8))
@@ -170,7 +171,8 @@ def summary_lines(st: SearchSettings, search: SearchRun, summary: dict[str, Any]
         lines.append(f"best trial {best['number']}: {o} {best[o]:.4f}, label agreement "
                      f"{la if la is None else round(la, 3)} (baselines: noise {b['noise'][o]:.4f}, class means "
                      f"{b['class_mean'][o]:.4f}, real held-out {b['heldout_real'][o]:.4f})")
-        keys = ("variant", "lr", "epsilon") + tuple(LossWeights.names())
+        keys = (("variant", "lr", "epsilon") + tuple(LossWeights.names()) + ("bn", "jitter", "flip")
+                if st.attack == "tldr" else ("per_class",) + tuple(search.space.params))
         lines.append("  " + ", ".join(f"{k}={best['params'][k]}" for k in keys if k in best["params"]))
     if summary.get("importances"):
         top = sorted(summary["importances"].items(), key=lambda kv: -kv[1])[:5]

@@ -1,6 +1,8 @@
-"""Ray Tune + Optuna search over the nine TLDR loss weights and the conditioning variants.
+"""Ray Tune + Optuna search over the nine TLDR loss weights and the conditioning variants (or, with
+--attack kkt, over the settings of the stationarity (KKT) reconstruction attack).
 
     python tune/search.py --dataset mnist-bundled --trials 8
+    python tune/search.py --attack kkt --objective exposure_auc --trials 8 --steps 400
     python tune/search.py --dataset cifar10 --trials 200 --gpus-per-trial 0.25 --address auto ...
 
 One classifier per search (trained or reused once, registered in MLflow as tldr-classifier-<dataset>);
@@ -8,7 +10,9 @@ every trial trains a generator against it with settings drawn by Optuna (TPE, se
 space (tune/space.yaml; --space for your copy), behind a concurrency limit, with ASHA stopping weak
 trials early on generator steps. Every trial is a nested MLflow run of the search's run; the best
 finished generator is registered as tldr-generator-<dataset> and gets the alias `champion` only if it
-beats the champion for the same classifier on the same objective.
+beats the champion for the same classifier on the same objective. KKT trials optimise candidate
+images instead (tune/kkt.yaml; the first trial is KKTConfig's defaults); their candidates are a run
+artifact (kkt.pt), and nothing is registered: the registry holds generators only.
 
 Interrupt with Ctrl-C and continue later with --resume. Open the results with `make ui`
 (or python mlflow/serve.py).
@@ -27,8 +31,8 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 from tldr_core.attack.config import ConfigError  # noqa: E402
 from tldr_core.attack.data import DATASETS  # noqa: E402
 from tldr_core.platform import tracking as tr  # noqa: E402 - light imports only until the checks pass
-from tldr_core.platform.search_settings import (DEFAULT_OBJECTIVE, DEFAULT_STEPS, OBJECTIVES, SMOKE,  # noqa: E402
-                                                SearchError, SearchSettings, make_settings)
+from tldr_core.platform.search_settings import (ATTACKS, DEFAULT_OBJECTIVE, DEFAULT_STEPS,  # noqa: E402
+                                                OBJECTIVE_CHOICES, SMOKE, SearchError, SearchSettings, make_settings)
 
 #: Errors printed as one line (exit code 2) instead of a traceback, by class name (no heavy imports).
 ONE_LINE_ERRORS = {"DataError", "DatasetNotFoundError", "CheckpointError", "RegistryError", "MlflowException"}
@@ -51,23 +55,32 @@ def _data_options(p: argparse.ArgumentParser) -> None:
 
 def _search_options(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("search")
+    s.add_argument("--attack", choices=ATTACKS, default="tldr",
+                   help="what every trial runs: tldr = train a conditioned generator (default); kkt = the "
+                        "stationarity reconstruction attack (docs/method.md §8; its candidates are not registered)")
     s.add_argument("--trials", type=int, default=None, help="number of trials (default 8; 2 with --smoke-test)")
     s.add_argument("--steps", type=int, default=None,
-                   help=f"generator steps per trial, the ASHA time axis (default {DEFAULT_STEPS}; "
+                   help=f"generator (or KKT) steps per trial, the ASHA time axis (default {DEFAULT_STEPS}; "
                         f"{SMOKE['steps']} with --smoke-test)")
-    s.add_argument("--objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE,
-                   help="what the search maximises (docs/method.md §6): quality = mean SSIM of each reconstruction to "
-                        "its nearest training image; coverage = fraction of training images matched at SSIM >= tau; "
-                        "gap = quality vs training minus quality vs size-matched held-out images. Label agreement "
-                        f"is reported beside it. Default {DEFAULT_OBJECTIVE} (see docs/search.md)")
+    s.add_argument("--objective", choices=OBJECTIVE_CHOICES, default=DEFAULT_OBJECTIVE,
+                   help="what the search maximises (docs/method.md §6-7): quality = mean SSIM of each reconstruction "
+                        "to its nearest training image; coverage = fraction of training images matched at SSIM >= "
+                        "tau; gap = quality vs training minus quality vs size-matched held-out images; exposure = "
+                        "exposure_tpr, the fraction of training images exposed at 1%% FPR (the number the verdict "
+                        "reads); exposure_auc = AUC of training vs held-out exposure (smoother: better for small "
+                        "searches, where the TPR often sits at 0). Label agreement is reported beside it. Default "
+                        f"{DEFAULT_OBJECTIVE} (see docs/search.md)")
     s.add_argument("--space", default=None,
-                   help="search-space YAML (default tune/space.yaml; copy and edit it)")
+                   help="search-space YAML (default tune/space.yaml; tune/kkt.yaml with --attack kkt; copy and "
+                        "edit it)")
     s.add_argument("--scheduler", choices=("asha", "fifo"), default="asha",
                    help="asha (default): stop weak trials early at steps/4, /2; fifo: run every trial to the end "
                         "(fair comparisons, benchmarks)")
     s.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler and of every trial (default 0)")
     s.add_argument("--per-class", type=int, default=None,
-                   help="reconstructions per class scored at the end of a trial (default 20)")
+                   help="reconstructions per class scored at the end of a TLDR trial, and per baseline (default "
+                        "20); a KKT trial scores all its candidates (KKTConfig.per_class, default 2 x the training "
+                        "images per class; set it in the space)")
     s.add_argument("--tau", type=float, default=0.5, help="SSIM threshold of coverage (default 0.5)")
     s.add_argument("--smoke-test", action="store_true",
                    help=f"tiny search to check the set-up: {SMOKE['trials']} trials of {SMOKE['steps']} steps, "
@@ -115,7 +128,7 @@ def settings_from_args(args: argparse.Namespace) -> SearchSettings:
         objective=args.objective, space=args.space, scheduler=args.scheduler, seed=args.seed, tau=args.tau,
         smoke_test=args.smoke_test, local=args.address is None, max_concurrent=args.max_concurrent,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, storage=args.storage,
-        tracking_uri=args.tracking_uri, experiment=args.experiment)
+        tracking_uri=args.tracking_uri, experiment=args.experiment, attack=args.attack)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,7 +51,7 @@ class SearchRun:
         from tldr_core.platform.search_space import space_from_dict
 
         self.st, self.say, self.resume_run = st, say, resume_run
-        self.space = space_from_dict(st.space, st.space_source)
+        self.space = space_from_dict(st.space, st.space_source, st.attack)
         self.t0 = time.time()
         self.c = tr.client(st.tracking_uri)
         self.experiment_id: str | None = None
@@ -66,10 +66,11 @@ class SearchRun:
     def prepare(self) -> None:
         st = self.st
         self.experiment_id = tr.ensure_experiment(self.c, st.experiment, tr.runs_dir() / "mlartifacts")
-        self.say(f"search {st.search_name}: {st.trials} trials x {st.steps} steps on {st.dataset}, objective "
-                 f"{st.objective}; MLflow experiment {st.experiment!r} in {st.tracking_uri}")
+        self.say(f"search {st.search_name}: {st.trials} {st.attack} trials x {st.steps} steps on {st.dataset}, "
+                 f"objective {st.objective}; MLflow experiment {st.experiment!r} in {st.tracking_uri}")
         self.bundle = self._load_data()
         model, meta, path, clf_ref = self._load_classifier(self.bundle)
+        self._fit_space(model)
         if self.resume_run is not None and clf_ref is None:
             clf_ref = self._resumed_classifier(path, meta)
         self._open_parent_run()
@@ -136,6 +137,18 @@ class SearchRun:
         meta = {**meta, "test_accuracy": accuracy(model, bundle.test.images, bundle.test.labels)}
         return model.cpu(), meta, Path(path), clf_ref
 
+    def _fit_space(self, model) -> None:
+        """Drop what this classifier cannot take from the space (bn without BatchNorm; `fit_to_classifier`)."""
+        from tldr_core.attack.config import ConfigError
+        from tldr_core.platform.search_space import fit_to_classifier
+
+        try:
+            self.space, note = fit_to_classifier(self.space, model)
+        except ConfigError as exc:
+            raise SearchError(str(exc)) from None
+        if note:
+            self.say(f"space: {note}")
+
     def _resumed_classifier(self, path: Path, meta: dict[str, Any]):
         """The registered classifier a resumed search started with; SearchError if the file changed."""
         from tldr_core.platform.registry import ClassifierRef, sha256_file
@@ -158,6 +171,7 @@ class SearchRun:
             tr.set_tags(self.c, self.run_id, {tr.STATE: "running", "tldr.resumed": time.strftime("%Y-%m-%dT%H:%M:%S")})
             return
         tags = {tr.ROLE: "search", tr.OBJECTIVE: st.objective, "tldr.dataset": st.dataset, tr.STATE: "running",
+                tr.ATTACK: st.attack,
                 "tldr.tune_path": f"{st.storage.rstrip('/')}/{st.search_name}", "tldr.search_name": st.search_name,
                 "mlflow.note.content": f"Search over {st.trials} trials maximising {st.objective}; see summary/."}
         run = tr.retry(lambda: self.c.create_run(self.experiment_id, tags=tags, run_name=st.search_name))
@@ -180,12 +194,16 @@ class SearchRun:
         return clf_ref
 
     def _score_baselines(self, bundle, model) -> dict[str, dict[str, float]]:
+        """The baseline sets scored like a trial's reconstructions (pipeline.score_images), so every
+        objective, the exposure ones included, has its baselines."""
         from tldr_core.platform.tuning import baseline_metrics
-        from tldr_core.scoring.metrics import score_baselines
+        from tldr_core.scoring.metrics import baseline_sets
+        from tldr_core.scoring.pipeline import reference_index, score_images
 
-        st = self.st
-        b = score_baselines(bundle.train, bundle.heldout, bundle.test, bundle.num_classes, st.per_class,
-                            classifier=model, tau=st.tau, seed=st.seed)
+        st, index = self.st, reference_index(bundle)
+        sets = baseline_sets(index, bundle.test, bundle.num_classes, st.per_class, seed=st.seed)
+        b = {name: score_images(images, labels, model, bundle, tau=st.tau, seed=st.seed, index=index)[0]
+             for name, (images, labels) in sets.items()}
         tr.log_metrics(self.c, self.run_id, baseline_metrics(b), 0)
         tr.retry(lambda: self.c.log_dict(self.run_id, b, "summary/baselines.json"))
         self.say(f"baselines ({st.objective}): noise {b['noise'][st.objective]:.4f}, class means "

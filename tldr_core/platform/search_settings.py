@@ -15,8 +15,14 @@ from tldr_core.attack.config import ConfigError
 from tldr_core.attack.data import DATASETS
 from tldr_core.platform import tracking as tr
 
-OBJECTIVES = ("quality", "coverage", "gap")
+#: What a search can maximise: the metric names every trial reports (docs/search.md, "The objective").
+OBJECTIVES = ("quality", "coverage", "gap", "exposure_tpr", "exposure_auc")
+#: --objective spellings that name another metric: `exposure` is the verdict's number, TPR at 1 % FPR.
+OBJECTIVE_ALIASES = {"exposure": "exposure_tpr"}
+#: The --objective choices (OBJECTIVES with the aliases in place of what they stand for).
+OBJECTIVE_CHOICES = ("quality", "coverage", "gap", "exposure", "exposure_auc")
 DEFAULT_OBJECTIVE = "quality"
+ATTACKS = ("tldr", "kkt")
 SCHEDULERS = ("asha", "fifo")
 DEFAULT_STEPS = 400
 DEFAULTS = {"trials": 8, "steps": DEFAULT_STEPS, "per_class": 20, "train_size": 1000, "classifier_epochs": 15}
@@ -66,6 +72,7 @@ class SearchSettings:
     space_source: str
     smoke_test: bool
     scheduler: str = "asha"
+    attack: str = "tldr"  # the attack every trial runs (a default, so settings stored before it resume)
 
     def __post_init__(self) -> None:
         def check(ok: bool, msg: str) -> None:
@@ -80,6 +87,7 @@ class SearchSettings:
               "--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
         check(0 < self.tau <= 1, f"--tau must be in (0, 1], got {self.tau}")
         check(self.objective in OBJECTIVES, f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        check(self.attack in ATTACKS, f"--attack must be one of {', '.join(ATTACKS)}, got {self.attack!r}")
         check(self.scheduler in SCHEDULERS, f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         check(1 <= self.eval_every <= self.steps and self.eval_every % self.log_every == 0,
               f"eval_every ({self.eval_every}) must be in 1..steps and a multiple of log_every ({self.log_every})")
@@ -133,18 +141,22 @@ def make_settings(dataset: str = "mnist-bundled", *, train_size: int | None = No
                   space: str | Path | None = None, scheduler: str = "asha", seed: int = 0, tau: float = 0.5,
                   smoke_test: bool = False, local: bool = True, max_concurrent: int | None = None,
                   cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0, storage: str | None = None,
-                  tracking_uri: str | None = None, experiment: str | None = None) -> SearchSettings:
+                  tracking_uri: str | None = None, experiment: str | None = None,
+                  attack: str = "tldr") -> SearchSettings:
     """SearchSettings with the command line's defaults: None means the default (the --smoke-test one
     when smoke_test). `local`: Ray runs on this machine (no --address). `space`: a YAML file (default
-    the packaged space). `tracking_uri`: default $MLFLOW_TRACKING_URI, else the runs folder's sqlite.
-    Raises ConfigError / SearchError / RegistryError with one clear message."""
-    from tldr_core.platform.search_space import DEFAULT_SPACE, load_space
+    the attack's packaged space). `objective`: a metric of OBJECTIVES or an OBJECTIVE_ALIASES spelling
+    (stored as the metric it names). `tracking_uri`: default $MLFLOW_TRACKING_URI, else the runs
+    folder's sqlite. Raises ConfigError / SearchError / RegistryError with one clear message."""
+    from tldr_core.platform.search_space import DEFAULT_SPACES, load_space
 
+    if attack not in ATTACKS:
+        raise ConfigError(f"--attack must be one of {', '.join(ATTACKS)}, got {attack!r}")
     base = SMOKE if smoke_test else DEFAULTS
     steps = steps if steps is not None else base["steps"]
     per_class = per_class if per_class is not None else base["per_class"]
-    space_path = Path(space) if space else DEFAULT_SPACE
-    loaded = load_space(space_path)  # ConfigError names the bad entry
+    space_path = Path(space) if space else DEFAULT_SPACES[attack]
+    loaded = load_space(space_path, attack)  # ConfigError names the bad entry
     classifier = _classifier(classifier)
     _check_local_gpus(local, gpus_per_trial)
     eval_every = max(1, steps // 4)
@@ -154,8 +166,8 @@ def make_settings(dataset: str = "mnist-bundled", *, train_size: int | None = No
         max_concurrent=_max_concurrent(max_concurrent, local, cpus_per_trial, gpus_per_trial),
         cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, steps=steps, eval_every=eval_every,
         log_every=log_every_for(eval_every), per_class=per_class, eval_per_class=max(1, min(per_class, 10)),
-        tau=tau, objective=objective, seed=seed, experiment=experiment or f"tldr-{dataset}",
+        tau=tau, objective=OBJECTIVE_ALIASES.get(objective, objective), seed=seed, experiment=experiment or f"tldr-{dataset}",
         tracking_uri=tr.normalize_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")),
         storage=_storage(storage), search_name=f"search-{time.strftime('%Y%m%d-%H%M%S')}",
         classifier=classifier, classifier_epochs=base["classifier_epochs"], space=loaded.as_dict(),
-        space_source=str(space_path.resolve()), smoke_test=smoke_test, scheduler=scheduler)
+        space_source=str(space_path.resolve()), smoke_test=smoke_test, scheduler=scheduler, attack=attack)

@@ -1,13 +1,16 @@
 """The search space of the search (`tune/search.py`): loaded from a YAML file a user can copy and edit.
 
 The file (default: the packaged `spaces/tldr.yaml`, linked as `tune/space.yaml` in a checkout) has
-four sections (each entry is parsed by `space_specs`):
+four sections (each entry is parsed by `space_specs`), and may say `attack: tldr` (a space for
+another attack is refused by name; `--attack kkt` spaces are `kkt_space`'s, reached through
+`load_space(..., attack="kkt")` / `space_from_dict(..., attack="kkt")`):
 
     weights:          one entry per loss term named by `LossWeights.names()` (all nine, no more):
                         {low: L, high: H, allow_off: true}   log-uniform over [L, H]; `allow_off: true`
                                              lets the search also switch the term off (weight 0)
                         a number                       held fixed (0 = always off)
-    params:           other `AttackConfig` fields the search varies:
+    params:           other `AttackConfig` fields the search varies (the image priors bn, jitter,
+                      flip included; `fit_to_classifier` drops bn for a classifier without BatchNorm):
                         {choices: [a, b, ...]}         categorical
                         {low: L, high: H, log: bool}   float (log-uniform when log: true)
                         {low: L, high: H, int: true}   integer
@@ -38,7 +41,8 @@ from typing import Any, Mapping
 import yaml
 
 from tldr_core.attack.config import AttackConfig, ConfigError, LossWeights
-from tldr_core.platform.space_specs import ParamSpec, WeightSpec, check_values, parse_param, parse_weight
+from tldr_core.platform.space_specs import (ParamSpec, WeightSpec, check_values, describe_param, distribution,
+                                            feature_value, param_dict, parse_param, parse_weight, suggest)
 
 SWITCH_SUFFIX = "_on"
 #: `initial_points: [defaults]` enqueues the current AttackConfig / LossWeights defaults first.
@@ -51,7 +55,10 @@ RESERVED = ("steps", "seed", "device", "per_class")
 # package finds its default without a checkout.
 SPACES_DIR = Path(str(resources.files("tldr_core.platform") / "spaces"))
 DEFAULT_SPACE = SPACES_DIR / "tldr.yaml"
-_SECTIONS = ("description", "weights", "params", "fixed", "initial_points")
+#: The attacks a search can run (--attack) and each one's default space (tune/space.yaml, tune/kkt.yaml).
+ATTACKS = ("tldr", "kkt")
+DEFAULT_SPACES = {"tldr": DEFAULT_SPACE, "kkt": SPACES_DIR / "kkt.yaml"}
+_SECTIONS = ("description", "attack", "weights", "params", "fixed", "initial_points")
 
 
 def switch_name(weight: str) -> str:
@@ -72,6 +79,7 @@ class SearchSpace:
     fixed: dict[str, Any] = field(default_factory=dict)
     initial_points: list[dict[str, Any]] = field(default_factory=list)
     source: str = "<dict>"
+    attack = "tldr"  # a class attribute, not a field (kkt_space.KKTSearchSpace has "kkt")
 
     # ------------------------------------------------------------------ Optuna define-by-run
     def __call__(self, trial: Any) -> dict[str, Any]:
@@ -87,12 +95,7 @@ class SearchSpace:
         for name, spec in self.params.items():
             if spec.when_on and not any(out[w] > 0 for w in spec.when_on):
                 continue  # conditional parameter that does not apply: the default is kept
-            if spec.kind == "categorical":
-                out[name] = trial.suggest_categorical(name, list(spec.choices))
-            elif spec.kind == "int":
-                out[name] = trial.suggest_int(name, spec.low, spec.high, log=spec.log)
-            else:
-                out[name] = trial.suggest_float(name, spec.low, spec.high, log=spec.log)
+            out[name] = suggest(trial, spec)
         out.update(self.fixed)
         if isinstance(number, int):
             out[TRIAL_NUMBER] = number + 1
@@ -144,12 +147,7 @@ class SearchSpace:
                     d[switch_name(name)] = od.CategoricalDistribution([True, False])
                 d[name] = od.FloatDistribution(spec.low, spec.high, log=True)
         for name, spec in self.params.items():
-            if spec.kind == "categorical":
-                d[name] = od.CategoricalDistribution(list(spec.choices))
-            elif spec.kind == "int":
-                d[name] = od.IntDistribution(spec.low, spec.high, log=spec.log)
-            else:
-                d[name] = od.FloatDistribution(spec.low, spec.high, log=spec.log)
+            d[name] = distribution(spec)
         return d
 
     def importance_features(self, flat: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -173,22 +171,14 @@ class SearchSpace:
             key = f"log10_{name}"
             values[key] = min(max(math.log10(w), floor), hi) if w > 0 else floor
             dists[key] = od.FloatDistribution(floor, hi)
-        all_d = self.distributions()
         for name, spec in self.params.items():
             if name not in flat:
                 continue
             if spec.when_on and not any(float(flat.get(w, 0)) > 0 for w in spec.when_on):
                 continue
-            v = flat[name]
-            if spec.kind == "categorical":
-                if v not in spec.choices:
-                    continue
-            else:
-                v = float(v) if spec.kind == "float" else int(v)
-                if not spec.low <= v <= spec.high:
-                    continue
-            values[name] = v
-            dists[name] = all_d[name]
+            ok, v = feature_value(spec, flat[name])
+            if ok:
+                values[name], dists[name] = v, distribution(spec)
         return values, dists
 
     def describe(self) -> str:
@@ -197,10 +187,7 @@ class SearchSpace:
             s = self.weights[name]
             parts.append(f"{name}={s.fixed:g}" if not s.searched else
                          f"{name}~logU[{s.low:g},{s.high:g}]{'|off' if s.off else ''}")
-        for name, s in self.params.items():
-            rng = "{" + ",".join(map(str, s.choices)) + "}" if s.kind == "categorical" else \
-                f"{'logU' if s.log else 'U'}[{s.low:g},{s.high:g}]{' int' if s.kind == 'int' else ''}"
-            parts.append(f"{name}~{rng}" + (f" if {'|'.join(s.when_on)} on" if s.when_on else ""))
+        parts += [describe_param(s) for s in self.params.values()]
         parts += [f"{k}={v}" for k, v in self.fixed.items()]
         return ", ".join(parts)
 
@@ -210,13 +197,7 @@ class SearchSpace:
         for name in LossWeights.names():
             s = self.weights[name]
             weights[name] = s.fixed if not s.searched else {"low": s.low, "high": s.high, "allow_off": s.off}
-        params: dict[str, Any] = {}
-        for name, s in self.params.items():
-            p: dict[str, Any] = ({"choices": list(s.choices)} if s.kind == "categorical" else
-                                 {"low": s.low, "high": s.high, "log": s.log, **({"int": True} if s.kind == "int" else {})})
-            if s.when_on:
-                p["when_on"] = list(s.when_on)
-            params[name] = p
+        params = {name: param_dict(s) for name, s in self.params.items()}
         return {"weights": weights, "params": params, "fixed": dict(self.fixed),
                 "initial_points": [dict(p) for p in self.initial_points]}
 
@@ -291,11 +272,32 @@ def _initial_points(space: SearchSpace, raw: Any) -> list[dict[str, Any]]:
     return points
 
 
-def space_from_dict(data: Any, source: str = "<dict>") -> SearchSpace:
-    """Validate a parsed space (see the module docstring); raises ConfigError naming the bad entry."""
+def check_attack(data: Mapping[str, Any], attack: str) -> None:
+    """ConfigError when a space file is meant for another attack than `attack` (its `attack:` key, or
+    `weights:`, which only a TLDR space has)."""
+    if attack not in ATTACKS:
+        raise ConfigError(f"unknown attack {attack!r}; choose one of {ATTACKS}")
+    declared = data.get("attack", "kkt" if attack == "kkt" and "weights" not in data else "tldr")
+    if declared not in ATTACKS:
+        raise ConfigError(f"attack: must be one of {ATTACKS}, got {declared!r}")
+    if declared != attack:
+        wanted = "tune/kkt.yaml" if attack == "kkt" else "tune/space.yaml"
+        why = "attack: " + declared if "attack" in data else "it has weights:"
+        raise ConfigError(f"this is a {declared} search space ({why}), not a {attack} one; pass --attack {declared}, "
+                          f"or a {attack} space such as {wanted}")
+
+
+def space_from_dict(data: Any, source: str = "<dict>", attack: str = "tldr") -> Any:
+    """Validate a parsed space (see the module docstring; for attack="kkt" `kkt_space`); raises
+    ConfigError naming the bad entry. Returns a SearchSpace (tldr) or a KKTSearchSpace (kkt)."""
+    if attack == "kkt":
+        from tldr_core.platform.kkt_space import kkt_space_from_dict
+
+        return kkt_space_from_dict(data, source)
     try:
         if not isinstance(data, Mapping):
             raise ConfigError("must hold a mapping with weights:, params:, fixed: (and optionally initial_points:)")
+        check_attack(data, attack)
         unknown = sorted(set(data) - set(_SECTIONS))
         if unknown:
             raise ConfigError(f"unknown section(s) {unknown}; valid: {list(_SECTIONS)}")
@@ -308,13 +310,40 @@ def space_from_dict(data: Any, source: str = "<dict>") -> SearchSpace:
         raise ConfigError(f"search space {source}: {exc}") from None
 
 
-def load_space(path: str | Path | None = None) -> SearchSpace:
-    """Read and validate a search-space YAML file (default: the packaged `spaces/tldr.yaml`)."""
-    path = Path(path) if path else DEFAULT_SPACE
+def load_space(path: str | Path | None = None, attack: str = "tldr") -> Any:
+    """Read and validate a search-space YAML file (default: the attack's packaged space,
+    `spaces/tldr.yaml` or `spaces/kkt.yaml`)."""
+    if attack not in ATTACKS:
+        raise ConfigError(f"unknown attack {attack!r}; choose one of {ATTACKS}")
+    path = Path(path) if path else DEFAULT_SPACES[attack]
     if not path.is_file():
         raise ConfigError(f"search space file {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"search space {path} is not valid YAML: {exc}") from None
-    return space_from_dict(data, str(path))
+    return space_from_dict(data, str(path), attack)
+
+
+def has_batchnorm(model: Any) -> bool:
+    """Whether `model` has BatchNorm layers with running statistics (what the bn prior matches)."""
+    from torch import nn
+
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
+
+
+def fit_to_classifier(space: Any, model: Any) -> tuple[Any, str | None]:
+    """The space to search against `model`, and a note when it had to change: a classifier without
+    BatchNorm cannot take the bn prior (the loss would refuse it), so a searched `bn` is dropped
+    (trials keep bn = 0) rather than spending trials on a parameter that can only fail."""
+    if not isinstance(space, SearchSpace) or has_batchnorm(model):
+        return space, None
+    if float(space.fixed.get("bn", 0) or 0) > 0:
+        raise ConfigError(f"search space {space.source}: fixed bn > 0 needs a classifier with BatchNorm layers, "
+                          f"and {type(model).__name__} has none; set bn: 0 or search it")
+    if "bn" not in space.params:
+        return space, None
+    params = {k: v for k, v in space.params.items() if k != "bn"}
+    points = [{k: v for k, v in p.items() if k != "bn"} for p in space.initial_points]
+    new = SearchSpace(space.weights, params, dict(space.fixed), points, space.source)
+    return new, f"bn not searched: the classifier ({type(model).__name__}) has no BatchNorm layers; trials keep bn = 0"

@@ -1,12 +1,16 @@
 """The entries of a search-space file, parsed and checked one at a time: a loss weight (`WeightSpec`:
-a log-uniform range that may be switched off, or a fixed value) and another AttackConfig setting
+a log-uniform range that may be switched off, or a fixed value) and another attack setting
 (`ParamSpec`: categorical, float or integer, optionally conditional on loss terms being on).
-Every problem is one `ConfigError` naming the entry (`weights.kl`, `params.epsilon.when_on`, ...)."""
+Every problem is one `ConfigError` naming the entry (`weights.kl`, `params.epsilon.when_on`, ...).
+
+A `ParamSpec` is checked against the attack's config class through a `Checker` (default: the TLDR
+`AttackConfig`; the KKT space passes its own), and the helpers at the end (`suggest`, `distribution`,
+`feature_value`, `describe_param`, `param_dict`) are shared by both search spaces."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from tldr_core.attack.config import AttackConfig, ConfigError, LossWeights
 
@@ -55,6 +59,10 @@ def check_values(values: Mapping[str, Any], where: str) -> None:
         raise ConfigError(f"{where}: {exc}") from None
 
 
+#: check(values, where): ConfigError prefixed with `where` unless `values` form a valid flat config.
+Checker = Callable[[Mapping[str, Any], str], None]
+
+
 def parse_weight(name: str, spec: Any) -> WeightSpec:
     """`weights.<name>`: a number (fixed; 0 = off) or {low, high, allow_off}."""
     where = f"weights.{name}"
@@ -94,7 +102,7 @@ def _when_on(name: str, spec: Mapping[str, Any], weights: Mapping[str, WeightSpe
     return tuple(when)
 
 
-def _parse_choices(name: str, spec: Mapping[str, Any], when: tuple[str, ...]) -> ParamSpec:
+def _parse_choices(name: str, spec: Mapping[str, Any], when: tuple[str, ...], check: Checker) -> ParamSpec:
     where = f"params.{name}"
     if any(k in spec for k in ("low", "high", "log", "int")):
         raise ConfigError(f"{where}: give either choices or a low/high range, not both")
@@ -106,11 +114,11 @@ def _parse_choices(name: str, spec: Mapping[str, Any], when: tuple[str, ...]) ->
     for c in choices:
         if not (c is None or isinstance(c, (bool, int, float, str))):
             raise ConfigError(f"{where}.choices: {c!r} is not a plain value")
-        check_values({name: c}, f"{where}.choices")
+        check({name: c}, f"{where}.choices")
     return ParamSpec(name, "categorical", choices=tuple(choices), when_on=when)
 
 
-def _parse_range(name: str, spec: Mapping[str, Any], when: tuple[str, ...]) -> ParamSpec:
+def _parse_range(name: str, spec: Mapping[str, Any], when: tuple[str, ...], check: Checker) -> ParamSpec:
     where = f"params.{name}"
     if "low" not in spec or "high" not in spec:
         raise ConfigError(f"{where} needs choices, or both low and high")
@@ -127,12 +135,13 @@ def _parse_range(name: str, spec: Mapping[str, Any], when: tuple[str, ...]) -> P
             raise ConfigError(f"{where}: an integer range needs integer bounds")
         low, high = int(low), int(high)
     for bound in (low, high):
-        check_values({name: bound}, where)
+        check({name: bound}, where)
     return ParamSpec(name, "int" if is_int else "float", low=low, high=high, log=log, when_on=when)
 
 
-def parse_param(name: str, spec: Any, weights: Mapping[str, WeightSpec]) -> ParamSpec:
-    """`params.<name>`: {choices: [...]} or {low, high, log, int}, each optionally with when_on."""
+def parse_param(name: str, spec: Any, weights: Mapping[str, WeightSpec], check: Checker = check_values) -> ParamSpec:
+    """`params.<name>`: {choices: [...]} or {low, high, log, int}, each optionally with when_on (a
+    space without loss weights passes `weights={}`: when_on is then refused)."""
     where = f"params.{name}"
     if not isinstance(spec, Mapping):
         raise ConfigError(f"{where} must be a mapping ({{choices: [...]}} or {{low: .., high: ..}}); "
@@ -140,5 +149,68 @@ def parse_param(name: str, spec: Any, weights: Mapping[str, WeightSpec]) -> Para
     unknown = sorted(set(spec) - {"choices", "low", "high", "log", "int", "when_on"})
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; use choices, or low/high/log/int, and when_on")
+    if "when_on" in spec and not weights:
+        raise ConfigError(f"{where}.when_on: this attack has no loss terms to condition on")
     when = _when_on(name, spec, weights)
-    return _parse_choices(name, spec, when) if "choices" in spec else _parse_range(name, spec, when)
+    return _parse_choices(name, spec, when, check) if "choices" in spec else _parse_range(name, spec, when, check)
+
+
+# ---- shared by the search spaces: sampling, Optuna distributions, importances, description ------
+
+def suggest(trial: Any, spec: ParamSpec) -> Any:
+    """Draw `spec` from an Optuna trial (define-by-run)."""
+    if spec.kind == "categorical":
+        return trial.suggest_categorical(spec.name, list(spec.choices))
+    if spec.kind == "int":
+        return trial.suggest_int(spec.name, spec.low, spec.high, log=spec.log)
+    return trial.suggest_float(spec.name, spec.low, spec.high, log=spec.log)
+
+
+def distribution(spec: ParamSpec) -> Any:
+    """The Optuna distribution `suggest` draws from."""
+    import optuna.distributions as od
+
+    if spec.kind == "categorical":
+        return od.CategoricalDistribution(list(spec.choices))
+    if spec.kind == "int":
+        return od.IntDistribution(spec.low, spec.high, log=spec.log)
+    return od.FloatDistribution(spec.low, spec.high, log=spec.log)
+
+
+def match_choice(value: Any, choices: tuple) -> tuple[bool, Any]:
+    """(found, the choice) for a value read back from MLflow, where every param is a string
+    ("True", "0", "all"): equal values first, then equal spellings."""
+    for c in choices:
+        if type(c) is type(value) and c == value:
+            return True, c
+    for c in choices:
+        if str(c) == str(value) or (not isinstance(c, (bool, str)) and not isinstance(value, (bool, str))
+                                    and c == value):
+            return True, c
+    return False, None
+
+
+def feature_value(spec: ParamSpec, value: Any) -> tuple[bool, Any]:
+    """(usable, value) of a recorded trial's param for importances: a known choice, or a number in range."""
+    if spec.kind == "categorical":
+        return match_choice(value, spec.choices)
+    try:
+        v = float(value) if spec.kind == "float" else int(float(value))
+    except (TypeError, ValueError):
+        return False, None
+    return (spec.low <= v <= spec.high), v
+
+
+def describe_param(spec: ParamSpec) -> str:
+    rng = "{" + ",".join(map(str, spec.choices)) + "}" if spec.kind == "categorical" else \
+        f"{'logU' if spec.log else 'U'}[{spec.low:g},{spec.high:g}]{' int' if spec.kind == 'int' else ''}"
+    return f"{spec.name}~{rng}" + (f" if {'|'.join(spec.when_on)} on" if spec.when_on else "")
+
+
+def param_dict(spec: ParamSpec) -> dict[str, Any]:
+    """The YAML entry that `parse_param` turns back into `spec`."""
+    p: dict[str, Any] = ({"choices": list(spec.choices)} if spec.kind == "categorical" else
+                         {"low": spec.low, "high": spec.high, "log": spec.log, **({"int": True} if spec.kind == "int" else {})})
+    if spec.when_on:
+        p["when_on"] = list(spec.when_on)
+    return p

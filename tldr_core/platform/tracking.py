@@ -28,6 +28,7 @@ STATE = "tldr.state"          # running | finished | early-stopped | failed | in
 ERROR = "tldr.error"
 NOTE = "tldr.note"
 OBJECTIVE = "tldr.objective"
+ATTACK = "tldr.attack"        # tldr | kkt: what a search's trials run (absent on older runs: tldr)
 GENERATOR_MODEL = "tldr.generator_model_uri"
 GENERATOR_MODEL_ID = "tldr.generator_model_id"
 PARENT = "mlflow.parentRunId"

@@ -3,11 +3,16 @@ MLflow status callback.
 
 This module is imported by Ray workers, so it lives in the package. Training code
 (`tldr_core.attack.train`) never imports Ray; the trial adapts it through `train_generator`'s callback:
-every `eval_every` generator steps the trial scores a few reconstructions, logs them to MLflow, then
-calls `tune.report` (where ASHA may stop it). Everything a trial needs from MLflow is written before
-each report, and the run is ended before the final report, because code after `tune.report()` may
-never run. The driver-side `MlflowTrialStatus` callback closes any run a trial could not close
-itself (stopped by ASHA, worker died): none is left RUNNING.
+every `eval_every` generator steps the trial scores a few reconstructions (`pipeline.score_images`:
+quality, gap, ..., and exposure), logs them to MLflow, then calls `tune.report` (where ASHA may stop
+it). Everything a trial needs from MLflow is written before each report, and the run is ended before
+the final report, because code after `tune.report()` may never run. The driver-side
+`MlflowTrialStatus` callback closes any run a trial could not close itself (stopped by ASHA, worker
+died): none is left RUNNING.
+
+A search with `attack: kkt` runs the stationarity attack instead (`trial_kkt`, same reports, same
+scoring); the final step (`_finish`) is shared: the TLDR generator is logged as a pyfunc model, the
+KKT candidates as the checkpoint artifact `kkt.pt`.
 """
 from __future__ import annotations
 
@@ -52,7 +57,8 @@ def loss_metrics(record: dict[str, Any]) -> dict[str, float]:
 
 
 def baseline_metrics(baselines: dict[str, dict[str, float]]) -> dict[str, float]:
-    keys = ("quality", "quality_heldout", "gap", "coverage", "label_agreement", "diversity")
+    keys = ("quality", "quality_heldout", "gap", "coverage", "label_agreement", "diversity", "exposure_auc",
+            "exposure_tpr")
     return {f"baseline_{name}_{k}": float(v[k]) for name, v in baselines.items() for k in keys if k in v}
 
 
@@ -60,77 +66,117 @@ def _open_run(c, config: dict[str, Any], inputs: TrialInputs, ctx) -> tuple[Tria
     """The trial's nested MLflow run (a stale attempt of the same trial is replaced) and its number."""
     s = inputs.settings
     number = int(config.get(TRIAL_NUMBER, 0))
-    variant = inputs.space.attack_flat(config).get("variant", "default")
+    attack = s.get("attack", "tldr")
+    label = "kkt" if attack == "kkt" else inputs.space.attack_flat(config).get("variant", "default")
     run = TrialRun.start(c, inputs.experiment_id, inputs.search_run_id, ctx.get_trial_id(), number,
-                         run_name=f"trial-{number:03d}-{variant}",
-                         tags={tr.OBJECTIVE: s["objective"], "tldr.dataset": s["dataset"],
+                         run_name=f"trial-{number:03d}-{label}",
+                         tags={tr.OBJECTIVE: s["objective"], "tldr.dataset": s["dataset"], tr.ATTACK: attack,
                                "tldr.trial_name": ctx.get_trial_name()})
     return run, number
 
 
-def _prepare(config: dict[str, Any], inputs: TrialInputs, run: TrialRun, trial_id: str):
-    """(AttackConfig of this trial, frozen classifier, device); the settings go to the run's params."""
+def trial_device(inputs: TrialInputs) -> str:
     import torch
 
-    from tldr_core.attack.config import AttackConfig
+    return "cuda" if float(inputs.settings["gpus_per_trial"]) > 0 and torch.cuda.is_available() else "cpu"
+
+
+def trial_classifier(inputs: TrialInputs):
+    """The search's classifier, rebuilt from the object store's weights: eval mode, frozen, on the CPU."""
     from tldr_core.attack.models import build_classifier
 
-    s = inputs.settings
-    device = "cuda" if float(s["gpus_per_trial"]) > 0 and torch.cuda.is_available() else "cpu"
-    base = AttackConfig(steps=int(s["steps"]), seed=int(s["seed"]), per_class=int(s["per_class"]), device=device)
-    cfg = inputs.space.attack_config(config, base=base)
-    run.log_params({**cfg.flat(), "eval_every": s["eval_every"], "tau": s["tau"], "objective": s["objective"],
-                    "trial_id": trial_id, "classifier": inputs.classifier_ref.get("uri", "")})
     classifier = build_classifier(inputs.classifier_spec)
     classifier.load_state_dict(inputs.classifier_state)
-    classifier.eval().requires_grad_(False)
-    return cfg, classifier, device
+    return classifier.eval().requires_grad_(False)
+
+
+def run_params(inputs: TrialInputs, trial_id: str) -> dict[str, Any]:
+    """The search-level params every trial run records beside its attack's settings."""
+    s = inputs.settings
+    return {"attack": s.get("attack", "tldr"), "eval_every": s["eval_every"], "tau": s["tau"],
+            "objective": s["objective"], "trial_id": trial_id, "classifier": inputs.classifier_ref.get("uri", "")}
+
+
+def _prepare(config: dict[str, Any], inputs: TrialInputs, run: TrialRun, trial_id: str):
+    """(AttackConfig of this trial, frozen classifier, device); the settings go to the run's params."""
+    from tldr_core.attack.config import AttackConfig
+
+    s, device = inputs.settings, trial_device(inputs)
+    base = AttackConfig(steps=int(s["steps"]), seed=int(s["seed"]), per_class=int(s["per_class"]), device=device)
+    cfg = inputs.space.attack_config(config, base=base)
+    run.log_params({**cfg.flat(), **run_params(inputs, trial_id)})
+    return cfg, trial_classifier(inputs), device
+
+
+def report_progress(inputs: TrialInputs, run: TrialRun, state: dict[str, Any], step: int, record: dict[str, Any],
+                    images, labels, scorer, seed: int) -> None:
+    """Score `images` with the audit's scorer (pipeline.score_images: every objective, exposure included),
+    log the pending loss records and the scores, then tune.report (where ASHA may stop the trial).
+    `state` holds the last record ("last"), the last reported step ("step"), the loss records not
+    logged yet ("pending") and, once made, the training set's ReferenceIndex ("index")."""
+    from ray import tune
+
+    from tldr_core.scoring.pipeline import reference_index, score_images
+
+    s = inputs.settings
+    if state.get("index") is None:
+        state["index"] = reference_index(inputs.bundle)
+    metrics, _ = score_images(images, labels, scorer, inputs.bundle, tau=float(s["tau"]), seed=seed, n_boot=200,
+                              index=state["index"])
+    run.log_history(state["pending"])
+    state["pending"].clear()
+    run.log_metrics(metrics, step)
+    state["step"] = step
+    # everything is in MLflow before this call: ASHA may stop the trial inside it
+    tune.report({**metrics, **loss_metrics(record), STEP: step, FINAL: 0.0})
 
 
 def _progress_callback(inputs: TrialInputs, run: TrialRun, cfg, classifier, device: str, state: dict[str, Any]):
-    """train_generator's callback: every eval_every steps score a few reconstructions, log them, then
-    tune.report (where ASHA may stop the trial). `state` holds the last record ("last"), the last
-    reported step ("step") and the loss records not logged yet ("pending")."""
+    """train_generator's callback: every eval_every steps score eval_per_class reconstructions per class
+    and report them (`report_progress`)."""
     import torch
-    from ray import tune
 
     from tldr_core.attack.train import generate
-    from tldr_core.scoring.metrics import score_reconstructions
 
-    s, pending = inputs.settings, state["pending"]
+    s = inputs.settings
     eval_every = int(s["eval_every"])
 
     def callback(step: int, record: dict[str, Any], gen) -> bool:
-        pending.append(record)
+        state["pending"].append(record)
         state["last"].update(record)
         if step % eval_every == 0 and step < cfg.steps:
             with torch.random.fork_rng(devices=[]):  # generate() reseeds torch: keep training's RNG stream
                 images, labels = generate(gen, int(s["eval_per_class"]), seed=cfg.seed + 1, device=device)
                 gen.train()  # train_generator sets train mode itself each step; generate() switched to eval
-                metrics = score_reconstructions(images, labels, inputs.bundle.train, inputs.bundle.heldout,
-                                                classifier=classifier.cpu(), tau=float(s["tau"]), seed=cfg.seed,
-                                                n_boot=200)
+                # score_images moves the classifier to the CPU (label agreement); training needs it back
+                report_progress(inputs, run, state, step, record, images, labels, classifier, cfg.seed)
             classifier.to(device)
-            run.log_history(pending)
-            pending.clear()
-            run.log_metrics(metrics, step)
-            state["step"] = step
-            # everything is in MLflow before this call: ASHA may stop the trial inside it
-            tune.report({**metrics, **loss_metrics(record), STEP: step, FINAL: 0.0})
         return False
 
     return callback
 
 
-def _log_artifacts(run: TrialRun, work: Path, scored, bundle, number: int, objective: str, variant: str) -> None:
-    """The audit's files (reconstructions.npz, grid.png, nearest.png, exposure.csv, ...) as run artifacts;
-    the generator is logged as a model separately (:func:`_log_generator`)."""
+def _run_tldr(config: dict[str, Any], inputs: TrialInputs, run: TrialRun, trial_id: str, state: dict[str, Any]):
+    """Train the trial's generator; returns (AttackOutput, AttackConfig, classifier)."""
+    from tldr_core.attack.tldr import run_tldr
+
+    cfg, classifier, device = _prepare(config, inputs, run, trial_id)
+    callback = _progress_callback(inputs, run, cfg, classifier, device, state)
+    attack = run_tldr(classifier, inputs.bundle.num_classes, inputs.bundle.image_shape, cfg, callback=callback,
+                      log=None, log_every=int(inputs.settings["log_every"]))
+    return attack, cfg, classifier
+
+
+def _log_artifacts(run: TrialRun, work: Path, scored, bundle, number: int, objective: str, what: str,
+                   meta: dict[str, Any] | None = None) -> None:
+    """The audit's files (reconstructions.npz, grid.png, nearest.png, ...) as run artifacts; with `meta`
+    also the attack's checkpoint (KKT: kkt.pt). The generator is logged as a model (:func:`_log_generator`)."""
     from tldr_core.report.artifacts import write_artifacts
 
     m = scored.metrics
-    title = (f"trial {number} ({variant}): {objective} {m.get(objective, float('nan')):.3f}, "
+    title = (f"trial {number} ({what}): {objective} {m.get(objective, float('nan')):.3f}, "
              f"quality {m['quality']:.3f}, label agreement {m['label_agreement']:.2f}")
-    paths = write_artifacts(work, bundle, scored, title=title, checkpoint=False)
+    paths = write_artifacts(work, bundle, scored, title=title, meta=meta, checkpoint=meta is not None)
     for path in paths.values():
         run.log_artifact(path)
 
@@ -153,7 +199,7 @@ def _log_generator(c, run: TrialRun, work: Path, attack, cfg, metrics: dict[str,
 def _finish(c, run: TrialRun, attack, cfg, classifier, inputs: TrialInputs, trial_id: str, number: int,
             last: dict[str, Any]) -> dict[str, Any]:
     """Score the final reconstructions with the audit's pipeline, log metrics, artifacts and the
-    generator; returns the final report."""
+    generator (TLDR) or the candidates' checkpoint (KKT); returns the final report."""
     from tldr_core.scoring.pipeline import score_attack
 
     s, bundle = inputs.settings, inputs.bundle
@@ -164,8 +210,12 @@ def _finish(c, run: TrialRun, attack, cfg, classifier, inputs: TrialInputs, tria
     run.log_metrics(baseline_metrics(inputs.baselines), 0)
     work = Path(tempfile.mkdtemp(prefix="trial-", dir=os.environ.get("TMPDIR") or None))
     try:
-        _log_artifacts(run, work, scored, bundle, number, s["objective"], cfg.variant)
-        _log_generator(c, run, work, attack, cfg, metrics, inputs, trial_id)
+        if attack.kind == "tldr":
+            _log_artifacts(run, work, scored, bundle, number, s["objective"], cfg.variant)
+            _log_generator(c, run, work, attack, cfg, metrics, inputs, trial_id)
+        else:  # the checkpoint is a plain run artifact (weights-only; checkpoints.load_kkt_candidates)
+            meta = {"metrics": metrics, "classifier": inputs.classifier_ref.get("uri"), "trial_id": trial_id}
+            _log_artifacts(run, work, scored, bundle, number, s["objective"], attack.kind, meta=meta)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # everything is in MLflow now
     return {**metrics, **loss_metrics(last), STEP: attack.steps, "steps_per_second": speed,
@@ -173,11 +223,10 @@ def _finish(c, run: TrialRun, attack, cfg, classifier, inputs: TrialInputs, tria
 
 
 def run_trial(config: dict[str, Any], inputs: TrialInputs | None = None) -> None:
-    """One Tune trial: train a generator with the sampled settings, score it, record it in MLflow."""
+    """One Tune trial: run the search's attack (a TLDR generator, or KKT candidates) with the sampled
+    settings, score it, record it in MLflow."""
     import torch
     from ray import tune
-
-    from tldr_core.attack.tldr import run_tldr
 
     assert inputs is not None
     s = inputs.settings
@@ -188,10 +237,11 @@ def run_trial(config: dict[str, Any], inputs: TrialInputs | None = None) -> None
     run, number = _open_run(c, config, inputs, ctx)
     state: dict[str, Any] = {"last": {}, "step": 0, "pending": []}
     try:
-        cfg, classifier, device = _prepare(config, inputs, run, ctx.get_trial_id())
-        callback = _progress_callback(inputs, run, cfg, classifier, device, state)
-        attack = run_tldr(classifier, inputs.bundle.num_classes, inputs.bundle.image_shape, cfg, callback=callback,
-                          log=None, log_every=int(s["log_every"]))
+        if s.get("attack", "tldr") == "kkt":
+            from tldr_core.platform.trial_kkt import run_kkt_trial as run_attack
+        else:
+            run_attack = _run_tldr
+        attack, cfg, classifier = run_attack(config, inputs, run, ctx.get_trial_id(), state)
         run.log_history(state["pending"])
         final = _finish(c, run, attack, cfg, classifier, inputs, ctx.get_trial_id(), number, state["last"])
         run.end("FINISHED", "finished")
@@ -276,8 +326,9 @@ class MlflowTrialStatus(_tune.Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info: Any) -> None:
         cfg = trial.config or {}
+        what = cfg.get("variant") or (f"kkt, layers {cfg['layers']}" if "layers" in cfg else "?")
         self._say(f"[{_fmt_time(time.time() - self._st()['t0'])}] trial {_number(trial)} started "
-                  f"({cfg.get('variant', '?')}, lr {cfg.get('lr', float('nan')):.2g})")
+                  f"({what}, lr {cfg.get('lr', float('nan')):.2g})")
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
         st = self._st()

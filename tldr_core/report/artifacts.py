@@ -1,6 +1,7 @@
 """The files every scored attack leaves behind, written the same way by the audit, the search trial
-and the bench: reconstructions.npz, grid.png, nearest.png and the attack's checkpoint
-(generator.pt for the TLDR generator, ``<kind>.pt`` for other attacks that train something).
+and the bench: reconstructions.npz, grid.png, nearest.png, exposure.csv and exposure.png (when the
+attack was scored for exposure) and the attack's checkpoint (generator.pt for the TLDR generator,
+``<kind>.pt`` for other attacks that train something).
 
 Pairs with :mod:`tldr_core.scoring.pipeline`, which produces the :class:`Scored` written here.
 """
@@ -12,13 +13,15 @@ from typing import Any
 import numpy as np
 
 from tldr_core.attack.checkpoints import save_checkpoint
-from tldr_core.report.pictures import save_grid, save_nearest
+from tldr_core.report.pictures import save_exposure_gallery, save_grid, save_nearest
 from tldr_core.scoring.pipeline import Scored
 
 #: Checkpoint file name per attack kind (others: "<kind>.pt").
 CHECKPOINT_NAMES = {"tldr": "generator.pt"}
 #: write_artifacts' keys -> file names (the checkpoint's depends on the kind).
 ARTIFACT_FILES = {"reconstructions": "reconstructions.npz", "grid": "grid.png", "nearest": "nearest.png"}
+#: The same for the exposure files, written when the scored attack has them (Scored.exposure / .gallery).
+EXPOSURE_FILES = {"exposure": "exposure.csv", "exposure_gallery": "exposure.png"}
 
 
 def checkpoint_name(kind: str) -> str:
@@ -46,7 +49,9 @@ def write_artifacts(folder: str | Path, bundle: Any, scored: Scored, *, title: s
     ``{"attack": settings, "dataset": bundle.name}``. The checkpoint is written only when the
     attack trained a module (``scored.out.module``, moved to the CPU) and ``checkpoint`` is true.
 
-    Returns {"reconstructions", "grid", "nearest"[, "checkpoint"]: path}.
+    Returns {"reconstructions", "grid", "nearest"[, "exposure"][, "exposure_gallery"][, "checkpoint"]: path}:
+    exposure.csv (ExposureResult.write_csv: one row per training image) when ``scored.exposure`` is set,
+    exposure.png (the gallery) when ``scored.gallery`` is.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -57,6 +62,11 @@ def write_artifacts(folder: str | Path, bundle: Any, scored: Scored, *, title: s
               title=title if title is not None else grid_title(bundle, scored))
     save_nearest(paths["nearest"], scored.images, scored.labels, bundle.train.images[scored.nearest_index],
                  scored.nearest_ssim, bundle.class_names)
+    if scored.exposure is not None:
+        paths["exposure"] = scored.exposure.write_csv(folder / EXPOSURE_FILES["exposure"])
+    if scored.gallery is not None:
+        paths["exposure_gallery"] = save_exposure_gallery(folder / EXPOSURE_FILES["exposure_gallery"], scored.gallery,
+                                                          bundle.class_names)
     out = scored.out
     if checkpoint and out is not None and out.module is not None:
         if out.checkpoint_format is None:

@@ -110,6 +110,38 @@ def metrics_table(rows: Sequence[tuple[str, dict[str, float], str]]) -> str:
     return f'<table class="metrics"><tr><th></th>{head}<th>risk</th></tr>{"".join(body)}</table>'
 
 
+def _ci(m: dict[str, Any], key: str, spec: str) -> tuple[str, str]:
+    """(value, "[lo, hi]") of ``key`` and its ``_lo``/``_hi`` interval, formatted with ``spec``."""
+    return spec.format(m[key]), f"{spec.format(m[key + '_lo'])} &ndash; {spec.format(m[key + '_hi'])}"
+
+
+def exposure_table(m: dict[str, Any], train_size: int) -> str:
+    """The exposure summary of one attack's metrics (exposure keys of scoring.exposure): AUC and TPR at
+    the FPR with their 95% intervals and chance levels, the exposed count, the one-to-one matches of
+    reconstructions to training images (T) and to as many unseen images (H') at each SSIM bar."""
+    fpr = float(m.get("exposure_fpr", 0.01))
+    auc, auc_ci = _ci(m, "exposure_auc", "{:.3f}")
+    tpr, tpr_ci = _ci(m, "exposure_tpr", "{:.1%}")
+    rows = [("exposure AUC, training vs unseen images", auc, auc_ci, "0.5"),
+            (f"TPR at {fpr:.0%} FPR (training images exposed)", tpr, tpr_ci, f"{fpr:.0%}"),
+            ("exposed training images", f"{m['exposed_count']:.0f} of {train_size} (e(t) &gt; "
+             f"{m['exposure_threshold']:.3f})", "", f"~{fpr * train_size:.3g}")]
+    for key in sorted(k for k in m if k.startswith("matched_train_")):
+        tag = key[len("matched_train_"):]
+        held = m.get(f"matched_heldout_{tag}", math.nan)
+        rows.append((f"one-to-one matches at SSIM &ge; {int(tag) / 100:.1f}", f"{m[key]:.0f} training images",
+                     "", f"{held:.0f} unseen images"))
+    body = "".join(f"<tr><th>{name}</th><td>{v}</td><td>{ci}</td><td>{chance}</td></tr>"
+                   for name, v, ci, chance in rows)
+    return ('<table class="metrics exposure"><tr><th></th><th>value</th><th>95% CI</th><th>chance / unseen</th></tr>'
+            f"{body}</table>")
+
+
+def figure_html(uri: str, alt: str) -> str:
+    """A wide picture (e.g. :func:`fig_uri` of a matplotlib figure), scaled down to the page width."""
+    return f'<img class="wide" src="{uri}" alt="{esc(alt)}">'
+
+
 def kv_table(d: dict[str, Any]) -> str:
     rows = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>" for k, v in d.items() if v is not None)
     return f'<table class="kv">{rows}</table>'
@@ -134,7 +166,9 @@ figcaption{font-size:10.5px;color:#555;max-width:64px;line-height:1.15;margin-to
 .pairs{display:flex;flex-wrap:wrap;gap:8px}.pair{border:1px solid #e3e3e3;border-radius:6px;padding:4px 5px}
 .figs{display:flex;gap:3px}.pc{font-size:12px;white-space:nowrap}
 .idline{font-size:15px;margin:0 0 12px}details{margin:6px 0}summary{cursor:pointer;color:#333}
+h3{font-size:16px;margin:14px 0 4px}
 .top{margin:10px 0 4px}.top h3{font-size:15px;margin:10px 0 4px}.note{color:#555;font-size:14px}
+img.wide{max-width:100%;height:auto;display:block;margin:6px 0}
 pre{background:#f5f5f7;padding:10px;overflow-x:auto;
 font-size:12.5px;white-space:pre-wrap}ul.th li{margin:2px 0}
 """

@@ -1,10 +1,11 @@
 """The audit verdict as one self-contained HTML page (images embedded as data URIs; no network).
 
 `render_report(...) -> str` / `write_report(path, ...)` draw results computed elsewhere: a data set,
-the generator attack's `Scored` (tldr_core.scoring.pipeline) and/or a weight-template
-`TemplateResult`, the baselines, the real unseen images beside their nearest training images
-(`pipeline.heldout_nearest`) and the settings. Nothing here trains, attacks or searches. The audit
-command writes it as report.html; the defence comparison uses the same pieces.
+an attack's `Scored` (tldr_core.scoring.pipeline: the TLDR generator's or the KKT candidates') and/or
+a weight-template `TemplateResult` (each with its exposure and exposure gallery), the baselines, the
+real unseen images beside their nearest training images (`pipeline.heldout_nearest`) and the settings.
+Nothing here trains, attacks or searches. The audit command writes it as report.html; the defence
+comparison uses the same pieces.
 
 The risk level is the rule of :mod:`tldr_core.scoring.risk` (stated on the page too), per attack,
 the page taking the worst.
@@ -19,8 +20,12 @@ import torch
 
 from tldr_core.attack.classifier import ClassifierSettings
 from tldr_core.attack.config import AttackConfig, LossWeights
-from tldr_core.report.html import esc, grid_html, kv_table, metrics_table, page, pairs_html, verdict_html
-from tldr_core.scoring.risk import HIGH_COVERAGE, HIGH_GAP_CI_LOW, MEDIUM_GAP_CI_LOW, Risk, assess, worst
+from tldr_core.attack.kkt import KKTConfig
+from tldr_core.report.html import (esc, exposure_table, fig_uri, figure_html, grid_html, kv_table, metrics_table, page,
+                                   pairs_html, verdict_html)
+from tldr_core.report.pictures import exposure_gallery_figure
+from tldr_core.scoring.risk import (HIGH_COVERAGE, HIGH_GAP_CI_LOW, HIGH_TPR_CI_LOW, MEDIUM_GAP_CI_LOW,
+                                    MEDIUM_TPR_CI_LOW, Risk, assess, worst)
 
 if TYPE_CHECKING:
     from tldr_core.attack.data import DatasetBundle
@@ -41,15 +46,21 @@ def headline(risk: Risk) -> str:
 
 
 def thresholds_html(tau: float) -> str:
+    """The risk rule of tldr_core.scoring.risk in words (its criteria are checked in this order)."""
     return ('<ul class="th">'
-            f"<li><b>HIGH</b>: the memorisation gap's 95% CI lower bound is above {HIGH_GAP_CI_LOW}, or "
-            f"coverage@{tau:g} is above {HIGH_COVERAGE} while the gap is significant.</li>"
-            f"<li><b>MEDIUM</b>: the gap is significant: its CI lower bound is above {MEDIUM_GAP_CI_LOW} (the gap's "
+            f"<li><b>HIGH</b>: exposure: the 95% CI lower bound of the TPR at 1% FPR is above {HIGH_TPR_CI_LOW:.0%} "
+            "and the exposure AUC's lower bound is above 0.5 (at least one training image in ten comes back "
+            f"recognisably, which unseen images do not); or the memorisation gap's 95% CI lower bound is above "
+            f"{HIGH_GAP_CI_LOW}; or coverage@{tau:g} is above {HIGH_COVERAGE} while the gap is significant.</li>"
+            f"<li><b>MEDIUM</b>: exposure above chance: the TPR's CI lower bound is above {MEDIUM_TPR_CI_LOW:.0%} (the "
+            "FPR itself: a model that never saw its training images sits there) and the AUC's lower bound is above "
+            f"0.5; or the gap is significant: its CI lower bound is above {MEDIUM_GAP_CI_LOW} (the gap's "
             "run-to-run noise; the bootstrap CI alone covers only the choice of reconstructions); or the "
             "reconstructions' quality reaches "
             "the class-mean baseline's (they resemble the training images as much as each class's average training "
             "image does: a class-level leak, serious when a class is a person).</li>"
-            "<li><b>LOW</b>: neither. The page's verdict is the worst attack's level.</li></ul>"
+            "<li><b>LOW</b>: none of these. They are checked in this order and the first that holds sets the level; "
+            "the page's verdict is the worst attack's level.</li></ul>"
             '<p class="note"><b>quality</b>: mean SSIM of each reconstruction to its most similar training image of '
             "the "
             "same class (1 = identical). <b>quality vs H'</b>: the same against an equally large set of images the "
@@ -63,7 +74,7 @@ def thresholds_html(tau: float) -> str:
 
 
 CLI_ATTACK_KEYS = ("variant", "mode", "steps", "batch_size", "lr", "epsilon", "perturbation", "grad_mode",
-                   "grad_scope", "per_class", "seed")
+                   "grad_scope", "per_class", "seed", "bn", "jitter", "flip")
 
 
 def reproduce_command(record: dict[str, Any]) -> str:
@@ -77,21 +88,42 @@ def reproduce_command(record: dict[str, Any]) -> str:
         parts += [f"--arch {cs['arch']}", f"--classifier-epochs {cs['epochs']}", f"--data-seed {cs['seed']}"]
     elif cl.get("path"):  # training choices the audit flags cannot express: audit the saved classifier
         parts.append(f"--classifier {cl['path']}")
-    base, yaml_only = AttackConfig().flat(), []
-    for k, v in st.items():
-        if k in base and v != base[k] and k != "device" and k not in LossWeights.names():
-            if k in CLI_ATTACK_KEYS:
-                parts.append(f"--{k.replace('_', '-')} {v}")
-            else:
-                yaml_only.append(f"{k}: {v}")
-    if any(k in st for k in LossWeights.names()):  # all nine, always: the defaults may change
-        parts.append(" ".join(f"--{k.replace('_', '-')} {st[k]:g}" for k in LossWeights.names() if k in st))
+    yaml_only: list[str] = []
+    parts += _kkt_flags(st) if record.get("attack") == "kkt" else _tldr_flags(st, yaml_only)
     tau = record.get("metrics", {}).get("tau")
     if tau is not None and tau != 0.5:
         parts.append(f"--tau {tau:g}")
     if yaml_only:
         parts.append("--config extra.yaml   # extra.yaml: " + "; ".join(yaml_only))
     return " \\\n    ".join(parts)
+
+
+def _cli_value(v: Any) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def _tldr_flags(st: dict[str, Any], yaml_only: list[str]) -> list[str]:
+    """The audit flags of the TLDR settings ``st`` that differ from the defaults (and all nine weights);
+    settings no flag expresses are appended to ``yaml_only`` as "key: value"."""
+    base, parts = AttackConfig().flat(), []
+    for k, v in st.items():
+        if k in base and v != base[k] and k != "device" and k not in LossWeights.names():
+            if k in CLI_ATTACK_KEYS:
+                parts.append(f"--{k.replace('_', '-')} {_cli_value(v)}")
+            else:
+                yaml_only.append(f"{k}: {v}")
+    if any(k in st for k in LossWeights.names()):  # all nine, always: the defaults may change
+        parts.append(" ".join(f"--{k.replace('_', '-')} {st[k]:g}" for k in LossWeights.names() if k in st))
+    return parts
+
+
+def _kkt_flags(st: dict[str, Any]) -> list[str]:
+    """``--attack kkt`` and a ``--kkt-<name>`` flag (tldr_core.cli.audit) per KKT setting that differs
+    from KKTConfig's defaults (per_class is recorded resolved, so it is always there)."""
+    base = KKTConfig().flat()
+    flags = [f"--kkt-{k.replace('_', '-')} {_cli_value(v)}" for k, v in st.items()
+             if k in base and k != "device" and v != base[k]]
+    return ["--attack kkt"] + ([" ".join(flags)] if flags else [])
 
 
 def describe_model(spec: dict[str, Any] | None, settings: dict[str, Any] | None) -> str:
@@ -116,9 +148,11 @@ def _top_pairs(images, labels, refs, scores, names, left: str, n: int = 7) -> st
 
 
 def _attacks(attack, templates, record: dict[str, Any]) -> list[tuple[str, Any]]:
-    """(display name, result) of each attack shown, the generator's first."""
+    """(display name, result) of each attack shown, the generator's (or KKT candidates') first."""
     attacks: list[tuple[str, Any]] = []
-    if attack is not None:
+    if attack is not None and attack.kind == "kkt":
+        attacks.append((f"KKT candidates ({attack.steps} steps)", attack))
+    elif attack is not None:
         variant = record.get("settings", {}).get("variant", "conditioned")
         attacks.append((f"generator ({variant}, {attack.steps} steps)", attack))
     if templates is not None:
@@ -128,9 +162,21 @@ def _attacks(attack, templates, record: dict[str, Any]) -> list[tuple[str, Any]]
     return attacks
 
 
+#: Criteria whose reason reads as a description of the reconstructions ("The ... reconstructions are <reason>");
+#: the others' reasons are whole clauses ("individual training images come back: ...").
+_DESCRIBES_RECONSTRUCTIONS = ("gap", "gap_significant", "class_level", "none")
+
+
+def verdict_sentence(name: str, risk: Risk) -> str:
+    """The verdict box's sentence for one attack's risk."""
+    if risk.criterion in _DESCRIBES_RECONSTRUCTIONS:
+        return f"The {name} reconstructions are {risk.reason}."
+    return f"With the {name} reconstructions, {risk.reason}."
+
+
 def _verdict(attacks: list[tuple[str, Any]], risks: list[Risk]) -> str:
     w = worst(risks)
-    sentence = f"The {attacks[w][0]} reconstructions are {risks[w].reason}."
+    sentence = verdict_sentence(attacks[w][0], risks[w])
     for (name, _), r in zip(attacks, risks):
         if name != attacks[w][0]:
             sentence += f" The {name}: {r.level}."
@@ -160,12 +206,39 @@ def _metrics_section(attacks, risks, baselines) -> list[str]:
     return ["<h2>Reconstructions against baselines</h2>", metrics_table(rows)]
 
 
+EXPOSURE_NOTE = ("<b>Exposure</b> e(t) is the best SSIM any reconstruction of its class reaches to training image t, "
+                 "compared with the same for as many images the model never saw (H'): an AUC above 0.5 and a TPR at "
+                 "1% FPR above 1% mean the reconstructions single out this model's training images.")
+
+
+def _exposure_section(bundle, attacks) -> list[str]:
+    """Per attack: the exposure table and the gallery of its most exposed training images."""
+    b = ["<h2>Exposure: which training images come back</h2>", f"<p class='note'>{EXPOSURE_NOTE}</p>"]
+    for name, a in attacks:
+        b.append(f"<h3>{esc(name)}</h3>")
+        if "exposure_auc" not in a.metrics:
+            b.append("<p class='note'>not scored for exposure</p>")
+            continue
+        b.append(exposure_table(a.metrics, len(bundle.train)))
+        gallery = getattr(a, "gallery", None)
+        if gallery is not None and gallery.rows:
+            fig = exposure_gallery_figure(gallery, bundle.class_names)
+            b.append(figure_html(fig_uri(fig), f"{name}: the most exposed training images, each beside the "
+                                               "reconstruction reaching it and its best unseen match"))
+    return b
+
+
 def _image_sections(bundle, attack, templates, heldout) -> list[str]:
     names, train = bundle.class_names, bundle.train.images
     b: list[str] = []
     if attack is not None:
-        b += ["<h2>Generator reconstructions, by class</h2>",
-              "<p class='note'>Up to 10 hot-conditioned reconstructions per class (rows).</p>",
+        if attack.kind == "kkt":
+            b += ["<h2>KKT candidates, by class</h2>", "<p class='note'>Up to 10 candidate images per class (rows): "
+                  "the images whose margin gradients, weighted, best add up to the classifier's weights.</p>"]
+        else:
+            b += ["<h2>Generator reconstructions, by class</h2>",
+                  "<p class='note'>Up to 10 hot-conditioned reconstructions per class (rows).</p>"]
+        b += [
               grid_html(attack.images, attack.labels, names),
               "<h2>Each class's best two reconstructions beside their nearest training image</h2>",
               pairs_html(attack.images, attack.labels, train[attack.nearest_index], attack.nearest_ssim, names,
@@ -202,7 +275,8 @@ def _identity_sections(bundle, spec, record: dict[str, Any], templates, command:
     cmd = command or (reproduce_command(record) if record else None)
     if cmd:
         b.append(f"<pre>{esc(cmd)}</pre>")
-    settings = {k: record[k] for k in ("settings", "classifier", "dataset", "generator") if k in record}
+    settings = {k: record[k] for k in ("attack", "settings", "classifier", "dataset", "generator", "kkt")
+                if k in record}
     if templates is not None:
         settings["template_attack"] = templates.summary()
     b.append(f"<details><summary>all settings (JSON)</summary><pre>{esc(json.dumps(settings, indent=1, default=str))}"
@@ -237,6 +311,7 @@ def render_report(bundle: DatasetBundle, baselines: dict[str, dict[str, float]],
          _verdict(attacks, risks)]
     b += _top_section(bundle, attacks, heldout)
     b += _metrics_section(attacks, risks, baselines)
+    b += _exposure_section(bundle, attacks)
     b += _image_sections(bundle, attack, templates, heldout)
     b += ["<h2>How the risk level is decided</h2>", thresholds_html(tau)]
     b += _identity_sections(bundle, spec, record, templates, command)

@@ -1,15 +1,21 @@
-"""Pictures people look at instead of numbers: reconstruction grids and nearest-neighbour pairs."""
+"""Pictures people look at instead of numbers: reconstruction grids, nearest-neighbour pairs and the
+exposure gallery (the most exposed training images; computed by ``scoring.pipeline.exposure_gallery``)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")  # headless: CI, clusters, Ray workers
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+if TYPE_CHECKING:
+    from tldr_core.scoring.pipeline import ExposureGallery
 
 
 def _to_hwc(img: torch.Tensor) -> np.ndarray:
@@ -77,6 +83,84 @@ def save_nearest(path: str | Path, recon: torch.Tensor, recon_labels: torch.Tens
     fig.suptitle(title or f"reconstruction (left) beside its {ref_name} (right)", fontsize=9)
     # tight_layout ignores the suptitle: keep ~0.35 inch free above the first row's SSIM labels
     fig.tight_layout(pad=0.3, rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+EXPOSED_COLOUR = "#b3261e"  # the report's HIGH red: an exposed training image's frame and title
+_CELL_INCHES = 0.9  # an image's width on the figure
+
+
+def _rgb(img: torch.Tensor | None, shape: tuple[int, int]) -> np.ndarray:
+    """(C, H, W) in [0, 1] -> (H, W, 3); None -> light grey (nothing to show)."""
+    if img is None:
+        return np.full((*shape, 3), 0.85)
+    a = _to_hwc(img)
+    return np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a
+
+
+def gallery_title(gallery: ExposureGallery) -> str:
+    shown = sum(r.exposed for r in gallery.rows)
+    return (f"The {len(gallery.rows)} most exposed training images ({shown} shown above the threshold "
+            f"{gallery.threshold:.2f} at {gallery.fpr:.0%} FPR; {gallery.exposed} of {gallery.train_size} exposed "
+            "in all)\ntraining image | the reconstruction reaching it | that reconstruction's best match among "
+            "unseen images of the class")
+
+
+def _captions(row: Any, class_names: Sequence[str]) -> tuple[str, str, str]:
+    cls = str(class_names[row.label]) if row.label < len(class_names) else str(row.label)
+    held = (f"held-out #{row.heldout_index}\nSSIM {row.heldout_ssim:.2f}" if row.heldout_index >= 0
+            else "no held-out\nimage of class")
+    return (f"train #{row.train_index}\nclass {cls}{', exposed' if row.exposed else ''}",
+            f"recon #{row.recon_index}\nSSIM {row.exposure:.2f}", held)
+
+
+def exposure_gallery_figure(gallery: ExposureGallery, class_names: Sequence[str], *, per_row: int = 4,
+                            title: str | None = None) -> Any:
+    """A matplotlib figure of ``gallery``: per training image three columns (training image |
+    reconstruction | best held-out match), ``per_row`` triples a row, SSIMs in the captions; exposed
+    training images framed in red. The caller saves and closes it (:func:`save_exposure_gallery`).
+
+    Drawn as ONE image (a mosaic with caption bands) in one axes: a subplot per image cost ~0.1 s each."""
+    rows = gallery.rows
+    h, w = tuple(rows[0].train_image.shape[1:]) if rows else (8, 8)
+    per_row = max(1, min(per_row, len(rows) or 1))
+    nrow = max(1, math.ceil(len(rows) / per_row))
+    gap, sep, band = max(1, w // 8), max(2, w // 2), max(3, round(h * 0.35))  # pixels
+    tw, th = 3 * w + 2 * gap, band + h + gap  # one triple's width, one row's height
+    canvas = np.ones((nrow * th, per_row * tw + (per_row - 1) * sep, 3))
+    spots = []  # (x, y) of each image's top-left pixel, with its row
+    for k, row in enumerate(rows):
+        r, q = divmod(k, per_row)
+        y0, x0 = r * th + band, q * (tw + sep)
+        for i, img in enumerate((row.train_image, row.recon_image, row.heldout_image)):
+            x = x0 + i * (w + gap)
+            canvas[y0 : y0 + h, x : x + w] = _rgb(img, (h, w))
+            spots.append((x, y0, row, i))
+    inch = _CELL_INCHES / w
+    top = 0.45  # inches for the two-line title
+    fig = plt.figure(figsize=(canvas.shape[1] * inch + 0.2, canvas.shape[0] * inch + top + 0.1))
+    fh = fig.get_figheight()
+    ax = fig.add_axes((0.1 / fig.get_figwidth(), 0.1 / fh, 1 - 0.2 / fig.get_figwidth(), 1 - (top + 0.1) / fh))
+    ax.imshow(canvas, interpolation="nearest", aspect="auto", vmin=0, vmax=1)
+    ax.axis("off")
+    for x, y, row, i in spots:
+        colour = EXPOSED_COLOUR if row.exposed and i == 0 else "black"
+        ax.text(x + (w - 1) / 2, y - 0.8, _captions(row, class_names)[i], ha="center", va="bottom", fontsize=6.5,
+                color=colour, linespacing=1.0)
+        if row.exposed and i == 0:
+            ax.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, edgecolor=EXPOSED_COLOUR, linewidth=2))
+    fig.text(0.5, 1 - 0.05 / fh, title if title is not None else gallery_title(gallery), ha="center", va="top",
+             fontsize=8)
+    return fig
+
+
+def save_exposure_gallery(path: str | Path, gallery: ExposureGallery, class_names: Sequence[str], *,
+                          per_row: int = 4, title: str | None = None) -> Path:
+    """Draw :func:`exposure_gallery_figure` into ``path`` (PNG)."""
+    fig = exposure_gallery_figure(gallery, class_names, per_row=per_row, title=title)
     path = Path(path)
     fig.savefig(path, dpi=100)
     plt.close(fig)

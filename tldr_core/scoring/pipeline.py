@@ -7,14 +7,18 @@
 :func:`attack_and_score` is the first two lines for the TLDR generator. The pictures and the
 checkpoint are written one layer up (:mod:`tldr_core.report.artifacts`), because drawing is the
 report layer's job. What the audit page shows beside an attack is computed here too:
-:func:`heldout_nearest` (real unseen images beside their nearest training image), and
+:func:`heldout_nearest` (real unseen images beside their nearest training image),
+:func:`exposure_gallery` (the most exposed training images, each beside the reconstruction that
+reached it and that reconstruction's best match among unseen images; ``Scored.gallery``), and
 :func:`template_attack` scores the weight-template attack the same way.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
 from torch import Tensor, nn
 
 from tldr_core.attack.config import AttackConfig
@@ -25,6 +29,45 @@ from tldr_core.attack.train import Callback
 from tldr_core.scoring.exposure import ExposureResult, score_exposure
 from tldr_core.scoring.metrics import baseline_sets, score_reconstructions
 from tldr_core.scoring.nearest import ReferenceIndex, SearchStats
+from tldr_core.scoring.ssim import ssim_matrix
+
+GALLERY_SIZE = 16  # training images in an exposure gallery
+
+
+@dataclass(frozen=True)
+class GalleryRow:
+    """One training image of the exposure gallery (docs/method.md §7).
+
+    train_index, label: the training image (index into ``bundle.train``) and its class;
+    exposure: e(t), the SSIM of ``recon_image`` to ``train_image``; exposed: e(t) > the threshold;
+    recon_index: the reconstruction reaching e(t); heldout_index: index into ``bundle.heldout`` of that
+    reconstruction's most similar image of the same class in H' (-1: H' has none), heldout_ssim its
+    SSIM (NaN: none). Images are (C, H, W) float32 in [0, 1] (the reconstruction clamped, as scored).
+    """
+
+    train_index: int
+    label: int
+    exposure: float
+    exposed: bool
+    train_image: Tensor
+    recon_index: int
+    recon_image: Tensor
+    heldout_index: int
+    heldout_image: Tensor | None
+    heldout_ssim: float
+
+
+@dataclass(frozen=True)
+class ExposureGallery:
+    """The ``top`` most exposed training images, by e(t) descending (ties: by index); rows below the
+    threshold are included (exposed False) when fewer than ``top`` are exposed. threshold, fpr and
+    exposed (the count over all of T) are ExposureResult's."""
+
+    rows: list[GalleryRow]
+    threshold: float
+    fpr: float
+    exposed: int
+    train_size: int
 
 
 @dataclass
@@ -35,7 +78,8 @@ class Scored:
     dict ({} for images that were not scored as an attack); nearest_index: (R,) int64 index into the
     training set of each image's same-class nearest training image; nearest_ssim: (R,) float64 its
     SSIM; out: the AttackOutput scored (None for reference images); exposure: per-training-image
-    exposure (docs/method.md §7), its summary also in ``metrics`` (None for reference images).
+    exposure (docs/method.md §7), its summary also in ``metrics`` (None for reference images);
+    gallery: :func:`exposure_gallery` of it (None for reference images or ``gallery_size=0``).
     """
 
     images: Tensor
@@ -46,6 +90,7 @@ class Scored:
     out: AttackOutput | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     exposure: ExposureResult | None = None
+    gallery: ExposureGallery | None = None
 
     @property
     def kind(self) -> str:
@@ -58,19 +103,21 @@ class Scored:
 
 def score_attack(out: AttackOutput, classifier: nn.Module | None, bundle: Any, *, tau: float = 0.5, seed: int = 0,
                  n_boot: int = 1000, method: str = "prefilter", index: ReferenceIndex | None = None,
-                 stats: SearchStats | None = None) -> Scored:
+                 stats: SearchStats | None = None, gallery_size: int = GALLERY_SIZE) -> Scored:
     """Score an attack's reconstructions against ``bundle`` (``.train``, ``.heldout`` splits) and find
     each one's nearest training image.
 
     The classifier is moved to the CPU (in place, as ``nn.Module.cpu`` does) for label agreement.
     ``index``: a ReferenceIndex of ``bundle.train`` to reuse across calls (else one is made here);
     ``stats``: counters the nearest-neighbour searches add to. ``seed`` seeds the gap's bootstrap.
+    ``gallery_size``: training images in ``Scored.gallery`` (0: no gallery).
     """
     index = index if index is not None else reference_index(bundle)
     metrics, exp = score_images(out.images, out.labels, classifier, bundle, tau=tau, seed=seed, n_boot=n_boot,
                                 method=method, index=index, stats=stats)
     near = index.nearest(out.images, out.labels, stats=stats)  # the default search, as every report shows it
-    return Scored(out.images, out.labels, metrics, near.index, near.values, out, exposure=exp)
+    gallery = exposure_gallery(exp, out.images, bundle, top=gallery_size) if gallery_size else None
+    return Scored(out.images, out.labels, metrics, near.index, near.values, out, exposure=exp, gallery=gallery)
 
 
 def score_images(images: Tensor, labels: Tensor, classifier: nn.Module | None, bundle: Any, *, tau: float = 0.5,
@@ -107,9 +154,44 @@ def template_attack(model: nn.Module, bundle: Any, *, tau: float = 0.5, seed: in
     index = index if index is not None else reference_index(bundle)
     res = weight_templates(model, tuple(bundle.image_shape), renderings=renderings)
     res.metrics, res.exposure = score_images(res.images, res.labels, model, bundle, tau=tau, seed=seed, index=index)
+    res.gallery = exposure_gallery(res.exposure, res.images, bundle)
     near = index.nearest(res.images, res.labels)
     res.nearest_index, res.nearest_ssim = near.index, near.values
     return res
+
+
+def exposure_gallery(exp: ExposureResult, images: Tensor, bundle: Any, *, top: int = GALLERY_SIZE) -> ExposureGallery:
+    """The ``top`` most exposed training images (by e(t) descending, ties by index, as exposure.csv),
+    each with the reconstruction that reached it and that reconstruction's best same-class match in H'.
+
+    exp: score_exposure's result for ``images`` (the reconstructions it scored, (R, C, H, W)) against
+    ``bundle.train`` and ``bundle.heldout``. Training images whose class has no reconstruction are left
+    out (nothing reached them). The H' match answers "would an unseen image have matched as well?".
+    """
+    if top < 1:
+        raise ValueError(f"top must be >= 1, got {top}")
+    order = torch.sort(-exp.e_train, stable=True).indices
+    order = order[exp.best_recon_train[order] >= 0][:top]
+    recon_idx = exp.best_recon_train[order]
+    recons = images[recon_idx].detach().cpu().float().clamp(0.0, 1.0)  # scored clamped (score_exposure)
+    labels = exp.train_labels[order]
+    h_idx = exp.heldout_index
+    h_lab = bundle.heldout.labels[h_idx].cpu()
+    best = torch.full((len(order),), -1, dtype=torch.int64)
+    best_ssim = torch.full((len(order),), math.nan, dtype=torch.float64)
+    for c in torch.unique(labels).tolist():  # one SSIM block per class: these recons x H' of the class
+        rows, cand = (labels == c).nonzero(as_tuple=True)[0], h_idx[h_lab == c]
+        if cand.numel():
+            s = ssim_matrix(recons[rows], bundle.heldout.images[cand].cpu().float()).to(torch.float64)
+            top_s, j = s.max(dim=1)  # first maximum: the lowest H' index among ties
+            best[rows], best_ssim[rows] = cand[j], top_s
+    out = [GalleryRow(train_index=int(t), label=int(labels[k]), exposure=float(exp.e_train[t]),
+                      exposed=bool(exp.e_train[t] > exp.threshold), train_image=bundle.train.images[t].cpu().float(),
+                      recon_index=int(recon_idx[k]), recon_image=recons[k], heldout_index=int(best[k]),
+                      heldout_image=bundle.heldout.images[best[k]].cpu().float() if best[k] >= 0 else None,
+                      heldout_ssim=float(best_ssim[k]))
+           for k, t in enumerate(order.tolist())]
+    return ExposureGallery(out, float(exp.threshold), float(exp.fpr), int(exp.exposed), int(exp.e_train.numel()))
 
 
 def heldout_nearest(bundle: Any, per_class: int, *, seed: int = 0, index: ReferenceIndex | None = None) -> Scored:

@@ -1,0 +1,237 @@
+"""Every attack on every control classifier, one table: does the verdict say HIGH where it should?
+
+    python -m tldr_core.cli.controls                              # all controls x all attacks
+    python -m tldr_core.cli.controls --controls leaky-fc,clean --attacks kkt --kkt-steps 3000
+    python -m tldr_core.cli.controls --smoke-test                 # shrunk controls, seconds
+
+The controls (tldr_core.attack.zoo) are classifiers whose leakage is known by construction, each
+with the verdict expected of it written down before any run. For each (control, attack) the attack
+runs against the cached control classifier, is scored with the audit's pipeline (quality, gap,
+exposure) and judged by the audit's risk rule; its files go to ``<out>/<control>/<attack>/``
+(reconstructions.npz, grid.png, nearest.png, exposure.csv, exposure.png, a checkpoint) and one row
+to ``<out>/controls.json`` (rewritten after every cell, so an interrupted run keeps what it
+finished) and ``<out>/controls.md`` (the table docs/controls.md is copied from).
+
+Attacks: ``tldr`` (the generator, default loss weights), ``templates`` (weight templates, only
+where the first layer is fully connected), ``kkt`` (stationarity reconstruction). On a control
+with canaries the rows also say how exposed exactly the canary images are.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from tldr_core.attack.classifier import ClassifierSettings, load_or_train
+from tldr_core.attack.config import AttackConfig
+from tldr_core.attack.data import DatasetBundle, load_dataset
+from tldr_core.attack.kkt import KKTConfig, run_kkt
+from tldr_core.attack.output import AttackOutput
+from tldr_core.attack.templates import applies as templates_apply
+from tldr_core.attack.train import resolve_device
+from tldr_core.attack.zoo import CONTROLS, Control, control_bundles
+from tldr_core.paths import runs_dir
+from tldr_core.report.artifacts import write_artifacts
+from tldr_core.report.controls import render_controls
+from tldr_core.scoring.metrics import score_baselines
+from tldr_core.scoring.pipeline import Scored, attack_and_score, reference_index, score_attack, template_attack
+from tldr_core.scoring.risk import assess
+
+ATTACKS = ("tldr", "templates", "kkt")
+#: Not an attack: each class's mean training image, scored like reconstructions. On a small T the
+#: class mean is itself closer to T than to H' (it is a statistic of T), so it marks how much
+#: exposure an attack shows without recovering any individual image.
+REFERENCE = "class-mean of T"
+Log = Callable[[str], None]
+
+
+def shrink(control: Control) -> Control:
+    """The control at smoke-test size: 8x8 digits, a few epochs; the same kind of model and data."""
+    s = control.settings
+    small = replace(s, epochs=min(s.epochs, 300 if control.leaky else 5), hidden=min(s.hidden, 64))
+    return replace(control, settings=small, train_size=min(control.train_size, 100 if control.leaky else 300),
+                   copies=min(control.copies, 3))
+
+
+def prepare(control: Control, data: DatasetBundle, device: str, log: Log
+            ) -> tuple[nn.Module, DatasetBundle, dict[str, Any], Any]:
+    """(the control classifier, the bundle attacks are scored against, its meta, canary indices)."""
+    trained_on, scored, canaries = control_bundles(control, data)
+    model, meta, path = load_or_train(trained_on, control.settings, device=device, log=log)
+    meta = {**meta, "path": str(path)}
+    return model, scored, meta, canaries
+
+
+def run_attack(attack: str, model: nn.Module, bundle: DatasetBundle, args: argparse.Namespace, log: Log
+               ) -> Scored | Any | None:
+    """One attack, scored; None when it does not apply to this model (templates on a CNN)."""
+    device = str(resolve_device(args.device))
+    if attack == "tldr":
+        cfg = AttackConfig(steps=args.tldr_steps, per_class=args.per_class, seed=args.seed, device=device)
+        return attack_and_score(model, bundle, cfg, log=log, log_every=max(1, args.tldr_steps // 6))
+    if attack == "templates":
+        return template_attack(model, bundle, seed=args.seed) if templates_apply(model) else None
+    if attack == "kkt":
+        per_class = len(bundle.train) // bundle.num_classes
+        cfg = KKTConfig.from_flat({**args.kkt, "steps": args.kkt_steps, "seed": args.seed, "device": device,
+                                   "log_every": max(1, args.kkt_steps // 6),
+                                   "per_class": args.kkt_per_class or args.kkt.get("per_class")})
+        out = run_kkt(model, bundle.num_classes, bundle.image_shape, cfg, train_per_class=per_class, log=log)
+        return score_attack(out, model, bundle, seed=args.seed)
+    raise ValueError(f"unknown attack {attack!r}; choose from {', '.join(ATTACKS)}")
+
+
+def canary_stats(res: Any, canaries: Any) -> dict[str, Any]:
+    """How exposed exactly the canary images are: their e(t), how many are above the threshold, and
+    their rank among all training images (1 = the most exposed)."""
+    exp = res.exposure
+    if exp is None or canaries.numel() == 0:
+        return {}
+    order = exp.e_train.argsort(descending=True).argsort() + 1
+    return {"canaries": int(canaries.numel()),
+            "canary_exposure": [round(float(v), 4) for v in exp.e_train[canaries]],
+            "canaries_exposed": int((exp.e_train[canaries] > exp.threshold).sum()),
+            "canary_ranks": [int(r) for r in order[canaries]]}
+
+
+def cell(control: Control, attack: str, res: Any, baselines: dict, meta: dict, canaries: Any,
+         seconds: float) -> dict[str, Any]:
+    """One row of the table: the scores, the verdict and whether it matches the expected one (None for
+    the class-mean reference, which is not an attack)."""
+    risk = assess(res.metrics, baselines)
+    above = risk.level != "LOW"
+    reference = attack == REFERENCE
+    return {"control": control.name, "attack": attack, "expected": "-" if reference else control.expected,
+            "why": control.why, "risk": risk.level, "criterion": risk.criterion, "reasons": risk.reasons,
+            "as_expected": None if reference else above == control.leaky, "metrics": res.metrics,
+            "classifier": {k: meta.get(k) for k in ("train_accuracy", "test_accuracy", "train_size", "path")},
+            "steps": int(getattr(res, "steps", 0)), "seconds": round(seconds, 1), **canary_stats(res, canaries)}
+
+
+def class_mean_row(control: Control, model: nn.Module, bundle: DatasetBundle, baselines: dict, meta: dict,
+                   canaries: Any, seed: int) -> dict[str, Any]:
+    """The reference row: each class's mean training image scored as if it were a reconstruction."""
+    k = bundle.num_classes
+    means = torch.stack([bundle.train.images[bundle.train.labels == c].mean(0) for c in range(k)])
+    res = score_attack(AttackOutput(REFERENCE, means, torch.arange(k)), model, bundle, seed=seed)
+    return cell(control, REFERENCE, res, baselines, meta, canaries, 0.0)
+
+
+def run_control(control: Control, data: DatasetBundle, args: argparse.Namespace, out: Path, log: Log
+                ) -> list[dict[str, Any]]:
+    model, bundle, meta, canaries = prepare(control, data, str(resolve_device(args.device)), log)
+    log(f"{control.name}: train accuracy {meta['train_accuracy']:.3f}, test accuracy {meta['test_accuracy']:.3f}")
+    baselines = score_baselines(bundle.train, bundle.heldout, bundle.test, bundle.num_classes, args.per_class,
+                                classifier=model, seed=args.seed)
+    rows = [class_mean_row(control, model, bundle, baselines, meta, canaries, args.seed)]
+    for attack in args.attacks:
+        t0 = time.time()
+        log(f"{control.name} x {attack}: running")
+        res = run_attack(attack, model, bundle, args, log=lambda m: log("    " + m))
+        seconds = time.time() - t0
+        if res is None:
+            log(f"{control.name} x {attack}: does not apply (first layer is not fully connected)")
+            continue
+        if isinstance(res, Scored):
+            write_artifacts(out / control.name / attack, bundle, res, meta={"control": control.name})
+        rows.append(cell(control, attack, res, baselines, meta, canaries, seconds))
+        m = res.metrics
+        log(f"{control.name} x {attack}: {rows[-1]['risk']} (expected {control.expected}); exposure TPR@1%FPR "
+            f"{m['exposure_tpr']:.2f} [{m['exposure_tpr_lo']:.2f}, {m['exposure_tpr_hi']:.2f}], AUC "
+            f"{m['exposure_auc']:.2f}, gap {m['gap']:+.3f}, matched@0.4 {m['matched_train_040']:.0f} vs "
+            f"{m['matched_heldout_040']:.0f} ({rows[-1]['seconds']:.0f}s)")
+    return rows
+
+
+def _value(text: str) -> Any:
+    """'3000' -> 3000, '1e-2' -> 0.01, 'true' -> True, 'null' -> None, anything else: the string."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def kkt_overrides(pairs: list[str]) -> dict[str, Any]:
+    """["lr=0.03", "alpha=150"] -> {"lr": 0.03, "alpha": 150}, validated by KKTConfig."""
+    vals = {}
+    for kv in pairs:
+        if "=" not in kv:
+            raise ValueError(f"expected NAME=VALUE, got {kv!r}")
+        name, value = kv.split("=", 1)
+        vals[name.strip()] = _value(value)
+    KKTConfig.from_flat(vals)  # unknown names and bad values are errors here, before any training
+    return vals
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tldr_core.cli.controls", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--controls", default=",".join(CONTROLS), help=f"comma list of {', '.join(CONTROLS)}")
+    p.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma list of {', '.join(ATTACKS)}")
+    p.add_argument("--dataset", default="mnist-bundled", help="data set the controls are built from")
+    p.add_argument("--out", default=None, help="output folder (default runs/controls)")
+    p.add_argument("--tldr-steps", type=int, default=AttackConfig.steps, help="generator steps (default 1200)")
+    p.add_argument("--per-class", type=int, default=20, help="TLDR reconstructions per class (default 20)")
+    p.add_argument("--kkt-steps", type=int, default=KKTConfig.steps)
+    p.add_argument("--kkt-per-class", type=int, default=None,
+                   help="KKT candidates per class (default 2 x the training images per class)")
+    p.add_argument("--kkt-set", action="append", default=[], metavar="NAME=VALUE",
+                   help=f"a KKT setting ({', '.join(KKTConfig.names())}); repeatable")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--smoke-test", action="store_true", help="shrunk controls on 8x8 digits, a few steps")
+    return p
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    args.controls = [c.strip() for c in args.controls.split(",") if c.strip()]
+    args.attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    bad = [c for c in args.controls if c not in CONTROLS] + [a for a in args.attacks if a not in ATTACKS]
+    if bad or not args.controls or not args.attacks:
+        p.error(f"unknown or missing control/attack {bad}; controls: {', '.join(CONTROLS)}; attacks: {', '.join(ATTACKS)}")
+    try:
+        args.kkt = kkt_overrides(args.kkt_set)
+    except (ValueError, TypeError) as exc:
+        p.error(f"--kkt-set: {exc}")
+    if args.smoke_test:
+        args.dataset, args.tldr_steps, args.kkt_steps, args.per_class = "digits-8x8", 20, 30, 4
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    out = Path(args.out) if args.out else runs_dir() / "controls"
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    for name in args.controls:
+        control = shrink(CONTROLS[name]) if args.smoke_test else CONTROLS[name]
+        data = load_dataset(args.dataset, control.train_size, seed=0)
+        rows += run_control(control, data, args, out, log=print)
+        meta = {"dataset": args.dataset, "tldr_steps": args.tldr_steps, "kkt_steps": args.kkt_steps,
+                "kkt": args.kkt, "controls": {c: asdict(CONTROLS[c]) for c in args.controls}}
+        (out / "controls.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
+        (out / "controls.md").write_text(render_controls(rows, meta))
+    wrong = [f"{r['control']} x {r['attack']}" for r in rows if r["as_expected"] is False]
+    print(f"wrote {out / 'controls.md'}; {len(rows)} cells, {len(wrong)} not as expected"
+          + (f": {', '.join(wrong)}" if wrong else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

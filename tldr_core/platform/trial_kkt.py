@@ -1,0 +1,72 @@
+"""A KKT trial of the search (`--attack kkt`): the stationarity reconstruction attack
+(`tldr_core.attack.kkt.run_kkt`) with the settings Optuna drew, adapted to Ray Tune the way the TLDR
+trial adapts `train_generator` (`tuning._progress_callback`).
+
+`run_kkt` calls its callback as `callback(step, record, candidates)` at every logged step
+(`log_every`, which divides `eval_every`, the first and the last step); every `eval_every` steps the
+trial scores *all* current candidates (`candidates.x` clamped to [0, 1], their fixed labels) with
+`pipeline.score_images` and reports them (`tuning.report_progress`): the same images the final score
+uses, so ASHA compares the quantity the search maximises. The final scoring, artifacts and the
+candidates' checkpoint (`kkt.pt`, weights-only) are `tuning._finish`'s.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from tldr_core.platform.tuning import (TrialInputs, report_progress, run_params, trial_classifier,
+                                       trial_device)
+from tldr_core.platform.trial_runs import TrialRun
+
+
+def train_per_class(labels: Any, num_classes: int) -> int:
+    """Training images per class as run_kkt needs it: the largest class count (the sets are class-balanced;
+    the largest keeps the default 2x candidates above every class)."""
+    import torch
+
+    return int(torch.bincount(labels.cpu(), minlength=num_classes).max())
+
+
+def prepare_kkt(config: dict[str, Any], inputs: TrialInputs, run: TrialRun, trial_id: str):
+    """(KKTConfig of this trial, frozen classifier, train_per_class); the settings go to the run's params,
+    per_class as resolved (None in the config means 2 x train_per_class)."""
+    from tldr_core.attack.kkt import KKTConfig
+
+    s = inputs.settings
+    base = KKTConfig(steps=int(s["steps"]), seed=int(s["seed"]), device=trial_device(inputs),
+                     log_every=int(s["log_every"]))
+    cfg = inputs.space.attack_config(config, base=base)
+    tpc = train_per_class(inputs.bundle.train.labels, inputs.bundle.num_classes)
+    run.log_params({**cfg.flat(), "per_class": cfg.per_class or 2 * tpc, "train_per_class": tpc,
+                    **run_params(inputs, trial_id)})
+    return cfg, trial_classifier(inputs), tpc
+
+
+def kkt_progress_callback(inputs: TrialInputs, run: TrialRun, cfg, scorer, state: dict[str, Any]):
+    """run_kkt's callback: record the losses; every eval_every steps (not the last: `_finish` scores it)
+    score the candidates and report. Never stops the attack itself (ASHA does, inside tune.report)."""
+    eval_every = int(inputs.settings["eval_every"])
+
+    def callback(step: int, record: dict[str, float], cand) -> bool:
+        state["pending"].append(record)
+        state["last"].update(record)
+        if step % eval_every == 0 and step < cfg.steps:
+            images = cand.x.detach().clamp(0, 1).float().cpu()
+            report_progress(inputs, run, state, step, record, images, cand.labels.detach().cpu(), scorer, cfg.seed)
+        return False
+
+    return callback
+
+
+def run_kkt_trial(config: dict[str, Any], inputs: TrialInputs, run: TrialRun, trial_id: str,
+                  state: dict[str, Any]):
+    """Optimise the trial's candidates; returns (AttackOutput, KKTConfig, classifier)."""
+    from tldr_core.attack.kkt import run_kkt
+
+    cfg, classifier, tpc = prepare_kkt(config, inputs, run, trial_id)
+    # score with a CPU copy: the attacked classifier stays where run_kkt put it, ReLUs swapped
+    scorer = copy.deepcopy(classifier).cpu()
+    callback = kkt_progress_callback(inputs, run, cfg, scorer, state)
+    attack = run_kkt(classifier, inputs.bundle.num_classes, tuple(inputs.bundle.image_shape), cfg,
+                     train_per_class=tpc, callback=callback, log=None)
+    return attack, cfg, classifier
