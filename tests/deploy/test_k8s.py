@@ -1,8 +1,8 @@
 """The Kubernetes manifests (k8s/), the Dockerfile and the checks that guard them.
 
 Offline only: `kubectl kustomize` renders the overlays, kubernetes-validate and the
-KubeRay CRD schemas (../shared/k8s-schemas) validate them, tests/k8s_checks.py adds what
-the schemas cannot see, and tests/fixtures/k8s/ proves each check can fail.
+KubeRay CRD schemas (../shared/k8s-schemas) validate them, tests/deploy/k8s_checks.py adds what
+the schemas cannot see, and tests/deploy/fixtures/k8s/ proves each check can fail.
 Missing tools, schemas or scripts make tests FAIL, not skip: they are declared deps.
 """
 from __future__ import annotations

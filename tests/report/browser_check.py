@@ -2,7 +2,7 @@
 would see: console errors, uncaught exceptions, failed loads, images that did not load, and a
 full-page screenshot.
 
-    python tests/browser_check.py runs/demo/report.html --screenshot docs/img/report.png
+    python tests/report/browser_check.py runs/demo/report.html --screenshot docs/img/report.png
 
 Needs Debian's `chromium` (CI installs it: apt-get install -y chromium) and `websocket-client`.
 """

@@ -422,7 +422,7 @@ def test_score_baselines_ordering(mnist):
     assert tuple(res) == BASELINES
     assert all(tuple(m) == METRIC_KEYS for m in res.values())
     q = {k: v["quality"] for k, v in res.items()}
-    assert q["noise"] < 0.15 < q["class_mean"]  # docs/method.md §6: ~0.06 and ~0.55
+    assert q["noise"] < 0.15 < q["class_mean"]  # docs/results.md: ~0.06 and ~0.54
     assert q["heldout_real"] > 0.3
     assert abs(res["noise"]["gap"]) < 0.05
     assert res["class_mean"]["diversity"] == pytest.approx(0.0, abs=1e-6)

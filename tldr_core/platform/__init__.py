@@ -3,8 +3,10 @@ Needs the `platform` extra (ray[tune], optuna, mlflow, psycopg2-binary, requests
 
     search          run(settings) -> search run id; search_settings (SearchSettings, make_settings),
                     search_run (the driver's MLflow side), search_ray (Ray and the Tuner), search_cli
-    tuning          the trial function Ray workers run, and the driver's trial-status callback
-    search_space    the YAML search space (space_specs parses its entries; spaces/*.yaml ship here)
+    tuning          the trial function Ray workers run, and the driver's trial-status callback;
+                    trial_kkt (the trial of a --attack kkt search)
+    search_space    the YAML search space (space_specs parses its entries; kkt_space: a KKT search's
+                    space; spaces/*.yaml ship here)
     tracking        MLflow helpers; trial_runs (a trial's nested run), search_summary (plots,
                     importances), probe (TCP reachability)
     registry        registered classifiers and generators, the champion rule; pyfunc (the MLflow flavour)

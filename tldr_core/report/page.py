@@ -73,6 +73,8 @@ def thresholds_html(tau: float) -> str:
             "unseen images.</p>")
 
 
+#: The architectures the audit's --arch can train (tldr_core.cli.audit); others ("fc") are reproduced from the file.
+AUDIT_ARCHS = ("cnn", "mlp")
 CLI_ATTACK_KEYS = ("variant", "mode", "steps", "batch_size", "lr", "epsilon", "perturbation", "grad_mode",
                    "grad_scope", "per_class", "seed", "bn", "jitter", "flip")
 
@@ -84,7 +86,8 @@ def reproduce_command(record: dict[str, Any]) -> str:
     parts = ["python -m tldr_core.cli.audit", f"--dataset {ds.get('name', '?')}",
              f"--train-size {ds.get('train_size', '?')}"]
     default = ClassifierSettings(arch=cs.get("arch", "cnn")).__dict__
-    if cs and all(cs.get(k) == v for k, v in default.items() if k not in ("arch", "epochs", "seed")):
+    if cs and cs.get("arch", "cnn") in AUDIT_ARCHS and all(
+            cs.get(k) == v for k, v in default.items() if k not in ("arch", "epochs", "seed")):
         parts += [f"--arch {cs['arch']}", f"--classifier-epochs {cs['epochs']}", f"--data-seed {cs['seed']}"]
     elif cl.get("path"):  # training choices the audit flags cannot express: audit the saved classifier
         parts.append(f"--classifier {cl['path']}")
@@ -131,12 +134,17 @@ def describe_model(spec: dict[str, Any] | None, settings: dict[str, Any] | None)
     spec, st = spec or {}, settings or {}
     arch = spec.get("arch") or st.get("arch") or "classifier"
     hidden = spec.get("hidden", st.get("hidden"))
-    shape = "linear (pixels straight to classes)" if arch == "mlp" and hidden == 0 else (
-        f"one hidden layer of {hidden}" if arch == "mlp" else "convolutional (the paper's CNN)")
+    if arch == "fc":  # models.FC: ReLU layers of spec["widths"], no dropout
+        widths = spec.get("widths")
+        shape = "fully connected ReLU" + (f", hidden layers {'-'.join(str(w) for w in widths)}" if widths else "")
+    else:
+        shape = "linear (pixels straight to classes)" if arch == "mlp" and hidden == 0 else (
+            f"one hidden layer of {hidden}" if arch == "mlp" else "convolutional (the paper's CNN)")
     bits = [f"{arch}: {shape}"]
     if st:
+        dropout = 0 if arch == "fc" else st.get("dropout", 0)
         bits.append(f"{st.get('optimizer', '?')} lr {st.get('lr', '?')}, weight decay {st.get('weight_decay', 0)}, "
-                    f"dropout {st.get('dropout', 0)}, {st.get('epochs', '?')} epochs")
+                    f"dropout {dropout}, {st.get('epochs', '?')} epochs")
     return "; ".join(bits)
 
 

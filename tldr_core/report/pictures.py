@@ -56,7 +56,8 @@ def save_nearest(path: str | Path, recon: torch.Tensor, recon_labels: torch.Tens
                  title: str | None = None, ref_name: str = "nearest training image") -> Path:
     """Pairs (reconstruction | its nearest same-class reference image) with the SSIM above each pair.
 
-    nearest (R, C, H, W) holds, for each reconstruction, the reference image found by `metrics.nn_ssim`.
+    nearest (R, C, H, W) holds, for each reconstruction, the reference image found by
+    `tldr_core.scoring.nearest` (`ReferenceIndex.nearest` / `nn_ssim`).
     Shows the `per_class` best-matching reconstructions of each class, so the strongest leaks are visible.
     """
     classes = sorted(set(recon_labels.tolist()))

@@ -12,7 +12,7 @@ HIGH   the memorisation gap's 95% CI lower bound > ``high_gap_ci_low`` (0.02), o
 MEDIUM exposure above chance: the TPR's CI lower bound > ``medium_tpr_ci_low`` (0.01, the FPR itself:
        a model that never saw T sits at 0.01 by construction) and the AUC's lower bound > 0.5;
 MEDIUM the gap is significant: its CI lower bound > ``medium_gap_ci_low`` (0.005, the run-to-run
-       noise of the gap measured in docs/method.md: the bootstrap CI covers only the resampling of
+       noise of the gap measured in docs/defence.md: the bootstrap CI covers only the resampling of
        reconstructions, and on the defence comparison it excluded 0 on both sides for variants with
        no effect); or the reconstructions' quality reaches ``medium_realism`` (1.0) of the way from
        the noise baseline's quality to the class-mean baseline's (a class-level leak);
