@@ -19,11 +19,11 @@ def _ci(m: dict[str, Any], key: str, fmt: str = "{:.2f}") -> str:
 def row_cells(r: dict[str, Any]) -> list[str]:
     m, c = r["metrics"], r["classifier"]
     verdict = f"**{r['risk']}** ({r['criterion']})" + (" — not as expected" if r["as_expected"] is False else "")
-    return [r["control"], r["attack"], r["expected"], verdict, _ci(m, "exposure_tpr"), _ci(m, "exposure_auc"),
+    return [r["control"], r["attack"], r["expected"], verdict, _ci(m, "exposure_tpr", "{:.3f}"), _ci(m, "exposure_auc"),
             f"{m['exposed_count']:.0f}", f"{m['matched_train_040']:.0f} / {m['matched_heldout_040']:.0f}",
             f"{m['matched_train_060']:.0f} / {m['matched_heldout_060']:.0f}",
             f"{m['gap']:+.3f} [{m['gap_ci_low']:+.3f}, {m['gap_ci_high']:+.3f}]", f"{m['quality']:.3f}",
-            f"{c['train_accuracy']:.2f} / {c['test_accuracy']:.2f}", str(r.get("steps", "")) or "-",
+            f"{c['train_accuracy']:.2f} / {c['test_accuracy']:.2f}", str(r.get("steps") or "-"),
             f"{r['seconds']:.0f} s"]
 
 
