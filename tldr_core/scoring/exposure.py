@@ -41,6 +41,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from tldr_core.scoring.membership import _allowed, auc, bootstrap_intervals, fpr_threshold, tpr_at_fpr
 from tldr_core.scoring.ssim import ssim_matrix
 
 __all__ = ["NO_RECON", "exposure", "max_matching", "auc", "fpr_threshold", "tpr_at_fpr", "bootstrap_intervals",
@@ -48,7 +49,6 @@ __all__ = ["NO_RECON", "exposure", "max_matching", "auc", "fpr_threshold", "tpr_
 
 NO_RECON = -1.0  # exposure of an image whose class has no reconstruction (the SSIM floor)
 _TIE_TOL = 1e-6  # SSIMs closer than this are ties (float32 rounding); ties go to the lowest recon index
-_BOOT_ELEMS = 1 << 20  # resamples x (P + Q) per bootstrap block: ~10 float64 temporaries of <= 8 MB
 
 
 def _images(x: Tensor, name: str) -> Tensor:
@@ -63,15 +63,6 @@ def _labels(y: Tensor, n: int, name: str) -> Tensor:
     if y.numel() != n:
         raise ValueError(f"{name} has {y.numel()} labels for {n} images")
     return y
-
-
-def _scores(x: Any, name: str) -> Tensor:
-    x = torch.as_tensor(x, dtype=torch.float64).detach().reshape(-1).cpu()
-    if x.numel() == 0:
-        raise ValueError(f"{name} is empty")
-    if torch.isnan(x).any():
-        raise ValueError(f"{name} contains NaN")
-    return x
 
 
 # ----------------------------------------------------------------------------- exposure + matching
@@ -193,104 +184,6 @@ def exposure(recon: Tensor, recon_labels: Tensor, refs: Tensor, ref_labels: Tens
 
 
 # ----------------------------------------------------------------------------- AUC / TPR@FPR
-
-
-def _sorted_counts(n: int, boots: int, g: torch.Generator | None) -> Tensor:
-    """(boots, n + 1) cumulative resample counts of positions 0..n-1, leading 0 column.
-
-    g None: one "resample" that is the sample itself (all counts 1)."""
-    if g is None:
-        counts = torch.ones(1, n, dtype=torch.float64)
-    else:
-        idx = torch.randint(n, (boots, n), generator=g)
-        ones = torch.ones(boots, n, dtype=torch.float64)
-        counts = torch.zeros(boots, n, dtype=torch.float64).scatter_add_(1, idx, ones)
-    return torch.cat([torch.zeros(counts.shape[0], 1, dtype=torch.float64), counts.cumsum(dim=1)], dim=1)
-
-
-def _auc_tpr(pos: Tensor, neg: Tensor, k: int, boots: int, g: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """AUC and TPR of ``boots`` joint resamples (or of the sample itself if ``g`` is None).
-
-    pos (P,), neg (Q,) sorted ascending. A resample is a count per position; with C the
-    cumulative counts, the negatives below / tied with pos[i] are C[lo_i] and C[hi_i] - C[lo_i]
-    (lo, hi = searchsorted left / right), so AUC = sum_i w_i (C[lo_i] + (C[hi_i] - C[lo_i]) / 2) / (P Q):
-    the Mann-Whitney statistic with midranks, in O(boots (P + Q)). Returns (auc, tpr), each (boots,)."""
-    p, q = pos.numel(), neg.numel()
-    cn, cp = _sorted_counts(q, boots, g), _sorted_counts(p, boots, g)
-    lo = torch.searchsorted(neg, pos, right=False)
-    hi = torch.searchsorted(neg, pos, right=True)
-    below = cn.index_select(1, lo) + 0.5 * (cn.index_select(1, hi) - cn.index_select(1, lo))  # (B, P)
-    auc_b = ((cp[:, 1:] - cp[:, :-1]) * below).sum(dim=1) / (p * q)
-    # threshold: the (k+1)-th largest resampled negative = the first sorted position m whose
-    # cumulative count C[m + 1] exceeds Q - k - 1
-    level = torch.full((cn.shape[0], 1), q - k - 1.0, dtype=torch.float64)
-    m = torch.searchsorted(cn[:, 1:].contiguous(), level, right=True)
-    thr = neg[m.squeeze(1).clamp_max(q - 1)]
-    at_or_below = torch.searchsorted(pos, thr, right=True)  # positives <= threshold, per resample
-    tpr_b = (p - cp.gather(1, at_or_below[:, None]).squeeze(1)) / p
-    return auc_b, tpr_b
-
-
-def auc(pos: Tensor, neg: Tensor) -> float:
-    """Mann-Whitney AUC: P(pos > neg) over all pairs, ties counted 1/2.
-
-    pos (P,), neg (Q,): scores (e.g. training / held-out exposures). 1.0: every positive above
-    every negative; 0.5: indistinguishable (or all tied)."""
-    pos, neg = _scores(pos, "pos").sort().values, _scores(neg, "neg").sort().values
-    return float(_auc_tpr(pos, neg, 0, 1, None)[0][0])
-
-
-def _allowed(fpr: float, q: int) -> int:
-    """k = floor(fpr * q): negatives allowed strictly above the threshold (1e-9 absorbs float
-    error, e.g. 0.29 * 100 = 28.999...)."""
-    if not 0.0 <= fpr < 1.0:
-        raise ValueError(f"fpr must be in [0, 1), got {fpr}")
-    return min(q - 1, int(math.floor(fpr * q + 1e-9)))
-
-
-def fpr_threshold(neg: Tensor, fpr: float = 0.01) -> float:
-    """The smallest value that at most ``fpr`` of ``neg`` strictly exceed.
-
-    That is the (k+1)-th largest of ``neg``, k = floor(fpr * len(neg)): with 100 negatives and
-    fpr = 0.01, the second largest. Ties with it are below the bar (scores must be > it)."""
-    neg = _scores(neg, "neg").sort(descending=True).values
-    return float(neg[_allowed(fpr, neg.numel())])
-
-
-def tpr_at_fpr(pos: Tensor, neg: Tensor, fpr: float = 0.01) -> tuple[float, float]:
-    """(TPR, threshold): the fraction of ``pos`` strictly above :func:`fpr_threshold` (neg, fpr)."""
-    pos = _scores(pos, "pos")
-    thr = fpr_threshold(neg, fpr)
-    return float((pos > thr).double().mean()), thr
-
-
-def bootstrap_intervals(pos: Tensor, neg: Tensor, *, fpr: float = 0.01, n_boot: int = 1000, seed: int = 0,
-                        level: float = 0.95) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Percentile-bootstrap intervals of :func:`auc` and of the TPR of :func:`tpr_at_fpr`.
-
-    ``pos`` and ``neg`` are resampled independently, with replacement, ``n_boot`` times (seeded);
-    each resample gets its own threshold. Vectorised: O(n_boot (P + Q)) work in blocks of
-    resamples, no sort per resample.
-
-    Returns ((auc_lo, auc_hi), (tpr_lo, tpr_hi)).
-    """
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    pos, neg = _scores(pos, "pos").sort().values, _scores(neg, "neg").sort().values
-    k = _allowed(fpr, neg.numel())
-    g = torch.Generator().manual_seed(seed)
-    step = max(1, _BOOT_ELEMS // (pos.numel() + neg.numel()))
-    aucs, tprs = [], []
-    for b0 in range(0, n_boot, step):
-        a, t = _auc_tpr(pos, neg, k, min(step, n_boot - b0), g)
-        aucs.append(a)
-        tprs.append(t)
-    alpha = (1.0 - level) / 2
-    qs = torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64)
-    qa, qt = torch.quantile(torch.cat(aucs), qs), torch.quantile(torch.cat(tprs), qs)
-    return (float(qa[0]), float(qa[1])), (float(qt[0]), float(qt[1]))
 
 
 # ----------------------------------------------------------------------------- the audit's result
