@@ -33,3 +33,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def digits_case():
+    """(bundle, classifier, AttackConfig): 50 8x8 digits, an untrained MLP, a 3-step attack config,
+    shared by the pipeline and artifact tests (one per test module: tests may move the model)."""
+    from tldr_core.attack.config import AttackConfig
+    from tldr_core.attack.data import load_dataset
+    from tldr_core.attack.models import MLP
+
+    bundle = load_dataset("digits-8x8", 50, seed=0, test_size=60)
+    torch.manual_seed(0)
+    clf = MLP(bundle.image_shape, bundle.num_classes).eval()
+    cfg = AttackConfig(steps=3, per_class=2, batch_size=8, device="cpu", seed=5)
+    return bundle, clf, cfg

@@ -10,9 +10,6 @@ import matplotlib.pyplot as plt
 from matplotlib import colors
 
 from tldr_core.attack.checkpoints import load_generator
-from tldr_core.attack.config import AttackConfig
-from tldr_core.attack.data import load_dataset
-from tldr_core.attack.models import MLP
 from tldr_core.attack.output import AttackOutput
 from tldr_core.attack.train import generate
 from tldr_core.report.artifacts import checkpoint_name, grid_title, write_artifacts
@@ -22,17 +19,8 @@ from tldr_core.scoring.pipeline import Scored, attack_and_score, score_attack
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
-@pytest.fixture(scope="module")
-def case():
-    bundle = load_dataset("digits-8x8", 50, seed=0, test_size=60)
-    torch.manual_seed(0)
-    clf = MLP(bundle.image_shape, bundle.num_classes).eval()
-    cfg = AttackConfig(steps=3, per_class=2, batch_size=8, device="cpu", seed=5)
-    return bundle, clf, cfg
-
-
-def test_write_artifacts_writes_the_files_and_a_loadable_checkpoint(case, tmp_path):
-    bundle, clf, cfg = case
+def test_write_artifacts_writes_the_files_and_a_loadable_checkpoint(digits_case, tmp_path):
+    bundle, clf, cfg = digits_case
     scored = attack_and_score(clf, bundle, cfg, log=None)
     paths = write_artifacts(tmp_path / "a", bundle, scored, meta={"classifier": "c.pt"})
     assert {p.name for p in paths.values()} == {"reconstructions.npz", "grid.png", "nearest.png", "generator.pt",
@@ -52,8 +40,8 @@ def test_write_artifacts_writes_the_files_and_a_loadable_checkpoint(case, tmp_pa
     assert checkpoint_name("tldr") == "generator.pt" and checkpoint_name("kkt") == "kkt.pt"
 
 
-def test_write_artifacts_without_a_module_writes_no_checkpoint(case, tmp_path):
-    bundle, _, _ = case
+def test_write_artifacts_without_a_module_writes_no_checkpoint(digits_case, tmp_path):
+    bundle, _, _ = digits_case
     out = AttackOutput("templates", torch.rand(10, 1, 8, 8), torch.arange(10))
     scored = Scored(out.images, out.labels, {"quality": 0.1, "label_agreement": 0.5},
                     torch.zeros(10, dtype=torch.int64),
@@ -63,8 +51,8 @@ def test_write_artifacts_without_a_module_writes_no_checkpoint(case, tmp_path):
     assert "exposure" not in paths and not list(tmp_path.glob("exposure.*"))  # not scored for exposure: no files
 
 
-def test_exposure_csv_and_gallery_show_the_scored_exposure(case, tmp_path):
-    bundle, clf, _ = case
+def test_exposure_csv_and_gallery_show_the_scored_exposure(digits_case, tmp_path):
+    bundle, clf, _ = digits_case
     idx = torch.arange(0, 50, 5)  # ten training images, copied: they come back exactly
     scored = score_attack(AttackOutput("kkt", bundle.train.images[idx], bundle.train.labels[idx]), clf, bundle,
                           n_boot=20)

@@ -7,9 +7,7 @@ import pytest
 import torch
 
 from tldr_core.attack.checkpoints import GENERATOR_FORMAT
-from tldr_core.attack.config import AttackConfig
-from tldr_core.attack.data import load_dataset
-from tldr_core.attack.models import MLP, ConditionedGenerator
+from tldr_core.attack.models import ConditionedGenerator
 from tldr_core.attack.output import AttackOutput
 from tldr_core.attack.templates import weight_templates
 from tldr_core.attack.tldr import run_tldr
@@ -23,17 +21,8 @@ from tldr_core.scoring.ssim import ssim
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
-@pytest.fixture(scope="module")
-def case():
-    bundle = load_dataset("digits-8x8", 50, seed=0, test_size=60)
-    torch.manual_seed(0)
-    clf = MLP(bundle.image_shape, bundle.num_classes).eval()
-    cfg = AttackConfig(steps=3, per_class=2, batch_size=8, device="cpu", seed=5)
-    return bundle, clf, cfg
-
-
-def test_run_tldr_draws_what_train_then_generate_draw(case):
-    bundle, clf, cfg = case
+def test_run_tldr_draws_what_train_then_generate_draw(digits_case):
+    bundle, clf, cfg = digits_case
     out = run_tldr(clf, bundle.num_classes, bundle.image_shape, cfg, log=None)
     res = train_generator(clf, bundle.num_classes, bundle.image_shape, cfg, log=None, log_every=100)
     images, labels = generate(res.generator, cfg.per_class, seed=cfg.seed + 1, device="cpu")
@@ -43,8 +32,8 @@ def test_run_tldr_draws_what_train_then_generate_draw(case):
     assert out.settings == cfg.flat() and out.steps == 3 and out.history[-1]["step"] == 3
 
 
-def test_score_attack_equals_the_metrics_and_nearest_images_by_hand(case):
-    bundle, clf, cfg = case
+def test_score_attack_equals_the_metrics_and_nearest_images_by_hand(digits_case):
+    bundle, clf, cfg = digits_case
     g = torch.Generator().manual_seed(1)
     out = AttackOutput("kkt", torch.rand(10, 1, 8, 8, generator=g), torch.arange(10))
     scored = score_attack(out, clf, bundle, tau=0.4, seed=3, n_boot=50)
@@ -62,8 +51,8 @@ def test_score_attack_equals_the_metrics_and_nearest_images_by_hand(case):
     assert again.metrics == want
 
 
-def test_attack_and_score_is_run_tldr_then_score_attack(case):
-    bundle, clf, cfg = case
+def test_attack_and_score_is_run_tldr_then_score_attack(digits_case):
+    bundle, clf, cfg = digits_case
     scored = attack_and_score(clf, bundle, cfg, tau=0.5, log=None)
     out = run_tldr(clf, bundle.num_classes, bundle.image_shape, cfg, log=None)
     assert torch.equal(scored.images, out.images)  # same seeds, same images
@@ -71,8 +60,8 @@ def test_attack_and_score_is_run_tldr_then_score_attack(case):
     assert scored.steps == cfg.steps and next(clf.parameters()).device.type == "cpu"
 
 
-def test_heldout_nearest_and_template_attack_by_hand(case):
-    bundle, clf, cfg = case
+def test_heldout_nearest_and_template_attack_by_hand(digits_case):
+    bundle, clf, cfg = digits_case
     real = heldout_nearest(bundle, 2, seed=4)
     images, labels = baseline_sets(bundle.train, bundle.test, bundle.num_classes, 2, seed=4)["heldout_real"]
     near = nn_ssim(images, labels, bundle.train.images, bundle.train.labels)
@@ -98,8 +87,8 @@ def _copies_and_noise(bundle, per_class: int, classes: range, seed: int = 0):
     return torch.cat([copies, noise]), torch.cat([bundle.train.labels[idx], torch.tensor(list(classes))])
 
 
-def test_exposure_gallery_rows_are_the_most_exposed_images_with_their_recon_and_best_heldout_match(case):
-    bundle, clf, _ = case
+def test_exposure_gallery_rows_are_the_most_exposed_images_with_their_recon_and_best_heldout_match(digits_case):
+    bundle, clf, _ = digits_case
     images, labels = _copies_and_noise(bundle, 1, range(10))
     scored = score_attack(AttackOutput("kkt", images, labels), clf, bundle, n_boot=50)
     exp, gal = scored.exposure, scored.gallery
@@ -124,8 +113,8 @@ def test_exposure_gallery_rows_are_the_most_exposed_images_with_their_recon_and_
     assert score_attack(AttackOutput("kkt", images, labels), clf, bundle, n_boot=10, gallery_size=0).gallery is None
 
 
-def test_exposure_gallery_leaves_out_classes_without_reconstructions(case):
-    bundle, clf, _ = case
+def test_exposure_gallery_leaves_out_classes_without_reconstructions(digits_case):
+    bundle, clf, _ = digits_case
     images, labels = _copies_and_noise(bundle, 2, range(3))  # classes 0-2 only
     exp = score_attack(AttackOutput("kkt", images, labels), clf, bundle, n_boot=10).exposure
     gal = exposure_gallery(exp, images, bundle, top=1000)
@@ -135,8 +124,8 @@ def test_exposure_gallery_leaves_out_classes_without_reconstructions(case):
         exposure_gallery(exp, images, bundle, top=0)
 
 
-def test_template_attack_has_a_gallery(case):
-    bundle, clf, _ = case
+def test_template_attack_has_a_gallery(digits_case):
+    bundle, clf, _ = digits_case
     t = template_attack(clf, bundle, seed=2)
     assert t.gallery is not None and len(t.gallery.rows) == 16
     assert all(int(t.labels[r.recon_index]) == r.label for r in t.gallery.rows)
