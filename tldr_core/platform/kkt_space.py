@@ -23,8 +23,8 @@ from typing import Any, Mapping
 
 from tldr_core.attack.config import ConfigError
 from tldr_core.attack.kkt import KKTConfig
-from tldr_core.platform.space_specs import (ParamSpec, describe_param, distribution, feature_value, match_choice,
-                                            param_dict, parse_param, suggest)
+from tldr_core.platform.space_specs import (ParamSpec, describe_param, distribution, feature_value, initial_points,
+                                            match_choice, param_dict, parse_param, suggest)
 
 #: KKTConfig fields the search command sets itself (--steps); a space may not name them.
 RESERVED = ("steps",)
@@ -126,22 +126,12 @@ def _names_section(sec: str, raw: Any, extra: tuple[str, ...] = ()) -> dict[str,
 
 
 def _initial_points(space: KKTSearchSpace, raw: Any) -> list[dict[str, Any]]:
-    from tldr_core.platform.search_space import DEFAULTS_POINT
+    """The `initial_points:` section; `defaults` is KKTConfig's defaults of the searched settings."""
+    def check(p: dict[str, Any]) -> dict[str, Any]:
+        _checker(space.fixed)(dict(p), "values")
+        return space.to_optuna_params(p)  # in range, choices matched
 
-    raw = raw or []
-    if not isinstance(raw, list) or not all(isinstance(p, Mapping) or p == DEFAULTS_POINT for p in raw):
-        raise ConfigError(f"initial_points: must be a list of mappings (or the word {DEFAULTS_POINT!r})")
-    points = []
-    for i, p in enumerate(raw):
-        if p == DEFAULTS_POINT:  # KKTConfig's defaults of the searched settings
-            p = {k: v for k, v in KKTConfig().flat().items() if k in space.params}
-        try:
-            _checker(space.fixed)(dict(p), "values")
-            p = space.to_optuna_params(p)  # in range, choices matched
-        except ConfigError as exc:
-            raise ConfigError(f"initial_points[{i}]: {exc}") from None
-        points.append(dict(p))
-    return points
+    return initial_points(raw, lambda: {k: v for k, v in KKTConfig().flat().items() if k in space.params}, check)
 
 
 def kkt_space_from_dict(data: Any, source: str = "<dict>") -> KKTSearchSpace:

@@ -41,12 +41,12 @@ from typing import Any, Mapping
 import yaml
 
 from tldr_core.attack.config import AttackConfig, ConfigError, LossWeights
-from tldr_core.platform.space_specs import (ParamSpec, WeightSpec, check_values, describe_param, distribution,
-                                            feature_value, param_dict, parse_param, parse_weight, suggest)
+from tldr_core.platform.space_specs import (DEFAULTS_POINT, ParamSpec, WeightSpec, check_values, describe_param,  # noqa: F401
+                                            distribution, feature_value, initial_points, param_dict, parse_param,
+                                            parse_weight, suggest)
 
 SWITCH_SUFFIX = "_on"
-#: `initial_points: [defaults]` enqueues the current AttackConfig / LossWeights defaults first.
-DEFAULTS_POINT = "defaults"
+#: `initial_points: [defaults]` (DEFAULTS_POINT) enqueues the current AttackConfig / LossWeights defaults first.
 #: Key of a trial's Tune config holding its 1-based trial number (Optuna's trial number + 1).
 TRIAL_NUMBER = "trial_number"
 #: AttackConfig fields the search command controls itself; a space may not set them.
@@ -252,24 +252,19 @@ def _params_and_fixed(data: Mapping[str, Any], weights: dict[str, WeightSpec]
 
 def _initial_points(space: SearchSpace, raw: Any) -> list[dict[str, Any]]:
     """The `initial_points:` section, each point checked against the space (`defaults` expanded)."""
-    raw = raw or []
-    if not isinstance(raw, list) or not all(isinstance(p, Mapping) or p == DEFAULTS_POINT for p in raw):
-        raise ConfigError(f"initial_points: must be a list of mappings (or the word {DEFAULTS_POINT!r})")
-    points = []
-    for i, p in enumerate(raw):
-        if p == DEFAULTS_POINT:  # today's AttackConfig/LossWeights defaults, for the searched parameters
-            p = {k: v for k, v in AttackConfig().flat().items()
-                 if k in space.weights and space.weights[k].searched or k in space.params}
-        try:
-            AttackConfig.from_flat(dict(p))
-            unknown = sorted(set(p) - set(LossWeights.names()) - set(space.params))
-            if unknown:
-                raise ConfigError(f"{unknown} are not searched parameters of this space")
-            space.to_optuna_params(p)
-        except ConfigError as exc:
-            raise ConfigError(f"initial_points[{i}]: {exc}") from None
-        points.append(dict(p))
-    return points
+    def defaults() -> dict[str, Any]:  # today's AttackConfig/LossWeights defaults, for the searched parameters
+        return {k: v for k, v in AttackConfig().flat().items()
+                if k in space.weights and space.weights[k].searched or k in space.params}
+
+    def check(p: dict[str, Any]) -> dict[str, Any]:
+        AttackConfig.from_flat(dict(p))
+        unknown = sorted(set(p) - set(LossWeights.names()) - set(space.params))
+        if unknown:
+            raise ConfigError(f"{unknown} are not searched parameters of this space")
+        space.to_optuna_params(p)
+        return p
+
+    return initial_points(raw, defaults, check)
 
 
 def check_attack(data: Mapping[str, Any], attack: str) -> None:

@@ -214,3 +214,24 @@ def param_dict(spec: ParamSpec) -> dict[str, Any]:
     if spec.when_on:
         p["when_on"] = list(spec.when_on)
     return p
+
+
+#: The word that stands for "the attack's own defaults" in a space's `initial_points:` section.
+DEFAULTS_POINT = "defaults"
+
+
+def initial_points(raw: Any, defaults: Callable[[], dict[str, Any]],
+                   check: Callable[[dict[str, Any]], dict[str, Any]]) -> list[dict[str, Any]]:
+    """The `initial_points:` section of a space (TLDR or KKT): a list of mappings or the word
+    `defaults` (expanded by ``defaults()``); ``check`` validates one point against the space and
+    returns the point to keep. Errors name the point's position."""
+    raw = raw or []
+    if not isinstance(raw, list) or not all(isinstance(p, Mapping) or p == DEFAULTS_POINT for p in raw):
+        raise ConfigError(f"initial_points: must be a list of mappings (or the word {DEFAULTS_POINT!r})")
+    points = []
+    for i, p in enumerate(raw):
+        try:
+            points.append(dict(check(dict(defaults() if p == DEFAULTS_POINT else p))))
+        except ConfigError as exc:
+            raise ConfigError(f"initial_points[{i}]: {exc}") from None
+    return points
