@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from tldr_core.scoring.membership import _allowed, auc, bootstrap_intervals, fpr_threshold, tpr_at_fpr
+from tldr_core.scoring.nearest import as_images, as_labels
 from tldr_core.scoring.ssim import ssim_matrix
 
 __all__ = ["NO_RECON", "exposure", "max_matching", "auc", "fpr_threshold", "tpr_at_fpr", "bootstrap_intervals",
@@ -49,20 +50,6 @@ __all__ = ["NO_RECON", "exposure", "max_matching", "auc", "fpr_threshold", "tpr_
 
 NO_RECON = -1.0  # exposure of an image whose class has no reconstruction (the SSIM floor)
 _TIE_TOL = 1e-6  # SSIMs closer than this are ties (float32 rounding); ties go to the lowest recon index
-
-
-def _images(x: Tensor, name: str) -> Tensor:
-    x = torch.as_tensor(x)
-    if x.dim() != 4:
-        raise ValueError(f"{name} must be (N, C, H, W), got shape {tuple(x.shape)}")
-    return x.detach().to(torch.float32)
-
-
-def _labels(y: Tensor, n: int, name: str) -> Tensor:
-    y = torch.as_tensor(y).detach().reshape(-1).to("cpu", torch.int64)
-    if y.numel() != n:
-        raise ValueError(f"{name} has {y.numel()} labels for {n} images")
-    return y
 
 
 # ----------------------------------------------------------------------------- exposure + matching
@@ -140,14 +127,14 @@ def _check_bars(bars: Sequence[float]) -> tuple[float, ...]:
 def _scan(recon: Tensor, recon_labels: Tensor, refs: Tensor, ref_labels: Tensor, chunk: int,
           bars: Sequence[float] = ()) -> tuple[Tensor, Tensor, dict[float, int]]:
     """:func:`exposure` plus the one-to-one match count at each of ``bars`` (one SSIM pass)."""
-    recon, refs = _images(recon, "recon"), _images(refs, "refs")
+    recon, refs = as_images(recon, "recon"), as_images(refs, "refs")
     if recon.shape[1:] != refs.shape[1:]:
         raise ValueError(f"recon and refs differ in image shape: {tuple(recon.shape[1:])} vs {tuple(refs.shape[1:])}")
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     bars = _check_bars(bars)
-    rl = _labels(recon_labels, recon.shape[0], "recon_labels")
-    fl = _labels(ref_labels, refs.shape[0], "ref_labels")
+    rl = as_labels(recon_labels, recon.shape[0], "recon_labels")
+    fl = as_labels(ref_labels, refs.shape[0], "ref_labels")
     e = torch.full((refs.shape[0],), NO_RECON, dtype=torch.float64)
     best = torch.full((refs.shape[0],), -1, dtype=torch.int64)
     matched = {b: 0 for b in bars}
@@ -278,8 +265,8 @@ def _split(s: Any, name: str) -> tuple[Tensor, Tensor]:
         images, labels = s.images, s.labels
     except AttributeError as err:
         raise TypeError(f"{name} must have .images and .labels attributes") from err
-    images = _images(images, f"{name}.images")
-    return images, _labels(labels, images.shape[0], f"{name}.labels")
+    images = as_images(images, f"{name}.images")
+    return images, as_labels(labels, images.shape[0], f"{name}.labels")
 
 
 def _size_matched(t_lab: Tensor, h_lab: Tensor) -> Tensor:
@@ -306,7 +293,7 @@ def score_exposure(recon: Tensor, recon_labels: Tensor, train: Any, heldout: Any
     Raises:
         ValueError: empty ``recon``; shapes; H' empty; bad fpr, bars or n_boot.
     """
-    recon = _images(recon, "recon").clamp(0.0, 1.0)
+    recon = as_images(recon, "recon").clamp(0.0, 1.0)
     if recon.shape[0] == 0:
         raise ValueError("score_exposure: no reconstructions")
     t_img, t_lab = _split(train, "train")
