@@ -26,7 +26,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
 from tldr_core.attack.classifier import ClassifierSettings, load_or_train
@@ -40,7 +39,7 @@ from tldr_core.attack.zoo import CONTROLS, Control, control_bundles
 from tldr_core.paths import runs_dir
 from tldr_core.report.artifacts import write_artifacts
 from tldr_core.report.controls import render_controls
-from tldr_core.scoring.metrics import score_baselines
+from tldr_core.scoring.metrics import baseline_sets, score_baselines
 from tldr_core.scoring.pipeline import Scored, attack_and_score, reference_index, score_attack, template_attack
 from tldr_core.scoring.risk import assess
 
@@ -118,9 +117,8 @@ def cell(control: Control, attack: str, res: Any, baselines: dict, meta: dict, c
 def class_mean_row(control: Control, model: nn.Module, bundle: DatasetBundle, baselines: dict, meta: dict,
                    canaries: Any, seed: int) -> dict[str, Any]:
     """The reference row: each class's mean training image scored as if it were a reconstruction."""
-    k = bundle.num_classes
-    means = torch.stack([bundle.train.images[bundle.train.labels == c].mean(0) for c in range(k)])
-    res = score_attack(AttackOutput(REFERENCE, means, torch.arange(k)), model, bundle, seed=seed)
+    means, labels = baseline_sets(bundle.train, bundle.test, bundle.num_classes, 1, seed=seed)["class_mean"]
+    res = score_attack(AttackOutput(REFERENCE, means, labels), model, bundle, seed=seed)
     return cell(control, REFERENCE, res, baselines, meta, canaries, 0.0)
 
 
