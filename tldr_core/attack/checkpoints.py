@@ -7,9 +7,15 @@ only tensors and plain containers are accepted. A checkpoint is a dict
 Formats and their loaders (`LOADERS`, or `load_module(path, fmt)`): the classifier, the TLDR
 generator and the KKT attack's candidates (`kkt.KKT_FORMAT`, what `run_kkt`'s AttackOutput.module
 is saved with).
+
+Before anything is built, every loader bounds the file's size and every size its spec asks for,
+and checks the stored tensors' shapes against the spec on the meta device
+(:mod:`tldr_core.attack.model_specs`); `meta` must be a mapping of plain values. Every loader
+(audit `--classifier`, `search --classifier`, the re-audit, the registry) goes through `_build`.
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import tempfile
@@ -20,10 +26,14 @@ import torch
 from torch import nn
 
 from tldr_core.attack.kkt import KKT_FORMAT, KKTCandidates, build_candidates
+from tldr_core.attack.model_specs import (LIMITS, SpecError, check_candidates_spec, check_classifier_spec,
+                                          check_generator_spec, check_state_dict, expected_state)
 from tldr_core.attack.models import ConditionedGenerator, build_classifier
 
 CLASSIFIER_FORMAT = "tldr-classifier/1"
 GENERATOR_FORMAT = "tldr-generator/1"
+#: No model within LIMITS["parameters"] (float32) needs a bigger file; larger files are not even read.
+MAX_FILE_BYTES = 4 * LIMITS["parameters"] + (64 << 20)
 
 
 class CheckpointError(ValueError):
@@ -51,6 +61,9 @@ def _read(path: str | Path, fmt: str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model file {path} does not exist")
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise CheckpointError(f"{path} is {path.stat().st_size:,} bytes, more than any model within the limits "
+                              f"needs ({MAX_FILE_BYTES:,}); refused without reading it")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -68,14 +81,37 @@ def _read(path: str | Path, fmt: str) -> dict[str, Any]:
     return payload
 
 
-def _load(path: str | Path, fmt: str, build: Callable[[dict], nn.Module]) -> tuple[nn.Module, dict[str, Any]]:
-    return _build(path, _read(path, fmt), build)
+def _load(path: str | Path, fmt: str, build: Callable[[dict], nn.Module],
+          check_spec: Callable[[Any], dict]) -> tuple[nn.Module, dict[str, Any]]:
+    return _build(path, _read(path, fmt), build, check_spec)
 
 
-def _build(path: str | Path, payload: dict[str, Any], build: Callable[[dict], nn.Module]
-           ) -> tuple[nn.Module, dict[str, Any]]:
+def _meta(path: str | Path, payload: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's meta: a mapping with string keys whose values metrics.json can record."""
+    meta = payload.get("meta", {})
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) for k in meta):
+        raise CheckpointError(f"{path}: 'meta' must be a mapping with string keys, got {type(meta).__name__}")
     try:
-        module = build(payload["spec"])
+        json.dumps(meta, default=float)  # how metrics.json records it; a tensor of many values would fail there
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: 'meta' must hold plain values (numbers, strings, lists, mappings): "
+                              f"{type(exc).__name__}: {exc}") from None
+    return dict(meta)
+
+
+def _build(path: str | Path, payload: dict[str, Any], build: Callable[[dict], nn.Module],
+           check_spec: Callable[[Any], dict]) -> tuple[nn.Module, dict[str, Any]]:
+    """Check the spec's sizes and the stored shapes (no allocation), then build and load for real."""
+    meta = _meta(path, payload)
+    try:
+        spec = check_spec(payload.get("spec"))
+        check_state_dict(payload.get("state_dict"), expected_state(build, spec))
+    except SpecError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    try:
+        module = build(spec)
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot build the model from its spec {payload.get('spec')!r}: {exc}") from None
     try:
@@ -83,12 +119,12 @@ def _build(path: str | Path, payload: dict[str, Any], build: Callable[[dict], nn
     except RuntimeError as exc:
         first = " ".join(str(exc).split())[:400]
         raise CheckpointError(f"{path}: weights do not match the architecture {payload['spec']!r}: {first}") from None
-    return module.eval(), dict(payload.get("meta", {}))
+    return module.eval(), meta
 
 
 def load_classifier(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """(classifier in eval mode with frozen parameters, its meta dict)."""
-    model, meta = _load(path, CLASSIFIER_FORMAT, build_classifier)
+    model, meta = _load(path, CLASSIFIER_FORMAT, build_classifier, check_classifier_spec)
     model.requires_grad_(False)
     return model, meta
 
@@ -98,26 +134,15 @@ def load_generator(path: str | Path) -> tuple[ConditionedGenerator, dict[str, An
         spec = dict(spec)
         spec["image_shape"] = tuple(spec["image_shape"])
         return ConditionedGenerator(**spec)
-    return _load(path, GENERATOR_FORMAT, build)
+    return _load(path, GENERATOR_FORMAT, build, check_generator_spec)
 
 
 def load_kkt_candidates(path: str | Path) -> tuple[KKTCandidates, dict[str, Any]]:
     """(KKT candidates in eval mode, their meta dict): images x (m, C, H, W), coefficients lam (m,), labels (m,).
 
     The spec is checked against the stored tensors before anything is allocated (a spec naming a
-    huge count would otherwise allocate it), and the labels must be classes of the spec."""
-    payload = _read(path, KKT_FORMAT)
-    state = payload.get("state_dict")
-    x = state.get("x") if isinstance(state, dict) else None
-
-    def build(spec: dict) -> nn.Module:
-        shape = (int(spec["count"]), *(int(d) for d in spec["image_shape"]))
-        if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape:
-            found = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"the spec says candidates {shape} but the stored x is {found}")
-        return build_candidates(spec)
-
-    cand, meta = _build(path, payload, build)
+    huge count would otherwise allocate it; see `_build`), and the labels must be classes of the spec."""
+    cand, meta = _build(path, _read(path, KKT_FORMAT), build_candidates, check_candidates_spec)
     labels = cand.labels
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= cand.num_classes):
         raise CheckpointError(f"{path}: candidate labels outside 0..{cand.num_classes - 1}")
