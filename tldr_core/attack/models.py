@@ -187,12 +187,13 @@ def sample_conditioning(batch: int, num_classes: int, mode: str, generator: torc
     reconstruction: hot (one-hot) vectors, pushing towards confidently classified samples.
     Returns (v (B, N) float, labels (B,) int64 = argmax(v)).
     """
+    at = generator.device if generator is not None else "cpu"  # draw where the generator lives
     if mode == "inversion":
-        u = torch.randn(batch, num_classes, generator=generator)
+        u = torch.randn(batch, num_classes, generator=generator, device=at)
         v = torch.softmax(u, dim=1)
         labels = v.argmax(dim=1)
     else:
-        labels = torch.randint(0, num_classes, (batch,), generator=generator)
+        labels = torch.randint(0, num_classes, (batch,), generator=generator, device=at)
         v = F.one_hot(labels, num_classes).to(torch.float32)
     return v.to(device), labels.to(device)
 

@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = p.add_argument_group("data and classifier")
     d.add_argument("--dataset", default="mnist-bundled", help=f"one of {', '.join(DATASETS)} (default mnist-bundled)")
     d.add_argument("--train-size", type=int, default=1000, help="classifier training-set size T (default 1000)")
-    d.add_argument("--data-root", default=None, help="folder holding the data set (torchvision layout or image folder)")
+    d.add_argument("--data-root", default=None, help="folder holding the data set (torchvision layout or image folder), or the .npz file for --dataset npz / cifar10")
     d.add_argument("--download", action="store_true", help="allow torchvision to download the data set")
     d.add_argument("--data-seed", type=int, default=0, help="seed of the train/held-out split (default 0)")
     d.add_argument("--classifier", default=None,

@@ -45,7 +45,7 @@ def _data_options(p: argparse.ArgumentParser) -> None:
     d.add_argument("--train-size", type=int, default=None,
                    help="classifier training-set size T (default 1000; 200 with --smoke-test)")
     d.add_argument("--data-root", default=None,
-                   help="folder holding the data set (torchvision layout or image folder); passed to load_dataset")
+                   help="folder holding the data set (torchvision layout or image folder), or the .npz file for --dataset npz / cifar10; passed to load_dataset")
     d.add_argument("--download", action="store_true", help="let torchvision download the data set if it is missing")
     d.add_argument("--classifier", default=None,
                    help="the classifier to audit: a tldr checkpoint file, or a registry URI such as "

@@ -76,9 +76,23 @@ def _open_run(c, config: dict[str, Any], inputs: TrialInputs, ctx) -> tuple[Tria
 
 
 def trial_device(inputs: TrialInputs) -> str:
+    """"cuda" when the trial was given a GPU (share), else "cpu"; never a silent CPU fallback.
+
+    Ray makes the trial's GPU the only visible one, so "cuda" is that card. With a fraction f < 1 the
+    trial's CUDA memory is capped at f of the card, so trials packed onto one GPU cannot starve each other.
+    """
     import torch
 
-    return "cuda" if float(inputs.settings["gpus_per_trial"]) > 0 and torch.cuda.is_available() else "cpu"
+    gpus = float(inputs.settings["gpus_per_trial"])
+    if gpus <= 0:
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"this trial was given {gpus:g} GPU but torch sees no CUDA device here "
+                           f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
+                           "install a CUDA build of torch on the workers or run with --gpus-per-trial 0")
+    if gpus < 1:
+        torch.cuda.set_per_process_memory_fraction(gpus, 0)
+    return "cuda"
 
 
 def trial_classifier(inputs: TrialInputs):
