@@ -193,7 +193,8 @@ def _write_folder(root: Path, mode: str, per_class: int = 5) -> None:
 @pytest.mark.parametrize("mode,channels", [("L", 1), ("RGB", 3)])
 def test_image_folder(tmp_path, mode, channels):
     _write_folder(tmp_path, mode)
-    b = load_dataset("image-folder", 6, data_root=tmp_path)
+    with pytest.warns(UserWarning, match="resized 1 of 15 images to 6x7"):  # mixed sizes: only with image_size
+        b = load_dataset("image-folder", 6, data_root=tmp_path, image_size=(6, 7))
     _check_bundle(b, (channels, 6, 7), 6)
     assert b.class_names == ["ann", "bob", "cid"] and len(b.test) == 3 and b.source == str(tmp_path)
     for s in (b.train, b.heldout, b.test):
@@ -206,7 +207,7 @@ def test_image_folder(tmp_path, mode, channels):
 def test_image_folder_shrinks_oversized_train(tmp_path):
     _write_folder(tmp_path, "L")
     with pytest.warns(UserWarning, match="using 2 per class"):
-        b = load_dataset("image-folder", 999, data_root=tmp_path)
+        b = load_dataset("image-folder", 999, data_root=tmp_path, image_size=(6, 7))
     assert (len(b.train), len(b.heldout), len(b.test)) == (6, 6, 3)
 
 
