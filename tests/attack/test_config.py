@@ -43,10 +43,25 @@ def test_yaml_flat_and_nested_and_unknown_keys(tmp_path):
 
 @pytest.mark.parametrize("kw", [dict(variant="lable"), dict(mode="x"), dict(steps=0), dict(batch_size=1),
                                 dict(lr=0.0), dict(epsilon=-0.1), dict(device="tpu"),
-                                dict(grad_mode="fast"), dict(grad_scope="conv")])
+                                dict(grad_mode="fast"), dict(grad_scope="conv"), dict(device=3), dict(seed="abc"),
+                                dict(seed=1.5), dict(seed=True)])
 def test_invalid_attack_settings(kw):
     with pytest.raises(ConfigError):
         AttackConfig(**kw)
+
+
+@pytest.mark.parametrize("text,needle", [("device: 3", "device must be auto, cpu or cuda, got 3"),
+                                         ("seed: abc", "seed must be an integer, got 'abc'"),
+                                         ("seed: 2.0", None)])
+def test_yaml_values_of_the_wrong_type_are_config_errors(tmp_path, text, needle):
+    f = tmp_path / "a.yaml"
+    f.write_text(text + "\n")
+    if needle is None:  # an integral float is an integer
+        assert load_yaml_config(f).seed == 2
+        return
+    with pytest.raises(ConfigError) as exc:
+        load_yaml_config(f)
+    assert needle in str(exc.value) and str(f) in str(exc.value)
 
 
 def test_image_priors_are_off_by_default_and_outside_the_nine():

@@ -7,6 +7,7 @@ the search space, MLflow params and metrics, and the report.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -137,8 +138,12 @@ class AttackConfig:
                   f"{name} must be a finite number >= 0, got {v!r}")
         check(self.lr > 0, "lr must be > 0")
         check(self.gen_dropout < 1, "gen_dropout must be < 1")
-        check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+        # a YAML `device: 3` or `seed: abc` arrives here untyped: check types before using them
+        check(isinstance(self.device, str) and (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")),
               f"device must be auto, cpu or cuda, got {self.device!r}")
+        check(isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool),
+              f"seed must be an integer, got {self.seed!r}")
+        object.__setattr__(self, "seed", int(self.seed))  # numpy integers from a search space -> int
         check(isinstance(self.bn, (int, float)) and not isinstance(self.bn, bool) and math.isfinite(self.bn)
               and self.bn >= 0, f"bn must be a finite number >= 0, got {self.bn!r}")
         object.__setattr__(self, "bn", float(self.bn))
