@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 # The main job on the embedded default (bundled MNIST digits, local Ray, MLflow on a local sqlite file).
 demo: venv
-	$(BIN)/python -m tldr_core.cli.audit --dataset mnist-bundled --train-size 1000 --out runs/demo
+	$(BIN)/python -m tldr_core.cli.audit --dataset mnist-bundled --train-size 1000 --out runs/demo --overwrite
 
 audit: demo
 

@@ -42,8 +42,8 @@ def test_audit_end_to_end_on_bundled_mnist(tmp_path, tmp_cache, capsys):
     assert rec["images"].min() >= 0 and rec["images"].max() <= 1
     # quality is the mean nearest-training-image SSIM of exactly these images
     assert m["quality"] == pytest.approx(record["metrics"]["quality"])
-    # second run reuses the cached classifier instead of retraining it
-    code, stdout, _ = _run(argv, capsys)
+    # second run reuses the cached classifier instead of retraining it (--overwrite: --out holds the first run)
+    code, stdout, _ = _run([*argv, "--overwrite"], capsys)
     assert code == 0 and "reusing" in stdout
 
 

@@ -8,16 +8,16 @@ writes into --out: metrics.json, reconstructions.npz, grid.png, nearest.png, exp
 training image's exposure), exposure.png (the most exposed ones), the attack's checkpoint
 (generator.pt, or kkt.pt with --attack kkt) and report.html. metrics.json records the verdict:
 "risk" (LOW/MEDIUM/HIGH), "reasons", "criterion", "thresholds" and "risk_attack" of the worst attack,
-and the same per attack under "risks" (tldr_core.scoring.risk). Files are written to a staging
-folder and moved into place at the end (metrics.json last), so a failed run never leaves output
-that looks complete. Exit status: 0 done, 2 bad input or a failed run, 3 the verdict is at or above
---fail-on.
+and the same per attack under "risks" (tldr_core.scoring.risk). --out is checked before any work
+(writable, not a file, empty unless --overwrite, no other audit writing it: a lock beside it); files
+are written to a staging folder beside it that replaces --out in one rename at the end, so a failed
+run leaves the previous output as it was (tldr_core.cli.output_folder). Exit status: 0 done, 2 bad
+input or a failed run, 3 the verdict is at or above --fail-on.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -31,6 +31,7 @@ from tldr_core.attack.classifier import ClassifierSettings, load_or_train
 from tldr_core.attack.config import (GRAD_MODES, GRAD_SCOPES, MODES, PERTURBATIONS, VARIANTS, AttackConfig, ConfigError,
                                      LossWeights, load_yaml_config)
 from tldr_core.attack.data import DATASETS, DataError, DatasetBundle, DatasetNotFoundError, load_dataset
+from tldr_core.attack.images import parse_image_size
 from tldr_core.attack.kkt import KKTConfig, run_kkt
 from tldr_core.attack.output import AttackOutput
 from tldr_core.attack.templates import TemplateResult, applies as templates_apply
@@ -38,6 +39,7 @@ from tldr_core.attack.tldr import run_tldr
 from tldr_core.attack.train import NonFiniteLossError, resolve_device, summarize_history
 from tldr_core.cli.attack_flags import (ATTACKS, add_kkt_flags, add_prior_flags, check_attack_flags,
                                         kkt_config_from_args)
+from tldr_core.cli.output_folder import OutputError, StagedOutput
 from tldr_core.report.artifacts import checkpoint_name, write_artifacts
 from tldr_core.report.page import render_report
 from tldr_core.scoring.metrics import score_baselines
@@ -47,6 +49,8 @@ from tldr_core.scoring.risk import LEVELS, Risk, assess, worst
 OUTPUT_FILES = ("metrics.json", "reconstructions.npz", "grid.png", "nearest.png", "exposure.csv", "exposure.png",
                 "generator.pt", "report.html")
 FAIL_STATUS = 3  # exit status when the verdict is at or above --fail-on
+#: What --overwrite may replace: the files any audit writes (".partial": older versions' staging folder).
+OUTPUT_NAMES = frozenset({*OUTPUT_FILES, *(checkpoint_name(k) for k in ATTACKS), ".partial"})
 
 
 def output_files(kind: str = "tldr") -> tuple[str, ...]:
@@ -140,25 +144,19 @@ def audit_record(bundle: DatasetBundle, res: AuditResults, classifier_info: dict
     return record
 
 
-def write_outputs(out: Path, bundle: DatasetBundle, res: AuditResults, classifier_info: dict[str, Any],
+def write_outputs(target: StagedOutput, bundle: DatasetBundle, res: AuditResults, classifier_info: dict[str, Any],
                   spec: dict[str, Any] | None = None) -> Path:
-    """Write every artefact into a staging folder, then move them into `out` (metrics.json last)."""
-    out.mkdir(parents=True, exist_ok=True)
-    stage = out / ".partial"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
-    for name in {*OUTPUT_FILES, *(checkpoint_name(k) for k in ATTACKS)}:  # no older result beside a new partial one
-        (out / name).unlink(missing_ok=True)
-    paths = write_artifacts(stage, bundle, res.attack, meta={"classifier": classifier_info.get("path")})
+    """Write every artefact into ``target``'s staging folder (metrics.json last), then swap it in as --out."""
+    stage = target.stage
+    if stage is None:
+        raise OutputError("the output folder is not open")
+    write_artifacts(stage, bundle, res.attack, meta={"classifier": classifier_info.get("path")})
     record = audit_record(bundle, res, classifier_info)
     html = render_report(bundle, res.baselines, attack=res.attack, templates=res.templates, heldout=res.heldout,
                          spec=spec, record=record)
     (stage / "report.html").write_text(html, encoding="utf-8")
     (stage / "metrics.json").write_text(json.dumps(record, indent=2, default=float))
-    for name in [p.name for p in paths.values()] + ["report.html", "metrics.json"]:  # metrics.json last: done
-        (stage / name).replace(out / name)
-    stage.rmdir()
-    return out / "metrics.json"
+    return target.commit() / "metrics.json"
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -180,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="audit this classifier file (tldr checkpoint) instead of training/reusing the cached one")
     d.add_argument("--arch", default="cnn", choices=["cnn", "mlp"], help="architecture when training (default cnn)")
     d.add_argument("--classifier-epochs", type=int, default=ClassifierSettings.epochs)
+    d.add_argument("--image-size", default=None, metavar="HxW",
+                   help="image-folder only: resize every image to this size (HxW, or one number for a square); "
+                        "without it, images of different sizes are an error")
     p.add_argument("--attack", choices=ATTACKS, default="tldr",
                    help="tldr: train a conditioned generator against the classifier (default); kkt: optimise "
                         "candidate images whose margin gradients add up to the weights (docs/method.md section 8; "
@@ -206,7 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"weight of {name} (default {getattr(LossWeights(), name)})")
     add_kkt_flags(p)
     o = p.add_argument_group("output")
-    o.add_argument("--out", default="runs/audit", help="output folder (default runs/audit)")
+    o.add_argument("--out", default="runs/audit", help="output folder (default runs/audit); must be empty or absent "
+                   "unless --overwrite")
+    o.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier audit's output in --out (swapped in only once the new one is complete)")
     o.add_argument("--tau", type=float, default=0.5, help="SSIM threshold for coverage (default 0.5)")
     o.add_argument("--smoke-test", action="store_true", help="tiny run (few steps, small sets) to check the set-up")
     o.add_argument("--quiet", action="store_true")
@@ -280,25 +284,42 @@ def summary_lines(res: AuditResults, tau: float) -> list[str]:
     return lines
 
 
+def check_args(args: argparse.Namespace) -> tuple[AttackConfig | KKTConfig, tuple[int, int] | None, str]:
+    """(attack settings, --image-size, device): every input check that needs no data, before --out is
+    touched or anything is loaded."""
+    cfg = config_from_args(args)
+    if not 0 < args.tau <= 1:
+        raise ConfigError(f"--tau must be in (0, 1], got {args.tau}")
+    if args.classifier_epochs < 1:
+        raise ConfigError(f"--classifier-epochs must be >= 1, got {args.classifier_epochs}")
+    image_size = parse_image_size(args.image_size) if args.image_size is not None else None
+    return cfg, image_size, str(resolve_device(cfg.device))
+
+
+def run(args: argparse.Namespace, cfg: AttackConfig | KKTConfig, image_size: tuple[int, int] | None, device: str,
+        target: StagedOutput, log: Callable[[str], None]) -> tuple[AuditResults, Path]:
+    """Data, classifier, attack, scores, then the files into ``target``; (results, metrics.json path)."""
+    train_size = min(args.train_size, 200) if args.smoke_test else args.train_size
+    bundle = load_dataset(args.dataset, train_size, seed=args.data_seed, data_root=args.data_root,
+                          download=args.download, test_size=500 if args.smoke_test else None, image_size=image_size)
+    log(f"data: {bundle.name} T={len(bundle.train)} H'={len(bundle.heldout)} test={len(bundle.test)} "
+        f"{bundle.image_shape} from {bundle.source}")
+    classifier, info = load_audited_classifier(args, bundle, device, log)
+    log(describe_attack(cfg, device))
+    res = run_audit(classifier, bundle, cfg, tau=args.tau, log=log)
+    spec = classifier.spec() if hasattr(classifier, "spec") else None
+    return res, write_outputs(target, bundle, res, info, spec=spec)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     try:
-        cfg = config_from_args(args)  # all input checks happen before any work or output
-        if not 0 < args.tau <= 1:
-            raise ConfigError(f"--tau must be in (0, 1], got {args.tau}")
-        device = str(resolve_device(cfg.device))
-        train_size = min(args.train_size, 200) if args.smoke_test else args.train_size
-        bundle = load_dataset(args.dataset, train_size, seed=args.data_seed, data_root=args.data_root,
-                              download=args.download, test_size=500 if args.smoke_test else None)
-        log(f"data: {bundle.name} T={len(bundle.train)} H'={len(bundle.heldout)} test={len(bundle.test)} "
-            f"{bundle.image_shape} from {bundle.source}")
-        classifier, info = load_audited_classifier(args, bundle, device, log)
-        log(describe_attack(cfg, device))
-        res = run_audit(classifier, bundle, cfg, tau=args.tau, log=log)
-        spec = classifier.spec() if hasattr(classifier, "spec") else None
-        path = write_outputs(Path(args.out), bundle, res, info, spec=spec)
-    except (ConfigError, DataError, DatasetNotFoundError, CheckpointError, NonFiniteLossError, RuntimeError) as exc:
+        cfg, image_size, device = check_args(args)  # all input checks happen before any work or output
+        with StagedOutput(args.out, overwrite=args.overwrite, names=OUTPUT_NAMES) as target:
+            res, path = run(args, cfg, image_size, device, target, log)
+    except (ConfigError, DataError, DatasetNotFoundError, CheckpointError, NonFiniteLossError, OutputError,
+            RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for line in summary_lines(res, args.tau):
