@@ -1,16 +1,23 @@
 """mlflow/postgres_server.py: a PostgreSQL-backed MLflow server on loopback, used by a tiny search
-(tune/search.py --tracking-uri http://127.0.0.1:PORT) and by tune/reaudit.py --dry-run.
+(tune/search.py --tracking-uri http://127.0.0.1:PORT) and by tune/reaudit.py --dry-run, and the
+cluster's security: no connection without the generated password, an owner that is not a superuser
+(no `COPY ... TO PROGRAM`), private socket folder and credentials file, no password on a command line.
 
-PostgreSQL must be installable here (the script runs `apt-get install -y postgresql` as root when
-it is missing) and psycopg2-binary installed: otherwise this test FAILS with the script's message."""
+PostgreSQL (initdb, pg_ctl) and psycopg2-binary must be installed (CI's .ci/run installs PostgreSQL;
+the script itself never installs system packages): otherwise these tests FAIL with its message."""
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import queue
+import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,6 +33,122 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def load_script():
+    """mlflow/postgres_server.py as a module (mlflow/ is not a package, by design)."""
+    spec = importlib.util.spec_from_file_location("postgres_server_script", SERVER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def processes_whose_command_line_has(text: str) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue  # the process ended meanwhile
+        if any(text.encode() in a for a in args):
+            found.append(b" ".join(args).decode(errors="replace")[:200])
+    return found
+
+
+@pytest.fixture
+def cluster():
+    """A bare cluster (no MLflow) in a temp folder the postgres user can reach when run as root."""
+    m = load_script()
+    tmp = Path(tempfile.mkdtemp(prefix="tldr-pgtest-"))
+    os.chmod(tmp, 0o755)
+    c = m.Cluster(m.pg_bindir(), tmp / "data", free_port())
+    try:
+        c.start()
+    except m.SetupError as exc:
+        pytest.fail(f"PostgreSQL did not start: {exc}", pytrace=False)
+    yield m, c
+    c.stop()
+    subprocess.run(["rm", "-rf", str(tmp)], check=False)
+
+
+@pytest.mark.slow
+def test_no_connection_without_the_password_and_owner_is_not_superuser(cluster, tmp_path):
+    import psycopg2
+
+    m, c = cluster
+    for extra in ({}, {"password": "not-the-password"}):  # over TCP
+        with pytest.raises(psycopg2.OperationalError, match="no password supplied|password authentication failed"):
+            psycopg2.connect(host="127.0.0.1", port=c.port, user=m.OWNER, dbname=m.DB, connect_timeout=10, **extra)
+    with pytest.raises(psycopg2.OperationalError, match="no password supplied"):  # over the socket
+        psycopg2.connect(host=str(c.sock_dir), port=c.port, user=m.ADMIN, dbname="postgres", connect_timeout=10)
+    hba = (c.data_dir / "pg_hba.conf").read_text()
+    rules = [ln.split() for ln in hba.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    assert rules and {r[-1] for r in rules} == {"scram-sha-256"}, rules  # no trust, no md5/password
+
+    creds = json.loads(c.credentials_file.read_text())
+    assert stat.S_IMODE(c.credentials_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(c.sock_dir.stat().st_mode) == 0o700
+    assert creds["owner_password"] != creds["admin_password"] and len(creds["owner_password"]) >= 32
+
+    owner = psycopg2.connect(host="127.0.0.1", port=c.port, user=m.OWNER, password=creds["owner_password"],
+                             dbname=m.DB, connect_timeout=10)
+    owner.autocommit = True
+    target = tmp_path / "written-by-postgres"
+    with owner.cursor() as cur:
+        cur.execute("SELECT rolsuper, rolcreaterole, rolcreatedb FROM pg_roles WHERE rolname = current_user")
+        assert cur.fetchone() == (False, False, False)
+        cur.execute("SELECT pg_catalog.pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", (m.DB,))
+        assert cur.fetchone() == (m.OWNER,)  # owns its database: MLflow can migrate the schema
+        cur.execute("CREATE TABLE t (x int)")
+        with pytest.raises(psycopg2.errors.InsufficientPrivilege, match="pg_execute_server_program"):
+            cur.execute(f"COPY (SELECT 1) TO PROGRAM 'touch {target}'")
+        with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+            cur.execute("SELECT pg_read_file('pg_hba.conf')")
+    owner.close()
+    assert not target.exists()
+
+    admin = psycopg2.connect(host="127.0.0.1", port=c.port, user=m.ADMIN, password=creds["admin_password"],
+                             dbname="postgres", connect_timeout=10)
+    with admin.cursor() as cur:
+        cur.execute("SHOW listen_addresses")
+        assert cur.fetchone() == ("127.0.0.1",)
+    admin.close()
+
+
+@pytest.mark.slow
+def test_kept_cluster_reuses_its_passwords_and_refuses_a_readable_credentials_file(cluster):
+    import psycopg2
+
+    m, c = cluster
+    before = json.loads(c.credentials_file.read_text())
+    c.stop()
+    os.chmod(c.credentials_file, 0o644)
+    again = m.Cluster(c.bindir, c.data_dir, c.port)
+    with pytest.raises(m.SetupError, match="readable by other users"):
+        again.start()
+    again.stop()
+    os.chmod(c.credentials_file, 0o600)
+    c2 = m.Cluster(c.bindir, c.data_dir, c.port)
+    c2.start()
+    try:
+        assert c2.creds == before
+        psycopg2.connect(c2.owner_uri().replace("+psycopg2", ""), connect_timeout=10).close()
+    finally:
+        c2.stop()
+
+
+def test_missing_postgresql_is_one_error_and_nothing_is_installed(monkeypatch, tmp_path, capsys):
+    m = load_script()
+    calls: list = []
+    monkeypatch.setattr(m.glob, "glob", lambda pattern: [])
+    monkeypatch.setattr(m.shutil, "which", lambda name: None)
+    monkeypatch.setattr(m.subprocess, "run", lambda *a, **k: calls.append(a) or pytest.fail(f"ran {a}"))
+    monkeypatch.setattr(m.subprocess, "Popen", lambda *a, **k: calls.append(a) or pytest.fail(f"started {a}"))
+    assert m.main(["--data-dir", str(tmp_path / "pg")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: PostgreSQL is not installed"), err
+    assert "apt-get install -y postgresql" in err[0]  # what to run, not run
+    assert calls == [] and not (tmp_path / "pg").exists()
 
 
 @pytest.fixture
@@ -54,7 +177,10 @@ def pg_server(tmp_path):
         errors = [ln.strip() for ln in log if ln.startswith("error:")]
         pytest.fail("the PostgreSQL-backed MLflow server did not start: "
                     + (errors[-1] if errors else "".join(log[-15:])[-2000:]))
-    yield f"http://127.0.0.1:{port}", tmp_path
+    (ready_line,) = [ln for ln in log if ln.startswith("PostgreSQL ready:")]
+    data, creds_file = re.search(r"\(data (.+); passwords in (.+)\)", ready_line).groups()
+    assert ":***@" in ready_line  # the password is never printed
+    yield f"http://127.0.0.1:{port}", tmp_path, json.loads(Path(creds_file).read_text())
     proc.send_signal(signal.SIGTERM)
     try:
         rc = proc.wait(timeout=90)
@@ -62,7 +188,6 @@ def pg_server(tmp_path):
         proc.kill()
         raise
     assert rc == 0, "".join(log[-20:])
-    (data,) = [ln.split("(data ", 1)[1].split(")")[0] for ln in log if ln.startswith("PostgreSQL ready:")]
     assert not Path(data, "postmaster.pid").exists(), "PostgreSQL was not stopped"
     assert not Path(data).exists()  # the temp cluster is removed
 
@@ -71,7 +196,9 @@ def pg_server(tmp_path):
 def test_smoke_search_against_postgres_backed_server(pg_server):
     from mlflow import MlflowClient
 
-    uri, tmp_path = pg_server
+    uri, tmp_path, creds = pg_server
+    # the owner's password is in no process's command line (the server got it through its environment)
+    assert processes_whose_command_line_has(creds["owner_password"]) == []
     env = {**os.environ, "TLDR_RUNS": str(tmp_path / "runs"), "TLDR_CACHE": str(tmp_path / "cache"),
            "RAY_AUTH_MODE": "disabled"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -87,7 +214,8 @@ def test_smoke_search_against_postgres_backed_server(pg_server):
     champion = c.get_model_version_by_alias("tldr-generator-mnist-bundled", "champion")
     assert champion.tags["search_run"] == search.info.run_id
     assert not (tmp_path / "runs" / "mlflow.db").exists()  # everything went to the server
-    # the re-audit sees the classifier the search registered there
+    # the re-audit sees the one classifier version the search registered there (audited by it or not)
     out = subprocess.run([sys.executable, str(REPO / "tune" / "reaudit.py"), "--tracking-uri", uri, "--dry-run"],
                          capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
-    assert out.returncode == 0 and "1 version(s) to audit" in out.stdout, out.stdout + out.stderr
+    counts = re.search(r"(\d+) version\(s\) to audit, (\d+) up to date", out.stdout)
+    assert out.returncode == 0 and counts and sum(map(int, counts.groups())) == 1, out.stdout + out.stderr
