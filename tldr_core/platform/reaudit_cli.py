@@ -25,6 +25,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 from tldr_core.attack.config import ConfigError  # noqa: E402
 from tldr_core.platform import reaudit as ra  # noqa: E402
 from tldr_core.platform import tracking as tr  # noqa: E402
+from tldr_core.platform.uris import UriError, normalize_tracking_uri  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     say = lambda s: print(s, flush=True)  # noqa: E731
     tr.quiet_mlflow_env()
-    uri = tr.normalize_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
     try:
+        uri = normalize_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
         _check_args(args)
         tr.check_tracking_uri(uri)
         c = tr.client(uri)
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: the version being audited stays audit.status=running and is audited next time",
               file=sys.stderr)
         return 130
-    except (ra.ReauditError, ConfigError, tr.TrackingError) as exc:
+    except (ra.ReauditError, ConfigError, tr.TrackingError, UriError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

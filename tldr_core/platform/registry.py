@@ -12,9 +12,10 @@ Models are logged as MLflow pyfunc models whose only data is a tldr weights-only
 Registered names: `tldr-classifier-<dataset>` (tags: sha256 of the checkpoint, test_accuracy, ...),
 `tldr-generator-<dataset>` (tags: the classifier version it attacks, objective, objective_value,
 search_run, trial_run, label_agreement). A generator version gets the alias `champion` only if it
-beats the current champion for the same classifier on the same objective: the comparable
-incumbent is the best earlier version with the same classifier checkpoint and objective (under this
-rule that is always the last version that held the alias for that classifier and objective).
+beats the current champion for the same classifier on the same objective, and never from a newer
+version for another classifier or objective; the alias is decided and set under a lock against the
+store's state at that moment (`tldr_core.platform.champion`), so re-promoting an older search never
+moves it back and concurrent promotions end on the better version.
 
 Only TLDR searches promote: a KKT search (`--attack kkt`, tag `tldr.attack=kkt`) produces candidate
 images, not a sampler, so it registers nothing (its best trial's `kkt.pt` stays a run artifact);
@@ -33,13 +34,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tldr_core.platform import tracking as tr
+from tldr_core.platform.champion import (CHAMPION, PromotionLockError, champion_decision,  # noqa: F401
+                                         claim_champion)
 # _load_pyfunc: also the loader of models logged while this module was their `loader_module`
 from tldr_core.platform.pyfunc import LOADER_MODULE, _load_pyfunc  # noqa: F401
 from tldr_core.platform.trial_runs import TrialSummary, best_trial, summarize_trials
+from tldr_core.platform.uris import UriError, normalize_tracking_uri
 
 CLASSIFIER_MODEL = "tldr-classifier-{dataset}"
 GENERATOR_MODEL = "tldr-generator-{dataset}"
-CHAMPION = "champion"
 
 
 class RegistryError(RuntimeError):
@@ -219,14 +222,7 @@ class PromotionResult:
     promoted: bool
     reason: str
     value: float | None = None
-    champion_version: str | None = None
-
-
-def _float(s: Any) -> float | None:
-    try:
-        return float(s)
-    except (TypeError, ValueError):
-        return None
+    champion_version: str | None = None  # the version holding the alias after the promotion
 
 
 def _search_context(c, search_run_id: str) -> tuple[str, str, str, dict[str, str]]:
@@ -264,37 +260,6 @@ def _version_of(c, name: str, versions: list, best: TrialSummary, search_run_id:
     return mv
 
 
-def champion_decision(name: str, version: str, value: float, holder, incumbent, clf: dict[str, str],
-                      objective: str) -> tuple[bool, str]:
-    """(promoted, reason): `version` becomes the champion unless the comparable `incumbent` (the best
-    other version for the same classifier and objective) scores at least as high. `holder`: the
-    version holding the alias now (any classifier/objective), or None."""
-    if holder is not None and str(holder.version) == version:
-        return True, f"version {version} already is the champion"
-    if incumbent is None:
-        reason = (f"no earlier {name} version attacks classifier {clf['classifier_name']} v{clf['classifier_version']} "
-                  f"on {objective}: version {version} ({objective} {value:.4f}) becomes the champion")
-        if holder is not None:
-            reason += (f" (replacing version {holder.version}, which attacks classifier v"
-                       f"{holder.tags.get('classifier_version', '?')} / objective {holder.tags.get('objective', '?')})")
-        return True, reason
-    inc_value = _float(incumbent.tags["objective_value"])
-    if value > inc_value:
-        return True, (f"version {version} beats the champion for this classifier and objective, version "
-                      f"{incumbent.version}: {objective} {value:.4f} > {inc_value:.4f}")
-    return False, (f"version {version} does not beat the champion for this classifier and objective, version "
-                   f"{incumbent.version}: {objective} {value:.4f} <= {inc_value:.4f}; it stays a version "
-                   f"without the alias")
-
-
-def _incumbent(versions: list, version: str, clf: dict[str, str], objective: str):
-    """The best other version attacking the same classifier checkpoint on the same objective, or None."""
-    comparable = [v for v in versions if str(v.version) != version
-                  and v.tags.get("classifier_sha256") == clf["classifier_sha256"]
-                  and v.tags.get("objective") == objective and _float(v.tags.get("objective_value")) is not None]
-    return max(comparable, key=lambda v: _float(v.tags["objective_value"]), default=None)
-
-
 def promote(c, search_run_id: str, log: Callable[[str], None] | None = print) -> PromotionResult:
     """Register the best finished trial's generator of a search; alias it `champion` only if it beats the
     comparable champion (same classifier checkpoint, same objective). Idempotent for a search."""
@@ -314,16 +279,13 @@ def promote(c, search_run_id: str, log: Callable[[str], None] | None = print) ->
                                       "the best one for the latest audited classifier (see tldr_core/platform/registry.py).")
     versions = _versions(c, name)
     version = str(_version_of(c, name, versions, best, search_run_id, objective, dataset, clf, log).version)
-    holder, incumbent = _alias_version(c, name, CHAMPION), _incumbent(versions, version, clf, objective)
-    promoted, reason = champion_decision(name, version, best.value, holder, incumbent, clf, objective)
-    if promoted and (holder is None or str(holder.version) != version):
-        tr.retry(lambda: c.set_registered_model_alias(name, CHAMPION, version))
+    # decided against the store's state when the alias is set, not the versions listed above
+    promoted, reason, holder = claim_champion(c, name, version, best.value, clf, objective)
     tr.retry(lambda: c.set_model_version_tag(name, version, "promotion", reason))
     tr.set_tags(c, search_run_id, {"tldr.promotion": reason, "tldr.generator_model": name,
                                    "tldr.generator_version": version, "tldr.champion": str(promoted).lower()})
     log(f"promotion: {reason}")
-    return PromotionResult(name, version, promoted, reason, best.value,
-                           version if promoted else (str(incumbent.version) if incumbent else None))
+    return PromotionResult(name, version, promoted, reason, best.value, holder)
 
 
 def _not_registered(c, search_run_id: str, attack: str, best: TrialSummary | None, objective: str,
@@ -368,14 +330,14 @@ def main(argv: list[str] | None = None) -> int:
     sh = sub.add_parser("show", help="list registered classifier/generator versions of a data set")
     sh.add_argument("--dataset", required=True)
     args = p.parse_args(argv)
-    uri = tr.normalize_tracking_uri(args.tracking_uri)
     try:
+        uri = normalize_tracking_uri(args.tracking_uri)  # postgresql:// -> an installed driver
         tr.check_tracking_uri(uri)
         c = tr.client(uri)
         if args.cmd == "show":
             return _show(c, args.dataset)
         res = promote(c, args.search_run)
-    except (RegistryError, tr.TrackingError) as exc:
+    except (RegistryError, tr.TrackingError, PromotionLockError, UriError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - MlflowException for an unknown run id etc.
