@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 export RAY_AUTH_MODE := disabled
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo audit search test test-fast bench ui clean
+.PHONY: venv demo audit search test test-fast bench bench-cifar ui clean
 
 venv: $(STAMP)
 
@@ -45,3 +45,7 @@ clean:
 # Benchmark suite: writes docs/benchmarks.md (~35 min on 2 idle cores). Laptop: make bench ARGS=--quick
 bench: venv
 	$(BIN)/python bench/run.py $(ARGS)
+
+# CIFAR-10 cost: step cost, FLOPs, scoring at 5,000/50,000, trials/hour at 1/2/4, the 200-trial projection.
+bench-cifar: venv
+	$(BIN)/python bench/run.py --only cifar,cifar_trials --out docs/benchmarks-cifar10.md $(ARGS)

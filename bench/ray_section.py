@@ -87,37 +87,46 @@ def fixed_trials_space(path: Path, trials: int) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
+def search_rows(tmp: Path, env: dict[str, str], space: Path, dataset_args: list[str], trials: int, steps: int,
+                per_class: int, train_size: int, concurrency: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Whole-command wall time of tune/search.py (FIFO) running the fixed trials of `space`, per concurrency."""
+    rows = []
+    for conc in concurrency:
+        store = tmp / f"tune{conc}"
+        cmd = [sys.executable, str(ROOT / "tune" / "search.py"), *dataset_args, "--train-size", str(train_size),
+               "--trials", str(trials), "--steps", str(steps), "--per-class", str(per_class), "--max-concurrent",
+               str(conc), "--cpus-per-trial", "1", "--storage", str(store), "--tracking-uri",
+               f"sqlite:///{tmp}/mlflow{conc}.db", "--seed", "0", "--space", str(space), "--scheduler", "fifo"]
+        secs, out = _run(cmd, env, ROOT)
+        done = next((ln.strip() for ln in out.splitlines() if "stopped early" in ln), "")
+        rows.append({"runner": f"tune/search.py, --max-concurrent {conc}", "concurrent": conc, "seconds": secs,
+                     "trials_per_hour": trials / secs * 3600, "load": load(), "note": done})
+    return rows
+
+
+def bench_env(tmp: Path) -> dict[str, str]:
+    return {**os.environ, "TLDR_CACHE": str(tmp / "cache"), "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1",
+            "TMPDIR": str(tmp)}
+
+
 def bench_ray(q: bool, tiny: bool = False) -> dict[str, Any]:
     """The same trials (same configurations, steps, data, classifier, scoring cadence, pictures and
     checkpoints) by a plain Python loop and by tune/search.py (FIFO: no early stopping) with 1 and 2
     concurrent trials; whole-command wall time in fresh processes, classifier cache warmed first."""
-    search = ROOT / "tune" / "search.py"
-    if not search.exists():
-        return {"blocked": "tune/search.py does not exist yet"}
     trials, steps, per_class, train_size = (2, 8, 2, 200) if tiny else (4, 40, 4, 200) if q else (8, 300, 20, 1000)
     tmp = Path(tempfile.mkdtemp(prefix="tldr-bench-ray-"))
-    env = {**os.environ, "TLDR_CACHE": str(tmp / "cache"), "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1",
-           "TMPDIR": str(tmp)}
-    py = sys.executable
+    env = bench_env(tmp)
     space = tmp / "space.yaml"
     fixed_trials_space(space, trials)
     rows: list[dict[str, Any]] = []
     try:
-        loop = [py, "-c", PLAIN_LOOP, str(ROOT), str(space)]
+        loop = [sys.executable, "-c", PLAIN_LOOP, str(ROOT), str(space)]
         _run(loop + ["0", str(steps), str(per_class), str(train_size)], env, ROOT)  # trains the classifier once
         loop_s, out = _run(loop + [str(trials), str(steps), str(per_class), str(train_size)], env, ROOT)
         rows.append({"runner": "plain Python loop (1 process, 1 thread)", "concurrent": 1, "seconds": loop_s,
                      "trials_per_hour": trials / loop_s * 3600, "load": load(), "note": ""})
-        for conc in (1, 2):
-            store = tmp / f"tune{conc}"
-            cmd = [py, str(search), "--dataset", "mnist-bundled", "--train-size", str(train_size), "--trials",
-                   str(trials), "--steps", str(steps), "--per-class", str(per_class), "--max-concurrent", str(conc),
-                   "--cpus-per-trial", "1", "--storage", str(store), "--tracking-uri",
-                   f"sqlite:///{tmp}/mlflow{conc}.db", "--seed", "0", "--space", str(space), "--scheduler", "fifo"]
-            secs, out = _run(cmd, env, ROOT)
-            done = next((ln.strip() for ln in out.splitlines() if "stopped early" in ln), "")
-            rows.append({"runner": f"tune/search.py, --max-concurrent {conc}", "concurrent": conc, "seconds": secs,
-                         "trials_per_hour": trials / secs * 3600, "load": load(), "note": done})
+        rows += search_rows(tmp, env, space, ["--dataset", "mnist-bundled"], trials, steps, per_class, train_size,
+                            (1, 2))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     overhead = rows[1]["seconds"] / rows[0]["seconds"] - 1.0

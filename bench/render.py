@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench.render_cifar import RENDERERS as CIFAR_RENDERERS
+
 GPU_NOTE = "not measured (no GPU lent to this task)"
 
 
@@ -131,7 +133,7 @@ def _memory(sec: dict[str, Any]) -> list[str]:
 
 
 SECTION_RENDERERS = {"training": _training, "kkt": _kkt, "terms": _terms, "grad": _grad, "scoring": _scoring, "ray": _ray,
-                     "memory": _memory}
+                     "memory": _memory, **CIFAR_RENDERERS}
 
 
 def _header(res: dict[str, Any], quick: bool, wall: float) -> list[str]:

@@ -3,6 +3,7 @@
     python bench/run.py            # full suite (~35 min on 2 cores), writes docs/benchmarks.md
     python bench/run.py --quick    # laptop check (~2 min), same table with smaller sizes
     python bench/run.py --only grad,scoring --out /tmp/b.md
+    python bench/run.py --only cifar,cifar_trials --out docs/benchmarks-cifar10.md   # make bench-cifar (~25 min)
 
 Sections: generator steps/s (4 conditioning variants x 2 image shapes x 2 modes), KKT attack steps/s
 (784-1000-1000-10 MLP, 200 candidates, CPU and CUDA when present), the cost of each
@@ -33,13 +34,16 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from bench.ray_section import bench_ray, fixed_trials_space  # noqa: E402,F401 (tests call fixed_trials_space here)
+from bench.cifar_section import bench_cifar, bench_cifar_trials, projection  # noqa: E402
 from bench.render import render  # noqa: E402
 from bench.sections import (bench_grad, bench_kkt, bench_memory, bench_scoring, bench_terms,  # noqa: E402
                             bench_training, load)
 
-SECTIONS = ("training", "kkt", "terms", "grad", "scoring", "ray", "memory")
+SECTIONS = ("training", "kkt", "terms", "grad", "scoring", "ray", "memory", "cifar", "cifar_trials")
 FUNCTIONS = {"training": bench_training, "kkt": bench_kkt, "terms": bench_terms, "grad": bench_grad,
-             "scoring": bench_scoring, "ray": bench_ray, "memory": bench_memory}
+             "scoring": bench_scoring, "ray": bench_ray, "memory": bench_memory, "cifar": bench_cifar,
+             "cifar_trials": bench_cifar_trials}
+CIFAR = ("cifar", "cifar_trials")  # their own page: docs/benchmarks-cifar10.md (make bench-cifar)
 
 
 def machine() -> dict[str, Any]:
@@ -72,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (~8 min on a busy 2-core box)")
     p.add_argument("--tiny", action="store_true", help="smoke test: smallest sizes, no Ray section unless --only names it")
-    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--only", default=",".join(x for x in SECTIONS if x not in CIFAR),
+                   help=f"comma-separated subset of {','.join(SECTIONS)} (default: all but {','.join(CIFAR)}, "
+                        "which make bench-cifar writes to docs/benchmarks-cifar10.md)")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"), help="markdown output (default docs/benchmarks.md)")
     p.add_argument("--json", default=None, help="also write the raw results here")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, as in a 1-CPU trial)")
@@ -88,8 +94,10 @@ def run_sections(only: list[str], quick: bool, tiny: bool) -> dict[str, Any]:
             print(f"[bench] {name} ...", flush=True)
             res[name] = FUNCTIONS[name](quick, tiny)
             print(f"[bench] {name} done in {time.perf_counter() - s0:.0f}s (load {load()})", flush=True)
+    if all(name in res for name in CIFAR):
+        res["cifar_projection"] = projection(res["cifar"], res["cifar_trials"])
     res["load_end"] = load()
-    notes_file = Path(__file__).with_name("notes.md")
+    notes_file = Path(__file__).with_name("notes-cifar10.md" if set(only) <= set(CIFAR) else "notes.md")
     if notes_file.exists():
         res["notes"] = ["", notes_file.read_text().rstrip()]
     return res
@@ -99,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
     if args.tiny and "--only" not in " ".join(argv if argv is not None else sys.argv):
-        args.only = ",".join(x for x in SECTIONS if x != "ray")
+        args.only = ",".join(x for x in SECTIONS if x != "ray" and x not in CIFAR)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     bad = sorted(set(only) - set(SECTIONS))
     if bad:

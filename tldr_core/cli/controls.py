@@ -30,7 +30,7 @@ from torch import nn
 
 from tldr_core.attack.classifier import ClassifierSettings, load_or_train
 from tldr_core.attack.config import AttackConfig
-from tldr_core.attack.data import DatasetBundle, load_dataset
+from tldr_core.attack.data import DataError, DatasetBundle, DatasetNotFoundError, load_dataset
 from tldr_core.attack.kkt import KKTConfig, run_kkt
 from tldr_core.attack.output import AttackOutput
 from tldr_core.attack.templates import applies as templates_apply
@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--controls", default=",".join(CONTROLS), help=f"comma list of {', '.join(CONTROLS)}")
     p.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma list of {', '.join(ATTACKS)}")
     p.add_argument("--dataset", default="mnist-bundled", help="data set the controls are built from")
+    p.add_argument("--data-root", default=None,
+                   help="folder holding the data set, or the .npz file for --dataset npz / cifar10 (as in the audit)")
     p.add_argument("--out", default=None, help="output folder (default runs/controls)")
     p.add_argument("--tldr-steps", type=int, default=AttackConfig.steps, help="generator steps (default 1200)")
     p.add_argument("--per-class", type=int, default=20, help="TLDR reconstructions per class (default 20)")
@@ -209,6 +211,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--kkt-set: {exc}")
     if args.smoke_test:
         args.dataset, args.tldr_steps, args.kkt_steps, args.per_class = "digits-8x8", 20, 30, 4
+        args.data_root = None
     return args
 
 
@@ -219,7 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for name in args.controls:
         control = shrink(CONTROLS[name]) if args.smoke_test else CONTROLS[name]
-        data = load_dataset(args.dataset, control.train_size, seed=0)
+        try:
+            data = load_dataset(args.dataset, control.train_size, seed=0, data_root=args.data_root)
+        except (DataError, DatasetNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         rows += run_control(control, data, args, out, log=print)
         meta = {"dataset": args.dataset, "tldr_steps": args.tldr_steps, "kkt_steps": args.kkt_steps,
                 "kkt": args.kkt, "controls": {c: asdict(CONTROLS[c]) for c in args.controls}}
