@@ -59,6 +59,10 @@ USER_SECRETS: dict[str, frozenset[str]] = {
     "tldr-postgres": frozenset(
         {"POSTGRES_HOST", "POSTGRES_PORT", "POSTGRES_DB", "POSTGRES_USER", "POSTGRES_PASSWORD"}),
     "tldr-s3": frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}),
+    "tldr-ray-token": frozenset({"auth_token"}),
+    "tldr-mlflow-auth": frozenset({"MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"}),
+    "tldr-mlflow-client": frozenset({"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}),
+    "tldr-postgres-admin": frozenset({"POSTGRES_PASSWORD"}),  # cpu-dev's in-cluster PostgreSQL only
 }
 
 SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|KEY", re.IGNORECASE)

@@ -1,8 +1,9 @@
 """The Kubernetes manifests (k8s/), the Dockerfile and the checks that guard them.
 
 Offline only: `kubectl kustomize` renders the overlays, kubernetes-validate and the
-KubeRay CRD schemas (../shared/k8s-schemas) validate them, tests/deploy/k8s_checks.py adds what
-the schemas cannot see, and tests/deploy/fixtures/k8s/ proves each check can fail.
+KubeRay CRD schemas validate them, tests/deploy/k8s_checks.py adds what the schemas cannot see
+(k8s_hardening.py the security rules, tested in test_k8s_hardening.py), and
+tests/deploy/fixtures/k8s/ proves each check can fail. The images are in test_images.py.
 Missing tools, schemas or scripts make tests FAIL, not skip: they are declared deps.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import k8s_checks as kc  # noqa: E402
+import k8s_hardening as kh  # noqa: E402
 
 FIXTURES = sorted(p for p in kc.FIXTURES_DIR.glob("*.yaml") if p.name != "valid-minimal.yaml")
 SEARCH_SCRIPT = "tune/search.py"
@@ -73,37 +75,47 @@ def test_kuberay_schemas_are_present():
 
 # --------------------------------------------------------------------------- the real overlays
 
+BASE_POLICIES = {"default-deny", "dns", "search-cluster", "search-dashboard", "search-submitter", "reaudit-cluster",
+                 "reaudit-dashboard", "reaudit-submit", "mlflow"}
+CPU_DEV_POLICIES = {"postgres", "minio", "mlflow-to-postgres", "minio-clients"}
+
+
 def test_base_renders():
     _require(kc.find_kubectl)
     kinds = sorted(o["kind"] for o in kc.render(kc.K8S_DIR / "base"))
-    assert kinds == ["ConfigMap", "CronJob", "Deployment", "Namespace", "RayJob", "Service"]
+    assert kinds == sorted(["ConfigMap", "ConfigMap", "CronJob", "Deployment", "Namespace", "RayCluster", "RayJob",
+                            "Service"] + ["NetworkPolicy"] * len(BASE_POLICIES))
 
 
 @pytest.mark.parametrize("overlay", kc.OVERLAYS)
 def test_overlay_renders_expected_objects(overlay):
     objs = rendered(overlay)
     names = {(o["kind"], o["metadata"]["name"]) for o in objs}
-    expected = {("Namespace", "tldr"), ("ConfigMap", "tldr-settings"), ("Deployment", "mlflow"),
-                ("Service", "mlflow"), ("RayJob", "tldr-search"), ("CronJob", "tldr-reaudit")}
+    expected = {("Namespace", "tldr"), ("ConfigMap", "tldr-settings"), ("ConfigMap", "tldr-paths"),
+                ("Deployment", "mlflow"), ("Service", "mlflow"), ("RayJob", "tldr-search"),
+                ("RayCluster", "tldr-reaudit"), ("CronJob", "tldr-reaudit")}
+    policies = BASE_POLICIES
     if overlay == "cpu-dev":
         expected |= {("Deployment", "postgres"), ("Service", "postgres"), ("PersistentVolumeClaim", "postgres-data"),
-                     ("Deployment", "minio"), ("Service", "minio"), ("PersistentVolumeClaim", "minio-data"),
-                     ("Job", "create-buckets")}
-    assert names == expected
+                     ("ConfigMap", "postgres-init"), ("Deployment", "minio"), ("Service", "minio"),
+                     ("PersistentVolumeClaim", "minio-data"), ("Job", "create-buckets")}
+        policies = BASE_POLICIES | CPU_DEV_POLICIES
+    assert names == expected | {("NetworkPolicy", n) for n in policies}
     assert not [o for o in objs if o["kind"] == "Secret"], "Secrets are created by hand (k8s/README.md)"
-    # One namespace for everything, labels on everything, one project image per overlay.
+    # One namespace for everything, labels on everything, one image of each of ours per overlay.
     ns = one(objs, "Namespace")["metadata"]["name"]
     assert {o["metadata"].get("namespace") for o in objs if o["kind"] != "Namespace"} == {ns}
     assert all(o["metadata"].get("labels", {}).get("app.kubernetes.io/part-of") == "tldr" for o in objs)
-    project_images = {c["image"] for o in objs for _p, c, _pod in kc.containers(o) if "/tldr:" in c["image"]}
-    assert len(project_images) == 1, project_images
+    for repo in ("/tldr:", "/tldr-mlflow:"):
+        images = {c["image"] for o in objs for _p, c, _pod in kc.containers(o) if repo in c["image"]}
+        assert len(images) == 1, (repo, images)
 
 
 @pytest.mark.parametrize("overlay", kc.OVERLAYS)
 def test_overlay_passes_every_check(overlay):
     objs = rendered(overlay)
     _require(kc.kuberay_schema, "RayJob")
-    findings = kc.run_all_checks(objs)
+    findings = kc.run_all_checks(objs) + kh.run_hardening_checks(objs)
     assert not findings, "\n".join(map(str, findings))
 
 
@@ -143,37 +155,43 @@ def test_cpu_dev_overlay_is_cpu_only():
 @pytest.mark.parametrize("overlay", kc.OVERLAYS)
 def test_rayjob(overlay):
     objs = rendered(overlay)
-    job = one(objs, "RayJob")
-    spec = job["spec"]
+    spec = one(objs, "RayJob")["spec"]
     assert spec["submissionMode"] == "K8sJobMode"
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
-    rcs = spec["rayClusterSpec"]
-    assert rcs["enableInTreeAutoscaling"] is True
-    assert rcs["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
-    script, flags = kc.parse_command(spec["entrypoint"])
+    _script, flags = kc.parse_command(spec["entrypoint"])
     assert spec["entrypoint"].startswith(f"python {SEARCH_SCRIPT} ")
     assert flags["--address"] == "auto" and flags["--storage"].startswith("s3://")
     assert flags["--data-root"] == "/data" and flags["--download"] is True
+
+
+@pytest.mark.parametrize("overlay", kc.OVERLAYS)
+@pytest.mark.parametrize("kind", ["RayJob", "RayCluster"])
+def test_ray_cluster_pods(overlay, kind):
+    """The search's and the re-audit's clusters: autoscaling, no trials on the head, token auth, the
+    settings, Secrets and volumes every Ray container needs, the data fetched before Ray starts."""
+    objs = rendered(overlay)
+    obj = one(objs, kind)
+    ((_path, rcs),) = kc.raycluster_specs(obj)
+    assert rcs["enableInTreeAutoscaling"] is True and rcs["authOptions"] == {"mode": "token",
+                                                                          "secretName": "tldr-ray-token"}
+    assert rcs["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     settings = one(objs, "ConfigMap", "tldr-settings")["data"]
-    for path, tpl in kc.pod_templates(job):
-        if path.endswith("submitterPodTemplate"):
-            continue
-        pod = tpl["spec"]
-        ray = pod["containers"][0]
+    assert "MLFLOW_TRACKING_URI" in settings
+    for path, ray, pod in kh.ray_node_containers(obj):
         assert ray["workingDir"] == "/app", path
-        assert {"name": "RAY_AUTH_MODE", "value": "disabled"} in ray["env"], path
+        assert {"name": "RAY_AUTH_MODE", "value": "token"} in ray["env"], path
         secret_env = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in ray["env"] if "valueFrom" in e}
-        assert secret_env == {"AWS_ACCESS_KEY_ID": "tldr-s3", "AWS_SECRET_ACCESS_KEY": "tldr-s3"}, path
-        assert {"configMapRef": {"name": "tldr-settings"}} in ray["envFrom"], path
-        assert "MLFLOW_TRACKING_URI" in settings
-        mounts = {m["mountPath"] for m in ray["volumeMounts"]}
-        assert {"/data", "/dev/shm"} <= mounts, path
+        assert secret_env == {"RAY_AUTH_TOKEN": "tldr-ray-token", "AWS_ACCESS_KEY_ID": "tldr-s3",
+                              "AWS_SECRET_ACCESS_KEY": "tldr-s3", "MLFLOW_TRACKING_USERNAME": "tldr-mlflow-client",
+                              "MLFLOW_TRACKING_PASSWORD": "tldr-mlflow-client"}, path
+        assert [r["configMapRef"]["name"] for r in ray["envFrom"]] == ["tldr-settings", "tldr-paths"], path
+        assert {m["mountPath"] for m in ray["volumeMounts"]} == {"/tmp", "/runs", "/data", "/dev/shm"}, path
         assert [c["name"] for c in pod["initContainers"]] == ["fetch-data"], path
 
 
 @pytest.mark.parametrize("overlay", kc.OVERLAYS)
 def test_tracking_uri_reaches_mlflow(overlay):
-    """Entrypoint, ConfigMap, Service and MLflow's --allowed-hosts all name the same server."""
+    """Entrypoint, ConfigMap, Service and MLflow's allowed hosts all name the same server."""
     objs = rendered(overlay)
     _s, flags = kc.parse_command(one(objs, "RayJob")["spec"]["entrypoint"])
     uri = flags["--tracking-uri"]
@@ -184,44 +202,59 @@ def test_tracking_uri_reaches_mlflow(overlay):
     svc = one(objs, "Service", svc_name)
     assert svc["metadata"]["namespace"] == ns
     assert parts.port in [p["port"] for p in svc["spec"]["ports"]]
-    args = container(one(objs, "Deployment", svc_name), "mlflow")["args"]
-    allowed = arg_value(args, "--allowed-hosts").replace("$(POD_NAMESPACE)", ns).split(",")
+    c = container(one(objs, "Deployment", svc_name), "mlflow")
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    allowed = env["MLFLOW_SERVER_ALLOWED_HOSTS"].replace("$(POD_NAMESPACE)", ns).split(",")
     for host in (parts.netloc, "localhost:5000"):
         assert any(fnmatch.fnmatch(host, pattern) for pattern in allowed), (host, allowed)
 
 
 @pytest.mark.parametrize("overlay", kc.OVERLAYS)
 def test_mlflow_server(overlay):
+    """Basic auth on, artifacts proxied to S3, and no credential on the command line: the entrypoint
+    script builds the database URI from the environment (tests/deploy/test_mlflow_manifest.py runs it)."""
     objs = rendered(overlay)
-    deploy = one(objs, "Deployment", "mlflow")
-    c = container(deploy, "mlflow")
-    assert c["command"] == ["mlflow", "server"]
-    args = c["args"]
-    assert "--serve-artifacts" in args
-    assert arg_value(args, "--artifacts-destination") == "$(MLFLOW_ARTIFACTS_DESTINATION)"
+    c = container(one(objs, "Deployment", "mlflow"), "mlflow")
+    assert "/tldr-mlflow:" in c["image"]
+    assert c["command"][:2] == ["/bin/sh", "-ec"] and c["command"][2].rstrip().endswith('exec mlflow server "$@"')
+    assert c["args"][:1] == ["--app-name=basic-auth"] and "--serve-artifacts" in c["args"]
+    assert not any("backend-store-uri" in a or "PASSWORD" in a for a in c["args"])
+    assert "export MLFLOW_BACKEND_STORE_URI=" in c["command"][2]
     assert one(objs, "ConfigMap", "tldr-settings")["data"]["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
-    backend = arg_value(args, "--backend-store-uri")
-    assert backend.startswith("postgresql://$(POSTGRES_USER):$(POSTGRES_PASSWORD)@"), backend
     from_secrets = {e["name"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})}
-    assert from_secrets == kc.USER_SECRETS["tldr-postgres"] | kc.USER_SECRETS["tldr-s3"]
+    assert from_secrets == (kc.USER_SECRETS["tldr-postgres"] | kc.USER_SECRETS["tldr-s3"]
+                            | kc.USER_SECRETS["tldr-mlflow-auth"] | {"MLFLOW_CLIENT_USERNAME", "MLFLOW_CLIENT_PASSWORD"})
     for probe in ("readinessProbe", "livenessProbe"):
         assert c[probe]["httpGet"]["path"] == "/health", probe
     sc = c["securityContext"]
-    assert sc["runAsNonRoot"] is True and sc["runAsUser"] != 0
+    assert sc["runAsNonRoot"] is True and sc["runAsUser"] != 0 and sc["readOnlyRootFilesystem"] is True
     assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
     assert c["resources"]["requests"] and c["resources"]["limits"]
 
 
 @pytest.mark.parametrize("overlay", kc.OVERLAYS)
 def test_reaudit_cronjob(overlay):
-    cron = one(rendered(overlay), "CronJob", "tldr-reaudit")
-    spec = cron["spec"]
+    """The CronJob submits the re-audit to the long-lived RayCluster's Jobs API, with the data root the
+    cluster's pods fill and the cluster's address for the search it runs."""
+    objs = rendered(overlay)
+    spec = one(objs, "CronJob", "tldr-reaudit")["spec"]
     assert kc.cron_problems(spec["schedule"]) == []
     assert spec["concurrencyPolicy"] == "Forbid" and spec["startingDeadlineSeconds"] > 0
-    c = container(cron, "reaudit")
-    assert c["command"] == ["python", REAUDIT_SCRIPT]
-    _s, flags = kc.parse_command(c["command"] + c["args"])
-    assert flags == {"--tracking-uri": "$(MLFLOW_TRACKING_URI)", "--max-age-days": "30"}
+    c = container(one(objs, "CronJob", "tldr-reaudit"), "reaudit")
+    assert c["command"] == ["ray", "job", "submit"]
+    submit, entrypoint = c["args"][:c["args"].index("--")], c["args"][c["args"].index("--") + 1:]
+    head = urlsplit(arg_value(submit, "--address"))
+    cluster = one(objs, "RayCluster", "tldr-reaudit")
+    assert head.scheme == "http" and head.hostname == cluster["metadata"]["name"] + "-head-svc"
+    head_ports = {p["name"]: p["containerPort"] for p in cluster["spec"]["headGroupSpec"]["template"]["spec"]
+                  ["containers"][0]["ports"]}
+    assert head.port == head_ports["dashboard"] == 8265
+    assert entrypoint[:2] == ["python", REAUDIT_SCRIPT]
+    _s, flags = kc.parse_command(entrypoint)
+    assert flags == {"--address": "auto", "--tracking-uri": "$(MLFLOW_TRACKING_URI)", "--data-root": "/data",
+                     "--download": True, "--max-age-days": "30"}
+    assert all("/data" in {m["mountPath"] for m in ray["volumeMounts"]} for _p, ray, _pod in
+               kh.ray_node_containers(cluster))
 
 
 @pytest.mark.parametrize("overlay", kc.OVERLAYS)
@@ -236,7 +269,7 @@ def test_search_entrypoint_flags_exist(overlay):
 @pytest.mark.parametrize("overlay", kc.OVERLAYS)
 def test_reaudit_flags_exist(overlay):
     c = container(one(rendered(overlay), "CronJob", "tldr-reaudit"), "reaudit")
-    script, flags = kc.parse_command(c["command"] + c["args"])
+    script, flags = kc.parse_command(c["args"][c["args"].index("--") + 1:])
     assert script == REAUDIT_SCRIPT
     known = _require(kc.script_help_flags, REAUDIT_SCRIPT)
     assert set(flags) <= known, f"unknown to {REAUDIT_SCRIPT}: {sorted(set(flags) - known)}"
@@ -244,10 +277,11 @@ def test_reaudit_flags_exist(overlay):
 
 def test_readme_creates_exactly_the_referenced_secrets():
     text = (kc.K8S_DIR / "README.md").read_text().replace("\\\n", " ")
-    commands = re.findall(r"kubectl -n tldr create secret generic (\S+)((?: +--from-literal=\S+)+)", text)
+    commands = re.findall(r'kubectl -n tldr create secret generic (\S+)((?: +--from-literal=\w+=(?:"[^"]*"|\S+))+)',
+                          text)
     assert commands, "k8s/README.md has no `kubectl create secret generic` commands"
     for name, literals in commands:
-        keys = set(re.findall(r"--from-literal=([A-Z0-9_]+)=", literals))
+        keys = set(re.findall(r"--from-literal=(\w+)=", literals))
         assert keys == kc.USER_SECRETS[name], (name, keys)
     assert {name for name, _l in commands} == set(kc.USER_SECRETS)
 
@@ -318,21 +352,3 @@ def test_cron_validator_accepts(expr):
                                   "0,,5 * * * *", "? * * * *", "TZ=UTC 0 3 * * *", "@fortnightly", "a b c d e"])
 def test_cron_validator_rejects(expr):
     assert kc.cron_problems(expr)
-
-
-# --------------------------------------------------------------------------- the image
-
-def test_dockerfile_installs_the_project_as_the_readme_does():
-    text = (kc.REPO / "Dockerfile").read_text()
-    lines = [ln.strip() for ln in text.replace("\\\n", " ").splitlines() if ln.strip() and not ln.startswith("#")]
-    assert lines[0] == "FROM python:3.11-slim"
-    pins = re.findall(r'"(torch(?:vision)?==[^"]+)"', (kc.REPO / "pyproject.toml").read_text())
-    torch_line = next(ln for ln in lines if ln.startswith("RUN pip install") and "torch==" in ln)
-    assert pins and all(pin in torch_line.split() for pin in pins), (pins, torch_line)
-    assert "WORKDIR /app" in lines and "COPY . /app" in lines
-    install = next(ln for ln in lines if ln.startswith("RUN pip install ."))
-    assert {"psycopg2-binary", "boto3"} <= set(install.split())
-    assert lines.index(torch_line) < lines.index("COPY . /app") < lines.index(install)
-    assert "USER 1000:1000" in lines and lines.index("USER 1000:1000") > lines.index(install)
-    ignored = (kc.REPO / ".dockerignore").read_text().split()
-    assert {".venv", "runs", ".git"} <= set(ignored) and any("__pycache__" in i for i in ignored)
