@@ -3,7 +3,7 @@
 Offline only: `kubectl kustomize` renders the overlays, kubernetes-validate and the
 KubeRay CRD schemas validate them, tests/deploy/k8s_checks.py adds what the schemas cannot see
 (k8s_hardening.py the security rules, tested in test_k8s_hardening.py), and
-tests/deploy/fixtures/k8s/ proves each check can fail. The images are in test_images.py.
+tests/deploy/fixtures/k8s/ proves each check can fail. The images are in test_container_images.py.
 Missing tools, schemas or scripts make tests FAIL, not skip: they are declared deps.
 """
 from __future__ import annotations

@@ -1,0 +1,182 @@
+"""The cluster path of k8s/, as far as one machine allows (issue 13 #4): a local Ray head started
+with the dashboard and its Jobs API (`ray start --head`, the Ray of the image's `cluster` extra)
+and Ray's token authentication on, as the manifests run it; the RayJob's exact entrypoint and the
+re-audit CronJob's exact entrypoint, read from the rendered k8s/base manifests, submitted through
+the Jobs API with `ray job submit` (what KubeRay's submitter and the CronJob run); the search's
+result read back from MLflow.
+
+Documented substitutions, the only changes to the manifests' command lines:
+- data and size: --dataset digits-8x8 (scikit-learn's, no download), --trials 1, --gpus-per-trial 0,
+  --max-concurrent 1, plus --smoke-test --steps 8 --train-size 100 --per-class 3;
+- where things go: --storage, --data-root and --tracking-uri (sqlite) under the test's folder;
+- `ray job submit --working-dir <repo>` (the image has the code in /app instead).
+
+The head runs in its own process group and is stopped by that group and by its temp folder, not by
+`ray stop` (which stops every Ray on the machine, other people's included)."""
+from __future__ import annotations
+
+import os
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import k8s_checks as kc  # noqa: E402
+
+pytestmark = pytest.mark.slow
+SHRINK = ["--smoke-test", "--steps", "8", "--train-size", "100", "--per-class", "3"]
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def substitute(tokens: list[str], values: dict[str, str], extra: list[str]) -> list[str]:
+    """`tokens` with the value after each flag of `values` replaced (every such flag must be there)."""
+    out, seen = list(tokens), set()
+    for i, tok in enumerate(out[:-1]):
+        if tok in values:
+            out[i + 1] = values[tok]
+            seen.add(tok)
+    missing = set(values) - seen
+    assert not missing, f"the manifest's command line lacks {sorted(missing)}: {shlex.join(tokens)}"
+    return out + extra
+
+
+def stop_head(proc: subprocess.Popen, temp: Path) -> None:
+    """Stop the head's process group, then anything else still running from its temp folder."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(temp).encode() in cmdline.read_bytes():
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+    subprocess.run(["rm", "-rf", str(temp)], check=False)
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """(dashboard URL, env with the token, work folder) of a local Ray head like the manifests' heads."""
+    work = tmp_path_factory.mktemp("cluster")
+    temp = Path(tempfile.mkdtemp(prefix="tldr-rh-", dir="/tmp"))  # short: Ray's socket paths are limited
+    token = secrets.token_hex(32)
+    gcs, dash, client, agent = free_ports(4)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "TLDR_RUNS": str(work / "runs"),
+           "TLDR_CACHE": str(work / "cache"), "TLDR_DATA_ROOT": str(work / "data"), "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "500", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = open(work / "head.log", "w+")
+    proc = subprocess.Popen(["ray", "start", "--head", "--block", "--include-dashboard=true", "--dashboard-host",
+                             "127.0.0.1", "--port", str(gcs), "--dashboard-port", str(dash), "--ray-client-server-port",
+                             str(client), "--dashboard-agent-listen-port", str(agent), "--num-cpus", "1",
+                             "--temp-dir", str(temp), "--disable-usage-stats"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        _wait_for_jobs_api(url, token, proc, log)
+        yield url, env, work
+    finally:
+        stop_head(proc, temp)
+        log.close()
+
+
+def _wait_for_jobs_api(url: str, token: str, proc: subprocess.Popen, log) -> None:
+    t0 = time.time()
+    while time.time() - t0 < 600:
+        if proc.poll() is not None:
+            log.seek(0)
+            pytest.fail(f"ray start --head exited {proc.returncode}:\n{log.read()[-4000:]}")
+        try:
+            r = requests.get(f"{url}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+            if r.status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(2)
+    pytest.fail("the Ray head's Jobs API did not answer within 600 s")
+
+
+def submit(url: str, env: dict, entrypoint: list[str], timeout: float = 1200) -> subprocess.CompletedProcess:
+    return subprocess.run(["ray", "job", "submit", "--address", url, "--working-dir", str(kc.REPO), "--",
+                           *entrypoint], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def base_objects() -> list[dict]:
+    try:
+        kc.find_kubectl()
+    except kc.SetupError as e:
+        pytest.fail(str(e), pytrace=False)
+    return kc.render(kc.K8S_DIR / "base")
+
+
+def test_a_submission_without_the_token_is_refused(head, tmp_path):
+    url, env, _work = head
+    anonymous = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"} | {"RAY_AUTH_MODE": "disabled",
+                                                                          "HOME": str(tmp_path)}
+    out = subprocess.run(["ray", "job", "submit", "--address", url, "--", "python", "-c", "print('ran')"],
+                         env=anonymous, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "ran" not in out.stdout
+    assert "Unauthorized" in out.stdout + out.stderr or "token" in (out.stdout + out.stderr).lower()
+
+
+def test_rayjob_entrypoint_runs_through_the_jobs_api(head):
+    from tldr_core.platform import tracking as tr
+
+    url, env, work = head
+    (job,) = [o for o in base_objects() if o["kind"] == "RayJob"]
+    db = work / "mlflow.db"
+    entry = substitute(shlex.split(job["spec"]["entrypoint"]),
+                       {"--dataset": "digits-8x8", "--trials": "1", "--gpus-per-trial": "0", "--max-concurrent": "1",
+                        "--storage": str(work / "tune"), "--tracking-uri": f"sqlite:///{db}",
+                        "--data-root": str(work / "data")}, SHRINK)
+    assert entry[:2] == ["python", "tune/search.py"] and "--address" in entry and "auto" in entry
+    out = submit(url, env, entry)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert "succeeded" in out.stdout + out.stderr
+    c = tr.client(f"sqlite:///{db}")
+    experiment = c.get_experiment_by_name(entry[entry.index("--experiment") + 1])  # the manifest's experiment
+    (search,) = c.search_runs([experiment.experiment_id], f"tags.`{tr.ROLE}` = 'search'")
+    assert search.info.status == "FINISHED"
+    trials = c.search_runs([experiment.experiment_id], f"tags.`tldr.search_run` = '{search.info.run_id}'")
+    assert len(trials) == 1 and trials[0].info.status == "FINISHED", [t.info.status for t in trials]
+
+
+def test_reaudit_cronjob_entrypoint_runs_through_the_jobs_api(head):
+    """After the search above registered its classifier, the CronJob's re-audit, submitted the same way,
+    joins the cluster (--address auto) and finds that classifier version in MLflow."""
+    url, env, work = head
+    (cron,) = [o for o in base_objects() if o["kind"] == "CronJob"]
+    args = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    entry = substitute(args[args.index("--") + 1:], {"--tracking-uri": f"sqlite:///{work / 'mlflow.db'}",
+                                                     "--data-root": str(work / "data")},
+                       ["--smoke-test", "--trials", "1", "--steps", "8", "--per-class", "3"])
+    assert entry[:2] == ["python", "tune/reaudit.py"]
+    out = submit(url, env, entry)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert "re-audit of tldr-classifier-*" in out.stdout and "(max age 30 days)" in out.stdout, out.stdout[-3000:]
