@@ -341,6 +341,16 @@ def test_closing_the_kuberay_schema_is_what_catches_unknown_fields():
     assert [f.check for f in kc.validate_kuberay(obj, True)] == ["schema"]
 
 
+def test_the_reaudit_raycluster_is_validated_against_its_crd():
+    """The RayCluster (new with the re-audit) goes through the same closed KubeRay schema as the RayJob."""
+    cluster = one(rendered("gpu"), "RayCluster")
+    assert _require(kc.validate_kuberay, cluster, True) == []
+    cluster["spec"]["headGroupSpec"]["rayStartParam"] = {"num-cpus": "0"}  # misspelt
+    cluster["spec"]["authOptions"]["mode"] = "tokens"
+    found = kc.check_schema(cluster)
+    assert {f.check for f in found} == {"schema"} and len(found) == 2, "\n".join(map(str, found))
+
+
 @pytest.mark.parametrize("expr", ["0 3 * * *", "*/15 * * * *", "0 0 1,15 * *", "0 9-17/2 * * MON-FRI",
                                   "30 4 ? JAN,jul sun", "0 0 * * 0-6", "5 4 1 12 *", "@daily", "@every 1h30m"])
 def test_cron_validator_accepts(expr):
