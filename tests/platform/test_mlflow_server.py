@@ -51,7 +51,7 @@ def test_server_serves_the_search_runs_over_rest(tmp_path):
     trial = TrialRun.start(c, exp, parent, "abc", 1, "trial-001-label")
     trial.log_params({**LossWeights().as_dict(), "variant": "label"})
     for step, q in ((5, 0.1), (10, 0.2)):
-        trial.log_metrics({"quality": q, "label_agreement": 1.0}, step)
+        trial.log_metrics({"eval/quality": q, "eval/label_agreement": 1.0}, step)
     (tmp_path / "grid.png").write_bytes(b"\x89PNG fake")
     trial.log_artifact(tmp_path / "grid.png")
     trial.end("FINISHED", "finished")
@@ -86,7 +86,7 @@ def test_server_serves_the_search_runs_over_rest(tmp_path):
         params = {x["key"]: x["value"] for x in t["data"]["params"]}
         assert set(LossWeights.names()) | {"variant"} <= set(params)
         hist = requests.get(f"{api}/metrics/get-history",
-                            params={"run_id": t["info"]["run_id"], "metric_key": "quality"}, timeout=30).json()
+                            params={"run_id": t["info"]["run_id"], "metric_key": "eval/quality"}, timeout=30).json()
         assert [(m["step"], m["value"]) for m in hist["metrics"]] == [(5, 0.1), (10, 0.2)]
         art = requests.get(f"{base}/get-artifact", params={"path": "grid.png", "run_uuid": t["info"]["run_id"]},
                            timeout=30)

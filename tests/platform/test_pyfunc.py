@@ -2,6 +2,8 @@
 generation), so the model loaded back from the registry reproduces the scored reconstructions."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -87,3 +89,51 @@ def test_registered_generator_reproduces_the_scored_reconstructions(generator_ck
     assert torch.equal(torch.from_numpy(np.asarray(model.predict({}))), scored)
     reloaded, _ = load_generator(path)
     assert torch.equal(generate(reloaded, PER_CLASS, seed=SEED)[0], scored)
+
+
+_LOAD_IN_FRESH_VENV = """
+import importlib.util, sys
+import numpy as np
+assert importlib.util.find_spec("tldr_core") is None, "tldr_core must come from the model, not this venv"
+import mlflow.pyfunc
+model = mlflow.pyfunc.load_model(sys.argv[1])
+np.save(sys.argv[2], np.asarray(model.predict({"per_class": int(sys.argv[3]), "seed": int(sys.argv[4])})))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_logged_generator_loads_in_a_fresh_venv_with_only_its_requirements(generator_ckpt, tmp_path):
+    """A plain venv (no system site-packages, no tldr_core) with the model's requirements.txt installed by
+    pip: mlflow.pyfunc.load_model works from the model folder alone (its code_paths) and reproduces the
+    scored images."""
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from tldr_core.platform import registry as rg
+    from tldr_core.platform import tracking as tr
+
+    gen, path = generator_ckpt
+    c = tr.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = c.create_run(tr.ensure_experiment(c, "fresh-venv", tmp_path / "art")).info.run_id
+    info = rg.log_checkpoint_model(c, run_id, path, "generator")
+    model_dir = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "model")))
+    requirements = (model_dir / "requirements.txt").read_text().split()
+    assert {r.split("==")[0] for r in requirements} == {"torch", "mlflow", "numpy", "pyyaml"}
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-r",
+                          str(model_dir / "requirements.txt")], capture_output=True, text=True, timeout=1500, env=env)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    script = tmp_path / "load.py"
+    script.write_text(_LOAD_IN_FRESH_VENV)
+    out = subprocess.run([str(venv / "bin" / "python"), str(script), str(model_dir), str(tmp_path / "out.npy"),
+                          str(PER_CLASS), str(SEED)], capture_output=True, text=True, timeout=600, env=env,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    expected, _ = generate(gen, PER_CLASS, seed=SEED)
+    assert torch.equal(torch.from_numpy(np.load(tmp_path / "out.npy")), expected)

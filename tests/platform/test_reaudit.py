@@ -64,7 +64,7 @@ def test_audit_takes_the_run_id_the_search_returns(tmp_path, monkeypatch):
     opts = ra.Options(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", trials=1, steps=8, smoke_test=True)
     seen = []
 
-    def fake_run(settings, say):
+    def fake_run(settings, say, address=None):
         seen.append(settings.classifier)
         say("one\ntwo")
         return "f" * 32
@@ -74,7 +74,7 @@ def test_audit_takes_the_run_id_the_search_returns(tmp_path, monkeypatch):
     assert ra.run_search(_candidate(), opts, space, ra._echo(lines.append, False)) == ("f" * 32, None)
     assert seen == [f"models:/{NAME}/3"] and lines == ["    | one", "    | two"]
 
-    def failing_run(settings, say):
+    def failing_run(settings, say, address=None):
         exc = RuntimeError("no trial finished")
         exc.search_run_id = "e" * 32
         raise exc

@@ -52,7 +52,7 @@ def fake_search(store, values, *, objective="quality", clf_path=None, failed=0, 
         n += 1
         run = TrialRun.start(c, exp, parent, f"t{n}", n, f"trial-{n}")
         run.log_params({**LossWeights().as_dict(), "variant": "label"})
-        run.log_metrics({objective: v, "label_agreement": 1.0}, step=10)
+        run.log_metrics({f"eval/{objective}": v, "eval/label_agreement": 1.0}, step=10)
         info = rg.log_checkpoint_model(c, run.run_id, store["gen"], "generator")
         run.set_tags({tr.GENERATOR_MODEL: info.model_uri, tr.GENERATOR_MODEL_ID: info.model_id or ""})
         run.end("FINISHED", "finished")
@@ -63,8 +63,8 @@ def fake_search(store, values, *, objective="quality", clf_path=None, failed=0, 
     for _ in range(killed):  # an early-stopped trial with a better intermediate value: never promoted
         n += 1
         run = TrialRun.start(c, exp, parent, f"t{n}", n, f"trial-{n}")
-        run.log_metrics({objective: 0.99}, step=2)
-        run.end("KILLED", "early-stopped")
+        run.log_metrics({f"eval/{objective}": 0.99}, step=2)
+        run.end("FINISHED", "early-stopped")  # as the search ends them: FINISHED, tldr.end=early-stopped
     c.set_terminated(parent, "FINISHED")
     return parent
 
@@ -129,7 +129,8 @@ def test_registered_models_load_weights_only(store, tmp_path):
     import mlflow
 
     model = mlflow.pyfunc.load_model(f"models:/{rg.generator_model_name(DATASET)}/{mv.version}")
-    images = model.predict({"label": [0, 1, 2], "seed": [1]})
+    # the model has a signature: columns label/per_class/seed, so a dict input is one table (a scalar seed)
+    images = model.predict({"label": [0, 1, 2], "seed": 1})
     assert images.shape == (3, 1, 12, 12) and images.min() >= 0 and images.max() <= 1
 
     clf, cmeta, ref, path = rg.load_registered_classifier(c, f"models:/{rg.classifier_model_name(DATASET)}/1",

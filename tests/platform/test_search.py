@@ -20,9 +20,7 @@ from tldr_core.platform.search_space import DEFAULT_SPACE, load_space, space_fro
 from tldr_core.platform.search_settings import log_every_for, make_settings
 from tldr_core.platform.trial_runs import trial_runs
 
-REPO = Path(__file__).resolve().parents[2]
-SEARCH = REPO / "tune" / "search.py"
-TINY = ["--smoke-test", "--trials", "3", "--steps", "8", "--train-size", "100", "--per-class", "3"]
+from search_helpers import REPO, SEARCH, TINY, client_of, done_counts, run_search, searches_of  # noqa: E402 - this folder
 
 
 def load_search_module():
@@ -237,75 +235,45 @@ def test_run_checks_before_any_work(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------ real searches
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-def run_search(runs: Path, cache: Path, args: list[str], extra_env: dict[str, str] | None = None):
-    env = {**os.environ, "TLDR_RUNS": str(runs), "TLDR_CACHE": str(cache), "RAY_AUTH_MODE": "disabled",
-           **(extra_env or {})}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run([sys.executable, str(SEARCH), *args], capture_output=True, text=True, timeout=600,
-                          cwd=REPO, env=env)
-    return proc
-
-
-def _client(runs: Path):
-    c = tr.client(f"sqlite:///{runs / 'mlflow.db'}")
-    exp = c.get_experiment_by_name("tldr-mnist-bundled")
-    return c, exp.experiment_id
-
-
-def _searches(c, exp):
-    return c.search_runs([exp], f"tags.`{tr.ROLE}` = 'search'", order_by=["attributes.start_time ASC"])
-
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory, cache_dir):
-    """A tiny search whose first trial (an initial point with ce = 1e308) fails with a non-finite loss."""
-    root = tmp_path_factory.mktemp("smoke")
-    space = yaml.safe_load(DEFAULT_SPACE.read_text())
-    space["initial_points"] = [{"variant": "label", "ce": 1.0e308}]
-    (root / "space.yaml").write_text(yaml.safe_dump(space))
-    proc = run_search(root / "runs", cache_dir, [*TINY, "--space", str(root / "space.yaml")])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return root / "runs", proc
-
-
 @pytest.mark.slow
 def test_smoke_search_records_every_trial(smoke):
     runs, proc = smoke
-    c, exp = _client(runs)
-    (search,) = _searches(c, exp)
+    c, exp = client_of(runs)
+    (search,) = searches_of(c, exp)
     assert search.info.status == "FINISHED" and search.data.tags[tr.STATE] == "finished"
     trials = trial_runs(c, exp, search.info.run_id)
     assert len(trials) == 3  # one nested run per trial
     assert len({t.data.tags[tr.TRIAL_ID] for t in trials}) == 3
+    terms = set(LossWeights.names()) | {"bn"}  # the nine terms and the BatchNorm prior's
     for t in trials:
         assert t.data.tags["mlflow.parentRunId"] == search.info.run_id
-        assert set(LossWeights.names()) | {"variant"} <= set(t.data.params)
-        assert t.info.status in ("FINISHED", "KILLED", "FAILED")  # never left RUNNING
-        expected = {"FINISHED": "finished", "KILLED": "early-stopped", "FAILED": "failed"}[t.info.status]
-        assert t.data.tags[tr.STATE] == expected
+        assert terms | {"variant"} <= set(t.data.params)
+        # early-stopped trials end FINISHED, as Ray's own MLflow callback ends them; KILLED = interrupted only
+        assert t.info.status in ("FINISHED", "FAILED")
+        assert t.data.tags[tr.STATE] == t.data.tags[tr.END]
+        assert t.data.tags[tr.END] in (("finished", "early-stopped") if t.info.status == "FINISHED" else ("failed",))
         if t.info.status != "FAILED":
-            assert "quality" in t.data.metrics and "label_agreement" in t.data.metrics
+            m = t.data.metrics
+            assert {"eval/quality", "eval/label_agreement", "Objective/quality"} <= set(m)
             # the intermediate reports score exposure too (pipeline.score_images), so ASHA can rank on it
-            assert {"exposure_tpr", "exposure_auc"} <= set(t.data.metrics)
-            assert 2 in {h.step for h in c.get_metric_history(t.info.run_id, "exposure_auc")}
-            assert any(k.startswith("loss_") for k in t.data.metrics)
-            assert any(k.startswith("wloss_") for k in t.data.metrics)
-    finished = [t for t in trials if t.info.status == "FINISHED"]
+            assert {"eval/exposure_tpr", "eval/exposure_auc"} <= set(m)
+            assert 2 in {h.step for h in c.get_metric_history(t.info.run_id, "eval/exposure_auc")}
+            assert "loss/total" in m and {k.split("/")[1] for k in m if k.startswith("loss/")} - {"total"} <= terms
+            assert {k.split("/")[1] for k in m if k.startswith("wloss/")} <= terms and any(k.startswith("wloss/") for k in m)
+            assert not any(k.startswith(("baseline", "loss_", "wloss_")) or "/" not in k for k in m), sorted(m)
+    finished = [t for t in trials if t.data.tags[tr.END] == "finished"]
     assert finished
     for t in finished:
         arts = {a.path for a in c.list_artifacts(t.info.run_id)}
         assert {"grid.png", "nearest.png"} <= arts
-        assert "baseline_noise_quality" in t.data.metrics
-        assert len(c.get_metric_history(t.info.run_id, "quality")) >= 2  # over steps, not only the end
-    # the parent's summary and the registry
+        assert len(c.get_metric_history(t.info.run_id, "eval/quality")) >= 2  # over steps, not only the end
+    # the parent's summary, its baselines (logged once, there) and the registry
     summary = {a.path for a in c.list_artifacts(search.info.run_id, "summary")}
     assert {"summary/objective_vs_trial.png", "summary/trials.json", "summary/baselines.json"} <= summary
-    best = max(finished, key=lambda t: t.data.metrics["quality"])
+    pm = search.data.metrics
+    assert {"baseline/noise/quality", "baseline/class_mean/exposure_auc", "classifier/test_accuracy"} <= set(pm)
+    assert pm["best/quality"] == pm["Objective/quality"] == max(t.data.metrics["eval/quality"] for t in finished)
+    best = max(finished, key=lambda t: t.data.metrics["eval/quality"])
     assert search.data.tags["tldr.best_run"] == best.info.run_id
     mv = c.get_model_version_by_alias("tldr-generator-mnist-bundled", "champion")
     assert mv.run_id == best.info.run_id and mv.tags["objective"] == "quality"
@@ -320,8 +288,8 @@ def test_smoke_search_records_every_trial(smoke):
 @pytest.mark.slow
 def test_failing_trial_does_not_stop_the_search(smoke):
     runs, proc = smoke
-    c, exp = _client(runs)
-    (search,) = _searches(c, exp)
+    c, exp = client_of(runs)
+    (search,) = searches_of(c, exp)
     trials = trial_runs(c, exp, search.info.run_id)
     failed = [t for t in trials if t.info.status == "FAILED"]
     assert len(failed) == 1
@@ -340,21 +308,24 @@ def test_resume_after_interruption(tmp_path, cache_dir):
     first = run_search(runs, cache_dir, args, {"TLDR_SEARCH_INTERRUPT_AFTER": "1"})  # Ctrl-C after one trial
     assert first.returncode == 130, first.stdout[-3000:] + first.stderr[-3000:]
     assert "--resume" in first.stdout
-    c, exp = _client(runs)
-    (search,) = _searches(c, exp)
+    c, exp = client_of(runs)
+    (search,) = searches_of(c, exp)
     assert search.info.status == "KILLED"
     before = {t.data.tags[tr.TRIAL_ID]: t for t in trial_runs(c, exp, search.info.run_id)}
     done_before = {k: t.info.run_id for k, t in before.items() if t.data.tags[tr.STATE] != "interrupted"}
     assert len(done_before) == 1 and all(t.info.status != "RUNNING" for t in before.values())
+    assert ": 1 of 3 trials done" in first.stdout  # what really ended, not what Ray marked TERMINATED
 
     second = run_search(runs, cache_dir, ["--resume"])
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    (search,) = _searches(c, exp)  # the same search run, not a new one
+    (search,) = searches_of(c, exp)  # the same search run, not a new one
     assert search.info.status == "FINISHED"
     after = trial_runs(c, exp, search.info.run_id)
     ids = [t.data.tags[tr.TRIAL_ID] for t in after]
     assert len(after) == 3 and len(set(ids)) == 3  # no duplicated trial runs
     for trial_id, run_id in done_before.items():  # the finished trial kept its run
         assert {t.data.tags[tr.TRIAL_ID]: t.info.run_id for t in after}[trial_id] == run_id
-    assert all(t.info.status in ("FINISHED", "KILLED", "FAILED") for t in after)
+    assert all(t.info.status in ("FINISHED", "FAILED") for t in after)  # nothing left KILLED after the resume
+    assert all(k <= m == 3 for k, m in done_counts(first.stdout + second.stdout))  # never "5/3 done"
+    assert "(of 3)" in second.stdout
     assert c.get_model_version_by_alias("tldr-generator-mnist-bundled", "champion").run_id in {t.info.run_id for t in after}

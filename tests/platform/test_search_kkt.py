@@ -231,11 +231,12 @@ def test_kkt_trials_record_exposure_and_their_settings(kkt_search):
         p, m = t.data.params, t.data.metrics
         assert set(KKTConfig.names()) <= set(p) and p["attack"] == "kkt" and t.data.tags[tr.ATTACK] == "kkt"
         assert (p["steps"], p["train_per_class"], p["per_class"]) == ("8", "10", "20")  # 2 x 10 images per class
-        assert {"exposure_tpr", "exposure_auc", "exposure_tpr_lo", "exposed_count", "quality"} <= set(m)
-        assert 0 <= m["exposure_tpr"] <= 1 and 0 <= m["exposure_auc"] <= 1
-        assert "baseline_noise_exposure_auc" in m and "loss_residual" in m
+        assert {"eval/exposure_tpr", "eval/exposure_auc", "eval/exposure_tpr_lo", "eval/exposed_count",
+                "eval/quality", "Objective/exposure_tpr"} <= set(m)
+        assert 0 <= m["eval/exposure_tpr"] <= 1 and 0 <= m["eval/exposure_auc"] <= 1
+        assert {"loss/residual", "loss/prior", "loss/total"} <= set(m) and not any("baseline" in k for k in m)
         # intermediate reports at steps 2, 4, 6 and the final score at 8, exposure included
-        assert sorted(h.step for h in c.get_metric_history(t.info.run_id, "exposure_tpr")) == [2, 4, 6, 8]
+        assert sorted(h.step for h in c.get_metric_history(t.info.run_id, "eval/exposure_tpr")) == [2, 4, 6, 8]
         assert t.info.run_name.endswith("-kkt")
     first = trials[0].data.params  # trial 1 = KKTConfig's defaults
     for name, value in KKTConfig().flat().items():
@@ -243,6 +244,7 @@ def test_kkt_trials_record_exposure_and_their_settings(kkt_search):
             assert first[name] == str(value), name
     assert trials[1].data.params["lr"] != first["lr"]
     assert "objective exposure_tpr" in proc.stdout and "(kkt, layers all, lr 0.01)" in proc.stdout
+    assert "baseline/noise/exposure_auc" in search.data.metrics  # the baselines: once, on the search run
 
 
 @pytest.mark.slow

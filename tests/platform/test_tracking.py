@@ -45,3 +45,105 @@ def test_log_report_to_mlflow_puts_it_beside_the_run(tmp_path):
     tr.log_report_to_mlflow(html, run.info.run_id, artifact_path="reports", client=c)
     assert sorted(a.path for a in c.list_artifacts(run.info.run_id)) == ["report.html", "reports"]
     assert [a.path for a in c.list_artifacts(run.info.run_id, "reports")] == ["reports/report.html"]
+
+
+# ------------------------------------------------------------------------------------ credentials (issue 14 #3)
+
+@pytest.mark.parametrize("text, expected", [
+    ("postgresql://mlflow:pa55@db:5432/mlflow", "postgresql://mlflow:***@db:5432/mlflow"),
+    ("error: http://bob:s3cr%40t@h:5000 is unreachable (ConnectionError: http://bob:s3cr%40t@h:5000/health)",
+     "error: http://bob:***@h:5000 is unreachable (ConnectionError: http://bob:***@h:5000/health)"),
+    ("postgresql+psycopg2://u:p@h/db?sslmode=require&password=x2", "postgresql+psycopg2://u:***@h/db?sslmode=require&password=***"),
+    ("s3://bucket/prefix?token=abc&x=1", "s3://bucket/prefix?token=***&x=1"),
+    ("http://user@h:5000", "http://user@h:5000"),  # no password: unchanged
+    ("sqlite:////runs/mlflow.db", "sqlite:////runs/mlflow.db"),
+])
+def test_redact_masks_every_password(text, expected):
+    assert tr.redact(text) == expected
+
+
+@pytest.mark.slow
+def test_params_and_tags_never_store_a_password(tmp_path):
+    c = tr.client(f"sqlite:///{tmp_path / 'm.db'}")
+    run = c.create_run(tr.ensure_experiment(c, "t", tmp_path / "art"))
+    secret = "postgresql://mlflow:pa55w0rd@db/mlflow"
+    tr.log_params(c, run.info.run_id, {"tracking_uri": secret})
+    tr.set_tags(c, run.info.run_id, {"tldr.error": f"cannot reach {secret}"})
+    data = c.get_run(run.info.run_id).data
+    assert data.params["tracking_uri"] == "postgresql://mlflow:***@db/mlflow"
+    assert "pa55w0rd" not in data.tags["tldr.error"]
+
+
+def test_check_tracking_uri_error_carries_no_password():
+    with pytest.raises(tr.TrackingError) as err:
+        tr.check_tracking_uri(f"http://bob:pa55w0rd@127.0.0.1:{_free_port()}", timeout=2)
+    assert "pa55w0rd" not in str(err.value) and "bob:***@127.0.0.1" in str(err.value)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------ a fresh sqlite store (issue 14 #6)
+
+_CREATE = """
+import sys, time
+from tldr_core.platform import tracking as tr
+uri, start = sys.argv[1], float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))  # every process opens the fresh database at the same moment
+c = tr.client(uri)
+tr.ensure_experiment(c, "race")
+print(c.search_experiments(max_results=5)[0].name)
+"""
+
+
+@pytest.mark.slow
+def test_processes_creating_one_fresh_sqlite_store_at_once_all_succeed(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
+    start = time.time() + 8  # after every interpreter has imported MLflow
+    procs = [subprocess.Popen([sys.executable, "-c", _CREATE, uri, str(start)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [e[-600:] for _o, e in outs]
+    c = tr.client(uri)  # the schema is complete: a later client works
+    assert [e.name for e in c.search_experiments()] == ["race", "Default"] or \
+        sorted(e.name for e in c.search_experiments()) == ["Default", "race"]
+    assert (tmp_path / "fresh" / "mlflow.db.lock").exists()
+
+
+# ------------------------------------------------------------------------------------ names and models
+
+def test_metric_names_group_and_sort_the_objective_first():
+    names = {**tr.metric_names("eval", {"quality": 1, "coverage": 0}), **tr.loss_names(
+        {"step": 3, "loss": 2.0, "loss_ce": 1.0, "wloss_kl_pert": 0.5, "seconds": 9.0}),
+        tr.objective_name("quality"): 1, "train/seconds": 9.0}
+    assert sorted(names)[0] == "Objective/quality"
+    assert {"loss/total", "loss/ce", "wloss/kl_pert", "eval/coverage"} <= set(names) and "loss/seconds" not in names
+    assert tr.scores_of({"eval/quality": 0.3, "loss/ce": 1.0}) == {"quality": 0.3}
+
+
+@pytest.mark.slow
+def test_logged_models_land_in_their_runs_experiment(tmp_path, tiny_cnn):
+    from tldr_core.attack.checkpoints import CLASSIFIER_FORMAT, save_checkpoint
+    from tldr_core.platform.registry import log_checkpoint_model
+
+    c = tr.client(f"sqlite:///{tmp_path / 'm.db'}")
+    exp = tr.ensure_experiment(c, "models", tmp_path / "art")
+    path = save_checkpoint(tmp_path / "clf.pt", tiny_cnn, CLASSIFIER_FORMAT, {})
+    idle = c.create_run(exp).info.run_id  # not MLflow's active run
+    log_checkpoint_model(c, idle, path, "classifier")
+    active = c.create_run(exp).info.run_id
+    with tr.active_run(active):
+        log_checkpoint_model(c, active, path, "classifier")
+    assert c.get_run(active).info.status == "FINISHED" and c.get_run(idle).info.status == "RUNNING"
+    models = list(c.search_logged_models([exp]))
+    assert sorted(m.source_run_id for m in models) == sorted([idle, active])
+    assert list(c.search_logged_models(["0"])) == [] and not (tmp_path / "mlruns").exists()
+    for run_id in (idle, active):
+        assert len(c.get_run(run_id).outputs.model_outputs) == 1  # the run page's Models column

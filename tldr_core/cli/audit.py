@@ -3,6 +3,8 @@
     python -m tldr_core.cli.audit --dataset mnist-bundled --train-size 1000 --out runs/demo
     python -m tldr_core.cli.audit --attack kkt --kkt-steps 2000 ...   # the stationarity (KKT) attack
     python -m tldr_core.cli.audit ... --fail-on high                  # exit status 3 on a HIGH verdict
+    python -m tldr_core.cli.audit ... --tracking-uri [URI]            # also one MLflow run (platform/audit_tracking)
+    python -m tldr_core.cli.audit --classifier models:/tldr-classifier-mnist-bundled/1   # a registered version
 
 writes into --out: metrics.json, reconstructions.npz, grid.png, nearest.png, exposure.csv (every
 training image's exposure), exposure.png (the most exposed ones), the attack's checkpoint
@@ -40,6 +42,7 @@ from tldr_core.attack.train import NonFiniteLossError, resolve_device, summarize
 from tldr_core.cli.attack_flags import (ATTACKS, add_kkt_flags, add_prior_flags, check_attack_flags,
                                         kkt_config_from_args)
 from tldr_core.cli.output_folder import OutputError, StagedOutput
+from tldr_core.platform import cli_flags as flags
 from tldr_core.report.artifacts import checkpoint_name, write_artifacts
 from tldr_core.report.page import render_report
 from tldr_core.scoring.metrics import score_baselines
@@ -166,28 +169,28 @@ def _weight_flag(name: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tldr_core.cli.audit", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = flags.parser("python -m tldr_core.cli.audit", __doc__)
     d = p.add_argument_group("data and classifier")
     d.add_argument("--dataset", default="mnist-bundled", help=f"one of {', '.join(DATASETS)} (default mnist-bundled)")
     d.add_argument("--train-size", type=int, default=1000, help="classifier training-set size T (default 1000)")
-    d.add_argument("--data-root", default=None, help="folder holding the data set (torchvision layout or image folder), or the .npz file for --dataset npz / cifar10")
+    flags.add_data_root(d)
     d.add_argument("--download", action="store_true", help="allow torchvision to download the data set")
     d.add_argument("--data-seed", type=int, default=0, help="seed of the train/held-out split (default 0)")
-    d.add_argument("--classifier", default=None,
-                   help="audit this classifier file (tldr checkpoint) instead of training/reusing the cached one")
+    flags.add_classifier(d, "train one, or reuse the cached one trained with the same settings")
     d.add_argument("--arch", default="cnn", choices=["cnn", "mlp"], help="architecture when training (default cnn)")
-    d.add_argument("--classifier-epochs", type=int, default=ClassifierSettings.epochs)
+    d.add_argument("--classifier-epochs", type=int, default=ClassifierSettings.epochs,
+                   help="epochs when training the classifier (2 with --smoke-test)")
     d.add_argument("--image-size", default=None, metavar="HxW",
                    help="image-folder only: resize every image to this size (HxW, or one number for a square); "
-                        "without it, images of different sizes are an error")
+                        "without it (the default), images of different sizes are an error")
     p.add_argument("--attack", choices=ATTACKS, default="tldr",
                    help="tldr: train a conditioned generator against the classifier (default); kkt: optimise "
                         "candidate images whose margin gradients add up to the weights (docs/method.md section 8; "
                         "settings: the --kkt-* flags)")
     a = p.add_argument_group("TLDR attack (defaults, then --config YAML, then these flags); --seed and --device "
                              "also serve --attack kkt")
-    a.add_argument("--config", default=None, help="YAML file with attack settings and/or a weights: mapping")
+    a.add_argument("--config", default=None,
+                   help="YAML file with attack settings and/or a weights: mapping (default: none, the built-in defaults)")
     a.add_argument("--variant", choices=VARIANTS, default=None, help="conditioning variant (default vector-matrix)")
     a.add_argument("--mode", choices=MODES, default=None, help="inversion (4 terms) or reconstruction (9 terms)")
     a.add_argument("--steps", type=int, default=None, help="generator training steps")
@@ -199,8 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--grad-scope", choices=GRAD_SCOPES, default=None)
     a.add_argument("--per-class", type=int, default=None, help="reconstructions per class to score")
     a.add_argument("--seed", type=int, default=None)
-    a.add_argument("--device", default=None, help="cpu, cuda or auto (default: cuda when available)")
+    a.add_argument("--device", default=None, help="cpu, cuda or auto (default: auto, cuda when available)")
     add_prior_flags(a)
+    _show_config_defaults(a)
     w = p.add_argument_group("loss weights (docs/method.md; 0 switches a term off)")
     for name in LossWeights.names():
         w.add_argument(_weight_flag(name), dest=f"w_{name}", default=None, metavar="W",
@@ -216,8 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--quiet", action="store_true")
     o.add_argument("--fail-on", choices=("medium", "high"), default=None,
                    help=f"after writing everything, exit with status {FAIL_STATUS} when the verdict (the worst "
-                        "attack's risk level) is at or above this level: a gate for CI or a model registry")
+                        "attack's risk level) is at or above this level: a gate for CI or a model registry "
+                        "(default: none, the exit status ignores the verdict)")
+    flags.add_tracking_uri(o, optional_value=True)
     return p
+
+
+def _show_config_defaults(group: Any) -> None:
+    """--help shows AttackConfig's default beside each attack flag that does not state one (their
+    argparse default is None: unset flags leave --config's value)."""
+    defaults = AttackConfig()
+    for action in group._group_actions:  # noqa: SLF001 - the group's own options
+        if action.default is None and hasattr(defaults, action.dest) and "default" not in (action.help or ""):
+            action.help = f"{action.help + ' ' if action.help else ''}(default {getattr(defaults, action.dest)})"
 
 
 def config_from_args(args: argparse.Namespace) -> AttackConfig | KKTConfig:
@@ -242,17 +257,22 @@ def config_from_args(args: argparse.Namespace) -> AttackConfig | KKTConfig:
 
 
 def load_audited_classifier(args: argparse.Namespace, bundle: DatasetBundle, device: str,
-                            log: Callable[[str], None]) -> tuple[nn.Module, dict[str, Any]]:
+                            log: Callable[[str], None], mlflow_uri: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     if args.classifier:
-        model, meta = load_classifier(args.classifier)
+        if args.classifier.startswith("models:/"):  # a registered version, read weights-only from mlflow_uri
+            from tldr_core.platform.audit_tracking import load_registered
+
+            model, meta = load_registered(mlflow_uri, args.classifier)
+        else:
+            model, meta = load_classifier(args.classifier)
         spec = model.spec()
         if tuple(spec["in_shape"]) != tuple(bundle.image_shape) or spec["num_classes"] != bundle.num_classes:
             raise CheckpointError(f"{args.classifier} expects inputs {tuple(spec['in_shape'])} with "
                                   f"{spec['num_classes']} classes, but {bundle.name} has {tuple(bundle.image_shape)} "
                                   f"with {bundle.num_classes}")
         from tldr_core.attack.classifier import accuracy
-        meta = {**meta, "path": str(args.classifier), "test_accuracy": accuracy(model, bundle.test.images,
-                                                                                 bundle.test.labels)}
+        meta = {**meta, "path": str(meta.get("path", args.classifier)),
+                "test_accuracy": accuracy(model, bundle.test.images, bundle.test.labels)}
         return model, meta
     epochs = 2 if args.smoke_test else args.classifier_epochs
     settings = ClassifierSettings(arch=args.arch, epochs=epochs, seed=args.data_seed)
@@ -297,18 +317,25 @@ def check_args(args: argparse.Namespace) -> tuple[AttackConfig | KKTConfig, tupl
 
 
 def run(args: argparse.Namespace, cfg: AttackConfig | KKTConfig, image_size: tuple[int, int] | None, device: str,
-        target: StagedOutput, log: Callable[[str], None]) -> tuple[AuditResults, Path]:
-    """Data, classifier, attack, scores, then the files into ``target``; (results, metrics.json path)."""
+        target: StagedOutput, log: Callable[[str], None],
+        mlflow_uri: str | None = None) -> tuple[AuditResults, Path]:
+    """Data, classifier, attack, scores, then the files into ``target``, then (with ``mlflow_uri``) one
+    MLflow run of it all; (results, metrics.json path)."""
     train_size = min(args.train_size, 200) if args.smoke_test else args.train_size
     bundle = load_dataset(args.dataset, train_size, seed=args.data_seed, data_root=args.data_root,
                           download=args.download, test_size=500 if args.smoke_test else None, image_size=image_size)
     log(f"data: {bundle.name} T={len(bundle.train)} H'={len(bundle.heldout)} test={len(bundle.test)} "
         f"{bundle.image_shape} from {bundle.source}")
-    classifier, info = load_audited_classifier(args, bundle, device, log)
+    classifier, info = load_audited_classifier(args, bundle, device, log, mlflow_uri)
     log(describe_attack(cfg, device))
     res = run_audit(classifier, bundle, cfg, tau=args.tau, log=log)
     spec = classifier.spec() if hasattr(classifier, "spec") else None
-    return res, write_outputs(target, bundle, res, info, spec=spec)
+    path = write_outputs(target, bundle, res, info, spec=spec)
+    if mlflow_uri is not None:  # the first thing written to the store: after data, classifier and files
+        from tldr_core.platform.audit_tracking import log_audit
+
+        log_audit(mlflow_uri, path.parent, json.loads(path.read_text()), bundle, say=log)
+    return res, path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,16 +343,28 @@ def main(argv: list[str] | None = None) -> int:
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     try:
         cfg, image_size, device = check_args(args)  # all input checks happen before any work or output
+        mlflow_uri = mlflow_target(args)
         with StagedOutput(args.out, overwrite=args.overwrite, names=OUTPUT_NAMES) as target:
-            res, path = run(args, cfg, image_size, device, target, log)
+            res, path = run(args, cfg, image_size, device, target, log, mlflow_uri)
     except (ConfigError, DataError, DatasetNotFoundError, CheckpointError, NonFiniteLossError, OutputError,
             RuntimeError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return flags.print_error(exc)  # one line, credentials in URIs redacted
     for line in summary_lines(res, args.tau):
         log(line)
     log(f"wrote {path.parent}/ ({', '.join(output_files(res.attack.kind))})")
     return fail_on_status(res, args.fail_on)
+
+
+def mlflow_target(args: argparse.Namespace) -> str | None:
+    """The MLflow store this audit logs to (--tracking-uri, or the default store for a models:/ classifier),
+    checked now without creating anything; None when it is not logged."""
+    if args.tracking_uri is None and not (args.classifier or "").startswith("models:/"):
+        return None
+    from tldr_core.platform.audit_tracking import check_target, target_uri
+
+    uri = target_uri(args.tracking_uri, args.classifier)
+    check_target(uri, args.classifier)
+    return uri
 
 
 def fail_on_status(res: AuditResults, fail_on: str | None) -> int:

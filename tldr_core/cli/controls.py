@@ -37,6 +37,7 @@ from tldr_core.attack.templates import applies as templates_apply
 from tldr_core.attack.train import resolve_device
 from tldr_core.attack.zoo import CONTROLS, Control, control_bundles
 from tldr_core.paths import runs_dir
+from tldr_core.platform import cli_flags as flags
 from tldr_core.report.artifacts import write_artifacts
 from tldr_core.report.controls import render_controls
 from tldr_core.scoring.metrics import baseline_sets, score_baselines
@@ -176,23 +177,21 @@ def kkt_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tldr_core.cli.controls", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = flags.parser("python -m tldr_core.cli.controls", __doc__)  # shows every default
     p.add_argument("--controls", default=",".join(CONTROLS), help=f"comma list of {', '.join(CONTROLS)}")
     p.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma list of {', '.join(ATTACKS)}")
     p.add_argument("--dataset", default="mnist-bundled", help="data set the controls are built from")
-    p.add_argument("--data-root", default=None,
-                   help="folder holding the data set, or the .npz file for --dataset npz / cifar10 (as in the audit)")
+    flags.add_data_root(p)
     p.add_argument("--out", default=None, help="output folder (default runs/controls)")
     p.add_argument("--tldr-steps", type=int, default=AttackConfig.steps, help="generator steps (default 1200)")
     p.add_argument("--per-class", type=int, default=20, help="TLDR reconstructions per class (default 20)")
-    p.add_argument("--kkt-steps", type=int, default=KKTConfig.steps)
+    p.add_argument("--kkt-steps", type=int, default=KKTConfig.steps, help="KKT steps")
     p.add_argument("--kkt-per-class", type=int, default=None,
                    help="KKT candidates per class (default 2 x the training images per class)")
     p.add_argument("--kkt-set", action="append", default=[], metavar="NAME=VALUE",
-                   help=f"a KKT setting ({', '.join(KKTConfig.names())}); repeatable")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+                   help=f"a KKT setting ({', '.join(KKTConfig.names())}); repeatable (default: none, KKTConfig's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the attacks")
+    flags.add_device(p)
     p.add_argument("--smoke-test", action="store_true", help="shrunk controls on 8x8 digits, a few steps")
     return p
 

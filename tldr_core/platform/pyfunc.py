@@ -65,6 +65,9 @@ def pick_requested(labels: list[int], per_class: int, num_classes: int) -> list[
 class CheckpointPyfunc:
     """A loaded tldr checkpoint behind MLflow's pyfunc `predict`.
 
+    Logged models carry a signature (`signature_and_example`): a generator's input is a table with the
+    optional columns per_class, seed and label (a DataFrame, or a dict of scalars / equal-length lists).
+
     generator:  predict({"per_class": n, "seed": s}) -> images (n*K, C, H, W) float32 in [0, 1], n of
                 each of the K classes in class order: `generate(gen, n, seed=s)`. Both keys default
                 to the values the reconstructions were scored with (`scored_sample`).
@@ -121,6 +124,31 @@ class CheckpointPyfunc:
         if labels is not None:
             images = images[pick_requested(labels, per_class, self.model.num_classes)]
         return images.numpy()
+
+
+def signature_and_example(model: CheckpointPyfunc) -> tuple[Any, Any]:
+    """(ModelSignature, input example) of a loaded checkpoint, for the logged model.
+
+    generator:  columns per_class, seed, label (each optional: {} samples what was scored) ->
+                images float32 (-1, C, H, W); example {"per_class": 1, "seed": 0}
+    classifier: float32 images (-1, C, H, W) -> class probabilities (-1, K); example: one black image
+    """
+    import numpy as np
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    if model.kind == "generator":
+        shape = tuple(int(d) for d in model.model.image_shape)
+        inputs = Schema([ColSpec("long", "per_class", required=False), ColSpec("long", "seed", required=False),
+                         ColSpec("long", "label", required=False)])
+        outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *shape))])
+        return ModelSignature(inputs, outputs), pd.DataFrame({"per_class": [1], "seed": [0]})
+    spec = model.model.spec()
+    shape = tuple(int(d) for d in spec["in_shape"])
+    inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *shape))])
+    outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, int(spec["num_classes"])))])
+    return ModelSignature(inputs, outputs), np.zeros((1, *shape), dtype=np.float32)
 
 
 def _load_pyfunc(data_path: str) -> CheckpointPyfunc:

@@ -211,6 +211,11 @@ class Options:
     per_class: int | None = None
     seed: int = 0
     quiet: bool = False
+    address: str | None = None          # a Ray cluster (None: a local Ray), as tune/search.py --address
+    storage: str | None = None
+    max_concurrent: int | None = None
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
 
 
 def _set_tags(c, mv: Candidate, tags: dict[str, Any]) -> None:
@@ -237,7 +242,9 @@ def search_settings(cand: Candidate, opts: Options, space_file: Path):
     return make_settings(cand.dataset, classifier=cand.uri, space=space_file, tracking_uri=opts.tracking_uri,
                          seed=opts.seed, train_size=train_size, trials=opts.trials, steps=opts.steps,
                          per_class=opts.per_class, data_root=opts.data_root, download=opts.download,
-                         smoke_test=opts.smoke_test)
+                         smoke_test=opts.smoke_test, local=opts.address is None, storage=opts.storage,
+                         max_concurrent=opts.max_concurrent, cpus_per_trial=opts.cpus_per_trial,
+                         gpus_per_trial=opts.gpus_per_trial)
 
 
 def run_search(cand: Candidate, opts: Options, space_file: Path,
@@ -247,7 +254,7 @@ def run_search(cand: Candidate, opts: Options, space_file: Path,
     from tldr_core.platform.search import run
 
     try:
-        return run(search_settings(cand, opts, space_file), say), None
+        return run(search_settings(cand, opts, space_file), say, address=opts.address), None
     except Exception as exc:  # noqa: BLE001 - any failure of one audit is recorded, the others still run
         return getattr(exc, "search_run_id", None), f"search failed: {type(exc).__name__}: {one_line(exc)}"
 
@@ -263,7 +270,7 @@ def audit_results(c, search_run_id: str) -> dict[str, Any]:
     best = best_trial(summarize_trials(c, parent.info.experiment_id, search_run_id, objective))
     if best is None:
         raise ReauditError(f"search run {search_run_id}: no trial finished")
-    m = tr.retry(lambda: c.get_run(best.run_id)).data.metrics
+    m = tr.scores_of(tr.retry(lambda: c.get_run(best.run_id)).data.metrics)
     mlflow.set_tracking_uri(c.tracking_uri)
     baselines = mlflow.artifacts.load_dict(f"{parent.info.artifact_uri}/summary/baselines.json")
     missing = [k for k in ("quality", "gap", "gap_ci_low", "gap_ci_high", "gap_significant", "coverage") if k not in m]
@@ -282,6 +289,25 @@ def audit_results(c, search_run_id: str) -> dict[str, Any]:
     if t.get("tldr.promotion"):
         out["audit.promotion"] = t["tldr.promotion"][:480]
     return out
+
+
+def record_search_audit(c, search_run_id: str, name: str, version: str) -> dict[str, Any] | None:
+    """Write a finished search's result onto the classifier version it attacked (audit.status=done,
+    audit.time, the scores and risk of `audit_results`), so a search counts as that version's audit
+    (`re-audit --dry-run` no longer lists it). Never fails the search: returns None when it could not."""
+    try:
+        results = audit_results(c, search_run_id)
+        set_audit_tags(c, Candidate(name, str(version), "", "search"), results)
+        return results
+    except Exception:  # noqa: BLE001 - the search itself succeeded; the next re-audit will redo this
+        return None
+
+
+def set_audit_tags(c, cand: Candidate, results: dict[str, Any]) -> None:
+    """A finished audit's `audit.*` results on a classifier version: status done, the time, no stale
+    result, error or re-audit request left over."""
+    _delete_tags(c, cand, [k for k in RESULT_TAGS if k not in results] + [ERROR, REQUEST_TAG])
+    _set_tags(c, cand, {**results, TIME: now_iso(), STATUS: "done"})
 
 
 def _echo(say: Callable[[str], None], quiet: bool) -> Callable[[str], None]:

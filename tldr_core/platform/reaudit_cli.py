@@ -23,17 +23,16 @@ import sys
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from tldr_core.attack.config import ConfigError  # noqa: E402
+from tldr_core.platform import cli_flags as flags  # noqa: E402
 from tldr_core.platform import reaudit as ra  # noqa: E402
 from tldr_core.platform import tracking as tr  # noqa: E402
+from tldr_core.platform.search_settings import SearchError  # noqa: E402
 from tldr_core.platform.uris import UriError, normalize_tracking_uri  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python tune/reaudit.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI, e.g. http://127.0.0.1:5000 (default: $MLFLOW_TRACKING_URI, else "
-                        "sqlite:///<runs folder>/mlflow.db, like tune/search.py)")
+    p = flags.parser("python tune/reaudit.py", __doc__)
+    flags.add_tracking_uri(p)
     p.add_argument("--max-age-days", type=float, default=30.0,
                    help="re-audit versions whose last audit is older than this many days (default 30)")
     p.add_argument("--dry-run", action="store_true", help="list what would be audited and why; change nothing")
@@ -47,9 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke-test", action="store_true", help="tiny audit searches (tune/search.py --smoke-test)")
     p.add_argument("--space", default=None, help="search-space YAML (default tune/space.yaml)")
     p.add_argument("--seed", type=int, default=0, help="seed of each audit search (default 0)")
-    p.add_argument("--data-root", default=None, help="folder holding the data sets (passed to the search)")
+    flags.add_data_root(p)
     p.add_argument("--download", action="store_true", help="let torchvision download a missing data set")
     p.add_argument("--quiet", action="store_true", help="do not echo the searches' output")
+    flags.add_ray_flags(p.add_argument_group("where each audit's search runs (Ray), as tune/search.py"))
     return p
 
 
@@ -59,6 +59,11 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ra.ReauditError(f"{name} must be >= {lo}, got {v}")
     if args.max_age_days < 0:
         raise ra.ReauditError(f"--max-age-days must be >= 0, got {args.max_age_days}")
+    if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0:
+        raise ra.ReauditError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+    from tldr_core.platform.search_ray import check_ray_address
+
+    check_ray_address(args.address)  # SearchError now, not after the first version was marked running
     if args.space:
         from tldr_core.platform.search_space import load_space
 
@@ -68,7 +73,9 @@ def _check_args(args: argparse.Namespace) -> None:
 def _audit_all(c, todo: list, args: argparse.Namespace, uri: str, say) -> int:
     opts = ra.Options(tracking_uri=uri, trials=args.trials, steps=args.steps, smoke_test=args.smoke_test,
                       data_root=args.data_root, download=args.download, space=args.space,
-                      per_class=args.per_class, seed=args.seed, quiet=args.quiet)
+                      per_class=args.per_class, seed=args.seed, quiet=args.quiet, address=args.address,
+                      storage=args.storage, max_concurrent=args.max_concurrent,
+                      cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial)
     results: dict[str, str] = {}
     for cand in todo:
         say(f"auditing {cand.uri} ({cand.reason})")
@@ -94,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - e.g. a database URI that is not an MLflow store
             raise tr.TrackingError(f"cannot list registered models in {uri}: {ra.one_line(exc, 300)}") from None
         scope = f"tldr-classifier-{args.dataset}" if args.dataset else "tldr-classifier-*"
-        say(f"re-audit of {scope} in {uri}: {len(todo)} version(s) to audit, {len(done)} up to date "
+        say(f"re-audit of {scope} in {tr.redact(uri)}: {len(todo)} version(s) to audit, {len(done)} up to date "
             f"(max age {args.max_age_days:g} days)")
         for cand in todo:
             say(f"  {'would audit' if args.dry_run else 'to audit'} {cand.uri}: {cand.reason}")
@@ -103,9 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: the version being audited stays audit.status=running and is audited next time",
               file=sys.stderr)
         return 130
-    except (ra.ReauditError, ConfigError, tr.TrackingError, UriError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (ra.ReauditError, ConfigError, tr.TrackingError, UriError, SearchError) as exc:
+        return flags.print_error(exc)
 
 
 if __name__ == "__main__":

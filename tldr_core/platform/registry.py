@@ -66,21 +66,47 @@ def sha256_file(path: str | Path) -> str:
 
 
 def pip_requirements() -> list[str]:
+    """What loading a logged model needs besides its own code (logged with it, `code_paths`): the
+    versions running here, so a fresh environment built from requirements.txt matches."""
+    import mlflow
+    import numpy
     import torch
+    import yaml
 
-    return [f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas", "mlflow",
-            "# plus this repository's tldr_core package (pip install -e .)"]
+    return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
+            f"numpy=={numpy.__version__}", f"pyyaml=={yaml.__version__}"]
+
+
+def package_dir() -> str:
+    """The imported tldr_core package folder: logged beside every model (`code_paths`), so
+    `mlflow.pyfunc.load_model` imports the loader from the model itself, not from an installed copy."""
+    import tldr_core
+
+    return str(Path(list(tldr_core.__path__)[0]).resolve())
 
 
 def log_checkpoint_model(c, run_id: str, checkpoint: str | Path, name: str) -> Any:
-    """Log a tldr checkpoint as a pyfunc model in `run_id` (under `name`); returns MLflow's ModelInfo."""
+    """Log a tldr checkpoint as a pyfunc model of `run_id` (under `name`), with a signature, an input
+    example, the tldr_core code and pinned requirements; returns MLflow's ModelInfo.
+
+    The logged model is created in the run's own experiment (`initialize_logged_model`), whether or not
+    the run is MLflow's active run (without this, MLflow 3 puts it in experiment 0)."""
     import mlflow
     from mlflow.models import Model
 
+    from tldr_core.platform.pyfunc import CheckpointPyfunc, signature_and_example
+
     mlflow.set_tracking_uri(c.tracking_uri)
+    run = tr.retry(lambda: c.get_run(run_id))
+    signature, example = signature_and_example(CheckpointPyfunc(checkpoint))
+    logged = tr.retry(lambda: mlflow.initialize_logged_model(
+        name=name, source_run_id=run_id, experiment_id=run.info.experiment_id,
+        params={k: v[:6000] for k, v in run.data.params.items()}))
     return tr.retry(lambda: Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id,
-                                      loader_module=LOADER_MODULE, data_path=str(checkpoint),
-                                      pip_requirements=pip_requirements()), what="log model")
+                                      model_id=logged.model_id, loader_module=LOADER_MODULE,
+                                      data_path=str(checkpoint), code_paths=[package_dir()],
+                                      pip_requirements=pip_requirements(), signature=signature,
+                                      input_example=example), what="log model")
 
 
 def _ensure_registered_model(c, name: str, description: str) -> None:
@@ -319,31 +345,40 @@ def _show(c, dataset: str) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tldr_core.platform.registry", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or None,
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the sqlite file in runs/)")
+def build_parser() -> argparse.ArgumentParser:
+    """`promote` and `show`; --tracking-uri before or after the subcommand."""
+    from tldr_core.platform import cli_flags as flags
+
+    p = flags.parser("python -m tldr_core.platform.registry", __doc__)
+    flags.add_tracking_uri(p)
     sub = p.add_subparsers(dest="cmd", required=True)
-    pr = sub.add_parser("promote", help="register a search's best generator; alias champion if it beats the champion")
+    pr = sub.add_parser("promote", help="register a search's best generator; alias champion if it beats the champion",
+                        formatter_class=flags.HelpFormatter)
     pr.add_argument("--search-run", required=True, help="run id of the search (parent) run")
-    sh = sub.add_parser("show", help="list registered classifier/generator versions of a data set")
+    sh = sub.add_parser("show", help="list registered classifier/generator versions of a data set",
+                        formatter_class=flags.HelpFormatter)
     sh.add_argument("--dataset", required=True)
-    args = p.parse_args(argv)
+    for sp in (pr, sh):  # also accepted after the subcommand (`show --tracking-uri X`); SUPPRESS keeps one given before
+        flags.add_tracking_uri(sp, default=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tldr_core.platform import cli_flags as flags
+
+    args = build_parser().parse_args(argv)
     try:
-        uri = normalize_tracking_uri(args.tracking_uri)  # postgresql:// -> an installed driver
+        uri = normalize_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
         tr.check_tracking_uri(uri)
         c = tr.client(uri)
         if args.cmd == "show":
             return _show(c, args.dataset)
         res = promote(c, args.search_run)
     except (RegistryError, tr.TrackingError, PromotionLockError, UriError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return flags.print_error(exc)
     except Exception as exc:  # noqa: BLE001 - MlflowException for an unknown run id etc.
         if type(exc).__name__ == "MlflowException":
-            print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
-            return 2
+            return flags.print_error(exc)
         raise
     if res.version:
         print(f"{res.name} version {res.version}: {'champion' if res.promoted else 'not promoted'}")

@@ -24,8 +24,8 @@ from tldr_core.platform.search_run import SearchRun, find_resume_run, load_setti
 from tldr_core.platform.search_ray import build_tuner, check_ray_address, start_ray, stop_ray
 from tldr_core.platform.search_settings import (OBJECTIVES, SMOKE, SearchError, SearchSettings,  # noqa: F401
                                                 log_every_for, make_settings)
-from tldr_core.platform.search_summary import write_summary
-from tldr_core.platform.trial_runs import close_open_trial_runs
+from tldr_core.platform.search_summary import MIN_IMPORTANCE_TRIALS, write_summary
+from tldr_core.platform.trial_runs import close_open_trial_runs, ended_trials
 
 Say = Callable[[str], None]
 
@@ -39,8 +39,10 @@ class SearchInterrupted(KeyboardInterrupt):
 
 
 def resume_command(st: SearchSettings, run_id: str) -> str:
-    extra = "" if st.tracking_uri == tr.default_tracking_uri() else f" --tracking-uri {st.tracking_uri}"
-    return f"python tune/search.py --resume {run_id}{extra}"
+    extra = "" if st.tracking_uri == tr.default_tracking_uri() else f" --tracking-uri {tr.redact(st.tracking_uri)}"
+    from tldr_core.platform.cli_flags import command_name
+
+    return f"{command_name('python tune/search.py')} --resume {run_id}{extra}"
 
 
 def _resumed(st: SearchSettings, which: str, say: Say):
@@ -58,12 +60,13 @@ def _check(st: SearchSettings, address: str | None, say: Say) -> None:
     tr.check_tracking_uri(st.tracking_uri)
     check_ray_address(address)
     if address not in (None, "auto") and tr.is_local_store(st.tracking_uri):
-        say(f"warning: trials on the cluster at {address} write to {st.tracking_uri}, a file on this "
+        say(f"warning: trials on the cluster at {address} write to {tr.redact(st.tracking_uri)}, a file on this "
             "machine; unless the cluster shares it, pass --tracking-uri http://<mlflow-server>:5000")
 
 
-def _fit(st: SearchSettings, search: SearchRun, address: str | None, resume: bool, say: Say):
-    """Start Ray, run (or continue) the Tuner; returns the Ray Tune statuses of the trials."""
+def _fit(st: SearchSettings, search: SearchRun, address: str | None, resume: bool, say: Say) -> list:
+    """Start Ray, run (or continue) the Tuner; returns Ray Tune's trials (after an interruption Ray
+    marks its stopped trials TERMINATED too: how each trial ended is read from MLflow instead)."""
     space, inputs = search.space, search.trial_inputs()
     search.ray_temp = start_ray(st, address, say)
     say(f"space ({Path(st.space_source).name}): {space.describe()}")
@@ -71,17 +74,21 @@ def _fit(st: SearchSettings, search: SearchRun, address: str | None, resume: boo
     # Ray logs each failed trial's traceback at ERROR; the callback prints one line and MLflow holds the rest
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     results = tuner.fit()
-    return [t.status for t in getattr(results, "_experiment_analysis").trials]
+    return list(getattr(results, "_experiment_analysis").trials)
 
 
-def _interrupted(st: SearchSettings, search: SearchRun, done: int, say: Say) -> SearchInterrupted:
-    closed = close_open_trial_runs(search.c, search.experiment_id, search.run_id, "KILLED", "interrupted",
-                                   "search interrupted; the trial restarts on --resume")
+def _interrupted(st: SearchSettings, search: SearchRun, trials: list, say: Say) -> SearchInterrupted:
+    """Close every trial that has not ended (KILLED, tldr.end=interrupted; a run for those that never
+    opened one), tag the search, say how far it got (trials that really ended) and how to continue."""
+    from tldr_core.platform.trial_status import close_interrupted
+
+    closed = close_interrupted(search.c, search.experiment_id, search.run_id, trials, search.run_tags)
+    done = len(ended_trials(search.c, search.experiment_id, search.run_id))
     tr.set_tags(search.c, search.run_id, {tr.STATE: "interrupted"})
     write_summary(search.c, search.experiment_id, search.run_id, st.objective, search.space,
                   tr.runs_dir() / "tmp" / st.search_name)
     say(f"\ninterrupted after {search.elapsed()}: {done} of {st.trials} trials done "
-        f"({len(closed)} running trial(s) marked KILLED).")
+        f"({len(closed)} trial(s) marked KILLED, interrupted).")
     say(f"continue with:  {resume_command(st, search.run_id)}")
     return SearchInterrupted(search.run_id, f"search {search.run_id} interrupted")
 
@@ -90,11 +97,15 @@ def _finish(st: SearchSettings, search: SearchRun, report: Say) -> None:
     """Close early-stopped trials, write the summary, promote the best generator, print the summary."""
     from tldr_core.platform.registry import promote
 
-    close_open_trial_runs(search.c, search.experiment_id, search.run_id, "KILLED", "early-stopped")
+    from tldr_core.platform.reaudit import record_search_audit
+
+    close_open_trial_runs(search.c, search.experiment_id, search.run_id, "FINISHED", "early-stopped")
     summary = write_summary(search.c, search.experiment_id, search.run_id, st.objective, search.space,
                             tr.runs_dir() / "tmp" / st.search_name)
     promo = promote(search.c, search.run_id, log=None)
     tr.set_tags(search.c, search.run_id, {tr.STATE: "finished"})
+    if summary.get("best"):  # the classifier version now has an audit: re-audit --dry-run says so
+        record_search_audit(search.c, search.run_id, search.clf_ref.name, search.clf_ref.version)
     for line in summary_lines(st, search, summary, promo.reason):
         report(line)
 
@@ -128,11 +139,10 @@ def run(settings: SearchSettings, say: Say = print, *, address: str | None = Non
     status = "FAILED"
     try:
         search.prepare()
-        statuses = _fit(st, search, address, resume_run is not None, say)
-        done = sum(s in ("TERMINATED", "ERROR") for s in statuses)
-        if len(statuses) < st.trials or done < len(statuses):
+        trials = _fit(st, search, address, resume_run is not None, say)
+        if len(ended_trials(search.c, search.experiment_id, search.run_id)) < st.trials:
             status = "KILLED"
-            raise _interrupted(st, search, done, say)
+            raise _interrupted(st, search, trials, say)
         _finish(st, search, report or say)
         status = "FINISHED"
         return search.run_id
@@ -164,7 +174,7 @@ def summary_lines(st: SearchSettings, search: SearchRun, summary: dict[str, Any]
 
     o, b = st.objective, search.baselines
     lines = [f"\nsearch {st.search_name} done in {search.elapsed()}: {summary['finished']} finished, "
-             f"{summary['early_stopped']} stopped early by ASHA, {summary['failed']} failed (of {summary['trials']})"]
+             f"{summary['early_stopped']} stopped early by ASHA, {summary['failed']} failed (of {st.trials})"]
     best = summary.get("best")
     if best:
         la = best.get("label_agreement")
@@ -177,19 +187,22 @@ def summary_lines(st: SearchSettings, search: SearchRun, summary: dict[str, Any]
     if summary.get("importances"):
         top = sorted(summary["importances"].items(), key=lambda kv: -kv[1])[:5]
         lines.append("most important parameters: " + ", ".join(f"{k} {v:.2f}" for k, v in top))
+    elif summary.get("importance_trials", 0) < MIN_IMPORTANCE_TRIALS:
+        lines.append(f"parameter importances: not computed ({summary.get('importance_trials', 0)} trials with a "
+                     f"value; they need at least {MIN_IMPORTANCE_TRIALS})")
     return lines + [f"registry: {promotion}"] + _where_lines(st, search.experiment_id, search.run_id)
 
 
 def _where_lines(st: SearchSettings, experiment_id: str, run_id: str) -> list[str]:
     lines = [f"\nresults: MLflow experiment {st.experiment!r} (id {experiment_id}), search run {run_id}",
-             f"         tracking {st.tracking_uri}",
+             f"         tracking {tr.redact(st.tracking_uri)}",
              f"         Ray Tune state {st.storage.rstrip('/')}/{st.search_name}"]
     if st.tracking_uri.startswith("sqlite:"):
         db = st.tracking_uri[len("sqlite:///"):]
         cmd = "make ui" if st.tracking_uri == tr.default_tracking_uri() else f"python mlflow/serve.py --db {db}"
         lines.append(f"open the UI:  {cmd}   then  http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}")
     else:
-        lines.append(f"open the UI:  {st.tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}")
+        lines.append(f"open the UI:  {tr.redact(st.tracking_uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}")
     return lines
 
 

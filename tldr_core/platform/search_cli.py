@@ -30,6 +30,7 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 
 from tldr_core.attack.config import ConfigError  # noqa: E402
 from tldr_core.attack.data import DATASETS  # noqa: E402
+from tldr_core.platform import cli_flags as flags  # noqa: E402
 from tldr_core.platform import tracking as tr  # noqa: E402 - light imports only until the checks pass
 from tldr_core.platform.search_settings import (ATTACKS, DEFAULT_OBJECTIVE, DEFAULT_STEPS,  # noqa: E402
                                                 OBJECTIVE_CHOICES, SMOKE, SearchError, SearchSettings, make_settings)
@@ -44,13 +45,9 @@ def _data_options(p: argparse.ArgumentParser) -> None:
                    help=f"data set: {', '.join(DATASETS)} (default mnist-bundled, embedded)")
     d.add_argument("--train-size", type=int, default=None,
                    help="classifier training-set size T (default 1000; 200 with --smoke-test)")
-    d.add_argument("--data-root", default=None,
-                   help="folder holding the data set (torchvision layout or image folder), or the .npz file for --dataset npz / cifar10; passed to load_dataset")
+    flags.add_data_root(d)
     d.add_argument("--download", action="store_true", help="let torchvision download the data set if it is missing")
-    d.add_argument("--classifier", default=None,
-                   help="the classifier to audit: a tldr checkpoint file, or a registry URI such as "
-                        "models:/tldr-classifier-mnist-bundled@champion or models:/NAME/VERSION "
-                        "(default: train it once, or reuse the cached one, like python -m tldr_core.cli.audit)")
+    flags.add_classifier(d, "train it once, or reuse the cached one, like the audit")
 
 
 def _search_options(p: argparse.ArgumentParser) -> None:
@@ -88,22 +85,9 @@ def _search_options(p: argparse.ArgumentParser) -> None:
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:
-    r = p.add_argument_group("resources (Ray)")
-    r.add_argument("--address", default=None,
-                   help="a running Ray cluster (host:port, ray://host:port or auto); default: start a local Ray "
-                        "with this machine's cores")
-    r.add_argument("--max-concurrent", type=int, default=None,
-                   help="trials running at once (default: as many as the resources allow locally, 8 on a cluster)")
-    r.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (default 1)")
-    r.add_argument("--gpus-per-trial", type=float, default=0.0,
-                   help="GPUs per trial, fractional allowed (0.25 packs four trials on a GPU; default 0)")
+    flags.add_ray_flags(p.add_argument_group("resources and state (Ray)"))
     o = p.add_argument_group("results")
-    o.add_argument("--storage", default=None,
-                   help="where Ray Tune keeps the search state: a local folder or s3://bucket/prefix "
-                        "(default runs/tune under the runs folder: $TLDR_RUNS, else ./runs)")
-    o.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI, e.g. http://127.0.0.1:5000 (default: $MLFLOW_TRACKING_URI, else "
-                        "sqlite:///<runs folder>/mlflow.db)")
+    flags.add_tracking_uri(o)
     o.add_argument("--experiment", default=None, help="MLflow experiment name (default tldr-<dataset>)")
     o.add_argument("--resume", nargs="?", const="latest", default=None, metavar="SEARCH_RUN_ID",
                    help="continue an interrupted search (default: the latest unfinished one of the experiment); "
@@ -112,8 +96,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python tune/search.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = flags.parser("python tune/search.py", __doc__)
     _data_options(p)
     _search_options(p)
     _run_options(p)
@@ -148,15 +131,13 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted", file=sys.stderr)
         run_id = getattr(exc, "search_run_id", None)
         if run_id:
-            print(f"continue with:  python tune/search.py --resume {run_id}", file=sys.stderr)
+            print(f"continue with:  {flags.command_name('python tune/search.py')} --resume {run_id}", file=sys.stderr)
         return 130
     except (SearchError, ConfigError, tr.TrackingError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return flags.print_error(exc)
     except Exception as exc:  # noqa: BLE001 - data/registry/checkpoint errors: one line, not a traceback
         if type(exc).__name__ in ONE_LINE_ERRORS:
-            print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
-            return 2
+            return flags.print_error(exc)
         raise
 
 

@@ -108,7 +108,8 @@ def build_tuner(st: SearchSettings, inputs: Any, space: Any, experiment_id: str,
 
     import optuna
 
-    from tldr_core.platform.tuning import MlflowTrialStatus, run_trial
+    from tldr_core.platform.trial_status import MlflowTrialStatus
+    from tldr_core.platform.tuning import run_trial
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     trainable = tune.with_resources(tune.with_parameters(run_trial, inputs=inputs),
@@ -123,7 +124,8 @@ def build_tuner(st: SearchSettings, inputs: Any, space: Any, experiment_id: str,
     searcher = ConcurrencyLimiter(searcher, max_concurrent=st.max_concurrent)
     scheduler = (FIFOScheduler() if st.scheduler == "fifo" else
                  ASHAScheduler(time_attr="step", max_t=st.steps, grace_period=st.eval_every, reduction_factor=2))
-    callback = MlflowTrialStatus(st.tracking_uri, experiment_id, search_run_id, st.objective, st.trials, printer=say)
+    callback = MlflowTrialStatus(st.tracking_uri, experiment_id, search_run_id, st.objective, st.trials, printer=say,
+                                 run_tags=inputs.run_tags)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=st.trials,

@@ -1,6 +1,10 @@
 """One search's driver state in MLflow: the experiment, the parent (search) run, the data, the audited
 classifier (registered once), the baselines, and what every trial shares (`TrialInputs`).
-Also finding an unfinished search to resume and reading back its stored settings."""
+Also finding an unfinished search to resume and reading back its stored settings.
+
+The data and the classifier are loaded and checked before anything is created in the tracking store
+(database, experiment, run). The parent run carries what is the same for every trial, once: the
+baselines (`baseline/<set>/<score>`), the classifier's test accuracy, the data sets (T, H', test)."""
 from __future__ import annotations
 
 import os
@@ -44,6 +48,17 @@ def load_settings(c, run) -> SearchSettings:
     return SearchSettings(**mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/search/settings.json"))
 
 
+def source_name() -> str:
+    """What started this search, for the runs' mlflow.source.name: the command as typed (`tldr search`,
+    `tune/search.py`, `tune/reaudit.py`), else the program's name."""
+    import sys
+
+    from tldr_core.platform.cli_flags import invoked_as
+
+    prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return invoked_as or {"search.py": "tune/search.py", "reaudit.py": "tune/reaudit.py"}.get(prog, prog or "tldr")
+
+
 class SearchRun:
     """The driver's side of one search; `prepare()` does everything before Ray starts."""
 
@@ -53,26 +68,39 @@ class SearchRun:
         self.st, self.say, self.resume_run = st, say, resume_run
         self.space = space_from_dict(st.space, st.space_source, st.attack)
         self.t0 = time.time()
-        self.c = tr.client(st.tracking_uri)
+        self._c = None
         self.experiment_id: str | None = None
         self.run_id: str | None = resume_run.info.run_id if resume_run else None
         self.bundle = self.model = self.clf_ref = None
         self.baselines: dict[str, dict[str, float]] = {}
+        self.run_tags: dict[str, str] = {}   # mlflow.user, mlflow.source.*: the driver's, for every run
+        self.datasets: list[Any] = []
         self.ray_temp: Path | None = None  # a short Ray temp folder outside the runs folder, removed at the end
+
+    @property
+    def c(self):
+        """The tracking client, made on first use: loading the data and the classifier creates nothing."""
+        if self._c is None:
+            self._c = tr.client(self.st.tracking_uri)
+        return self._c
 
     def elapsed(self) -> str:
         return f"{time.time() - self.t0:.0f}s"
 
     def prepare(self) -> None:
+        """Data and classifier first (their errors leave the tracking store untouched), then the
+        experiment, the parent run, the registered classifier and the baselines."""
         st = self.st
-        self.experiment_id = tr.ensure_experiment(self.c, st.experiment, tr.runs_dir() / "mlartifacts")
         self.say(f"search {st.search_name}: {st.trials} {st.attack} trials x {st.steps} steps on {st.dataset}, "
-                 f"objective {st.objective}; MLflow experiment {st.experiment!r} in {st.tracking_uri}")
+                 f"objective {st.objective}; MLflow experiment {st.experiment!r} in {tr.redact(st.tracking_uri)}")
         self.bundle = self._load_data()
         model, meta, path, clf_ref = self._load_classifier(self.bundle)
         self._fit_space(model)
         if self.resume_run is not None and clf_ref is None:
             clf_ref = self._resumed_classifier(path, meta)
+        self.experiment_id = tr.ensure_experiment(self.c, st.experiment, tr.runs_dir() / "mlartifacts")
+        self.run_tags = tr.context_tags(source_name())
+        self.datasets = tr.dataset_inputs(self.bundle)
         self._open_parent_run()
         self.model, self.clf_ref = model, self._register_classifier(meta, path, clf_ref)
         self.baselines = self._score_baselines(self.bundle, model)
@@ -85,7 +113,8 @@ class SearchRun:
                            classifier_state={k: v.detach().cpu() for k, v in m.state_dict().items()},
                            bundle=self.bundle, baselines=self.baselines, experiment_id=self.experiment_id,
                            search_run_id=self.run_id,
-                           classifier_ref={"uri": ref.uri, "name": ref.name, "version": ref.version})
+                           classifier_ref={"uri": ref.uri, "name": ref.name, "version": ref.version},
+                           run_tags=self.run_tags, datasets=self.datasets)
 
     def end(self, status: str) -> None:
         """End the parent run with `status` (best effort: the search's own error matters more)."""
@@ -117,6 +146,10 @@ class SearchRun:
         if st.classifier and st.classifier.startswith("models:/"):
             from tldr_core.platform.registry import load_registered_classifier
 
+            db = tr.sqlite_path(st.tracking_uri)
+            if db is not None and not db.exists():
+                raise SearchError(f"--classifier {st.classifier}: the tracking store {db} does not exist, so it "
+                                  "holds no registered model (pass the --tracking-uri that registered it)")
             model, meta, clf_ref, path = load_registered_classifier(self.c, st.classifier)
             self.say(f"classifier: {clf_ref.uri} from the registry ({path.name}, weights only)")
         elif st.classifier:
@@ -170,14 +203,18 @@ class SearchRun:
             tr.retry(lambda: self.c.update_run(self.run_id, status="RUNNING"))
             tr.set_tags(self.c, self.run_id, {tr.STATE: "running", "tldr.resumed": time.strftime("%Y-%m-%dT%H:%M:%S")})
             return
-        tags = {tr.ROLE: "search", tr.OBJECTIVE: st.objective, "tldr.dataset": st.dataset, tr.STATE: "running",
+        tags = {**self.run_tags, tr.ROLE: "search", tr.OBJECTIVE: st.objective, "tldr.dataset": st.dataset, tr.STATE: "running",
                 tr.ATTACK: st.attack,
                 "tldr.tune_path": f"{st.storage.rstrip('/')}/{st.search_name}", "tldr.search_name": st.search_name,
                 "mlflow.note.content": f"Search over {st.trials} trials maximising {st.objective}; see summary/."}
         run = tr.retry(lambda: self.c.create_run(self.experiment_id, tags=tags, run_name=st.search_name))
         self.run_id = run.info.run_id
         tr.log_params(self.c, self.run_id, {k: v for k, v in asdict(st).items() if k != "space"})
-        tr.retry(lambda: self.c.log_dict(self.run_id, asdict(st), "search/settings.json"))
+        # credentials stay out of the stored settings: --resume takes the tracking URI of its own command
+        stored = {k: tr.redact(v) if isinstance(v, str) else v for k, v in asdict(st).items()}
+        tr.retry(lambda: self.c.log_dict(self.run_id, stored, "search/settings.json"))
+        if self.datasets:
+            tr.retry(lambda: self.c.log_inputs(self.run_id, datasets=self.datasets))
         tr.retry(lambda: self.c.log_dict(self.run_id, st.space, "search/space.yaml"))
 
     def _register_classifier(self, meta: dict[str, Any], path: Path, clf_ref):
@@ -190,7 +227,7 @@ class SearchRun:
         tr.set_tags(self.c, self.run_id, {"tldr.classifier_name": clf_ref.name,
                                           "tldr.classifier_version": clf_ref.version,
                                           "tldr.classifier_sha256": clf_ref.sha256})
-        tr.log_metrics(self.c, self.run_id, {"classifier_test_accuracy": meta["test_accuracy"]}, 0)
+        tr.log_metrics(self.c, self.run_id, {"classifier/test_accuracy": meta["test_accuracy"]}, 0)
         return clf_ref
 
     def _score_baselines(self, bundle, model) -> dict[str, dict[str, float]]:

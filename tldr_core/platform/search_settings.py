@@ -6,6 +6,7 @@ Messages name the command-line flag of a field (`--trials must be >= 1`): the fi
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,12 @@ def _storage(storage: str | None) -> str:
     return storage if "://" in storage else str(Path(storage).resolve())
 
 
+def search_name() -> str:
+    """search-<date>-<time>-<6 random hex digits>: two searches started in the same second get their own
+    Ray Tune folder (and tuner.pkl) under --storage."""
+    return f"search-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
 def make_settings(dataset: str = "mnist-bundled", *, train_size: int | None = None, data_root: str | None = None,
                   download: bool = False, classifier: str | None = None, trials: int | None = None,
                   steps: int | None = None, per_class: int | None = None, objective: str = DEFAULT_OBJECTIVE,
@@ -168,6 +175,6 @@ def make_settings(dataset: str = "mnist-bundled", *, train_size: int | None = No
         log_every=log_every_for(eval_every), per_class=per_class, eval_per_class=max(1, min(per_class, 10)),
         tau=tau, objective=OBJECTIVE_ALIASES.get(objective, objective), seed=seed, experiment=experiment or f"tldr-{dataset}",
         tracking_uri=tr.normalize_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")),
-        storage=_storage(storage), search_name=f"search-{time.strftime('%Y%m%d-%H%M%S')}",
+        storage=_storage(storage), search_name=search_name(),
         classifier=classifier, classifier_epochs=base["classifier_epochs"], space=loaded.as_dict(),
         space_source=str(space_path.resolve()), smoke_test=smoke_test, scheduler=scheduler, attack=attack)

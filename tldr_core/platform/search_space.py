@@ -153,8 +153,9 @@ class SearchSpace:
     def importance_features(self, flat: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """(values, distributions) describing one trial for parameter importances.
 
-        Every searched weight becomes `log10_<name>`; a switched-off term is placed one decade below its
-        range, so on/off and magnitude are one feature and all nine weights appear in every trial.
+        Every searched weight is one feature named like its parameter (`var`), valued on a log10 scale;
+        a switched-off term is placed one decade below its range, so on/off and magnitude are one
+        feature and all nine weights appear in every trial.
         Conditional params are included only where they applied.
         """
         import optuna.distributions as od
@@ -168,7 +169,7 @@ class SearchSpace:
             lo, hi = math.log10(spec.low), math.log10(spec.high)
             floor = lo - 1 if spec.off else lo
             w = float(flat.get(name, 0.0))
-            key = f"log10_{name}"
+            key = name  # the parameter's own name (log10 scale), as the summary shows it
             values[key] = min(max(math.log10(w), floor), hi) if w > 0 else floor
             dists[key] = od.FloatDistribution(floor, hi)
         for name, spec in self.params.items():

@@ -1,5 +1,7 @@
 """The summary a search writes on its parent run: the best trial, the objective-versus-trial plot,
-Optuna parameter importances (rebuilt from the MLflow trial runs) and a table of every trial."""
+Optuna parameter importances (rebuilt from the MLflow trial runs, only once MIN_IMPORTANCE_TRIALS
+trials have a value: fANOVA over fewer is noise) and a table of every trial. Metric names:
+`trials/<state>`, `best/<objective>`, `best/label_agreement`."""
 from __future__ import annotations
 
 import json
@@ -7,8 +9,11 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from tldr_core.platform.tracking import log_metrics, retry, set_tags
+from tldr_core.platform.tracking import log_metrics, objective_name, retry, set_tags
 from tldr_core.platform.trial_runs import TrialSummary, best_trial, summarize_trials
+
+#: Importances need at least this many trials with an objective value (finished or stopped early).
+MIN_IMPORTANCE_TRIALS = 8
 
 
 def plot_objective(trials: Sequence[TrialSummary], objective: str, path: Path) -> Path:
@@ -70,7 +75,7 @@ def param_importances(trials: Sequence[TrialSummary], space, objective: str) -> 
                 flat[k] = v
         values, dists = space.importance_features(flat)
         rows.append((values, dists, t.value))
-    if len(rows) < 2:
+    if len(rows) < max(2, MIN_IMPORTANCE_TRIALS):
         return {}
     common = set.intersection(*(set(v) for v, _d, _y in rows))
     varying = [k for k in sorted(common) if len({repr(v[k]) for v, _d, _y in rows}) > 1]
@@ -99,7 +104,8 @@ def plot_importances(imp: Mapping[str, float], objective: str, n_trials: int, pa
     fig, ax = plt.subplots(figsize=(6, 0.3 * max(len(items), 3) + 1))
     ax.barh([k for k, _ in items], [v for _, v in items], color="tab:blue")
     ax.set_xlabel(f"importance for {objective} (fANOVA, {n_trials} trials)")
-    ax.set_title("Optuna parameter importances (log10_<w>: weight, off = one decade below its range)", fontsize=8)
+    ax.set_title("Optuna parameter importances (loss weights on a log10 scale, off = one decade below its range)",
+                 fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -108,7 +114,9 @@ def plot_importances(imp: Mapping[str, float], objective: str, n_trials: int, pa
 
 def _log_importances(c, search_run_id: str, trials: Sequence[TrialSummary], space, objective: str,
                      out_dir: Path, summary: dict[str, Any]) -> None:
-    """Importances plot and JSON on the parent run; a failure is noted in the summary, never raised."""
+    """Importances plot and JSON on the parent run (only past MIN_IMPORTANCE_TRIALS trials with a value);
+    a failure is noted in the summary, never raised."""
+    summary["importance_trials"] = sum(t.value is not None and t.state != "failed" for t in trials)
     try:
         imp = param_importances(trials, space, objective)
     except Exception as exc:  # noqa: BLE001 - a summary plot must never fail the search
@@ -128,14 +136,15 @@ def _tags_and_metrics(summary: dict[str, Any], best: TrialSummary | None,
     tags: dict[str, Any] = {"tldr.trials": summary["trials"], "tldr.trials_finished": summary["finished"],
                             "tldr.trials_early_stopped": summary["early_stopped"],
                             "tldr.trials_failed": summary["failed"]}
-    metrics: dict[str, float] = {"trials_finished": summary["finished"], "trials_failed": summary["failed"],
-                                 "trials_early_stopped": summary["early_stopped"]}
+    metrics: dict[str, float] = {"trials/finished": summary["finished"], "trials/failed": summary["failed"],
+                                 "trials/early_stopped": summary["early_stopped"]}
     if best is not None:
         tags.update({"tldr.best_run": best.run_id, "tldr.best_trial": best.trial_id})
         tags.update({f"best.{k}": v for k, v in best.params.items()})
-        metrics[f"best_{objective}"] = best.value
+        metrics[f"best/{objective}"] = best.value
+        metrics[objective_name(objective)] = best.value  # the search's row sorts and reads like its trials'
         if best.label_agreement is not None:
-            metrics["best_label_agreement"] = best.label_agreement
+            metrics["best/label_agreement"] = best.label_agreement
     return tags, metrics
 
 

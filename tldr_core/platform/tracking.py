@@ -1,9 +1,18 @@
 """MLflow helpers shared by the search, its trials, the registry and the re-audit: the tracking store
 (URI, reachability, client), retried logging calls, experiments, run tags, and logging a report.
 
-Only explicit `MlflowClient`s are used (no fluent `mlflow.start_run` state), so Ray workers, the
-driver and tests can share a process safely. Tags written by the platform (all under `tldr.`) are how
-runs are found again: `tldr.role` (search | trial), `tldr.search_run`, `tldr.trial_id`, `tldr.state`.
+Runs are written through explicit `MlflowClient`s; a run is made MLflow's *active* run only while
+models are logged into it (`active_run`), so logged models land in the run's experiment and its
+Models column. Tags written by the platform (all under `tldr.`) are how runs are found again:
+`tldr.role` (search | trial | audit), `tldr.search_run`, `tldr.trial_id`, `tldr.state`, `tldr.end`.
+
+Metric names are grouped the way the MLflow UI groups charts (by the prefix before the last `/`):
+`eval/<score>`, `loss/<term>`, `wloss/<term>` (term names: `LossWeights`), `train/...`, and on the
+search run `baseline/<set>/<score>`; the objective is also logged as `Objective/<name>`, whose
+capital letter sorts it before every other section and column (see `metric_names`).
+
+Credentials never leave through a printed or logged URI: `redact` masks `user:password@` and
+password-like query values in any text.
 
 Sibling modules: `trial_runs` (a trial's nested run, the trials of a search), `search_summary`
 (the parent run's summary, plots and parameter importances), `probe` (TCP reachability).
@@ -12,7 +21,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
@@ -25,6 +36,7 @@ SEARCH_RUN = "tldr.search_run"
 TRIAL_ID = "tldr.trial_id"
 TRIAL_NUMBER = "tldr.trial_number"
 STATE = "tldr.state"          # running | finished | early-stopped | failed | interrupted
+END = "tldr.end"              # how a run ended (finished | early-stopped | failed | interrupted)
 ERROR = "tldr.error"
 NOTE = "tldr.note"
 OBJECTIVE = "tldr.objective"
@@ -34,6 +46,16 @@ GENERATOR_MODEL_ID = "tldr.generator_model_id"
 PARENT = "mlflow.parentRunId"
 
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
+
+_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):[^@/\s]*@")
+_SECRET_QUERY = re.compile(r"(?i)(?P<key>password|passwd|pwd|secret|token|access_key|secret_key)=[^&\s]+")
+
+
+def redact(text: Any) -> str:
+    """`text` with every URI password (`scheme://user:password@`) and password-like query value
+    (`?password=...`, `token=...`) replaced by `***`: for anything printed or logged."""
+    out = _USERINFO.sub(lambda m: f"{m.group('head')}:***@", str(text))
+    return _SECRET_QUERY.sub(lambda m: f"{m.group('key')}=***", out)
 
 
 class TrackingError(RuntimeError):
@@ -52,6 +74,11 @@ def quiet_mlflow_env() -> None:
 
 def default_tracking_uri() -> str:
     return f"sqlite:///{runs_dir() / 'mlflow.db'}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI, else None."""
+    return Path(uri[len("sqlite:///"):]) if urlsplit(uri).scheme == "sqlite" else None
 
 
 def is_local_store(uri: str) -> bool:
@@ -75,10 +102,10 @@ def _check_http(uri: str, timeout: float) -> None:
     try:
         r = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
     except requests.RequestException as exc:
-        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({type(exc).__name__}: "
-                            f"{str(exc)[:200]}); start it (mlflow/serve.py) or pass another --tracking-uri") from None
+        raise TrackingError(redact(f"MLflow tracking server {uri} is unreachable ({type(exc).__name__}: "
+                                   f"{str(exc)[:200]}); start it (mlflow/serve.py) or pass another --tracking-uri")) from None
     if r.status_code != 200:
-        raise TrackingError(f"MLflow tracking server {uri} answered /health with HTTP {r.status_code}; "
+        raise TrackingError(f"MLflow tracking server {redact(uri)} answered /health with HTTP {r.status_code}; "
                             "is it an MLflow server (and does --allowed-hosts accept this host)?")
 
 
@@ -107,19 +134,98 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
 
         MlflowClient(uri).search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - any failure here means "unusable"
-        raise TrackingError(f"tracking store {uri} cannot be used: {type(exc).__name__}: {str(exc)[:300]}") from None
+        raise TrackingError(redact(f"tracking store {uri} cannot be used: {type(exc).__name__}: {str(exc)[:300]}")) from None
     return None
+
+
+_READY: set[str] = set()  # sqlite stores this process has created or checked under the lock
+
+
+def _create_sqlite_store(uri: str) -> None:
+    """Create (or migrate) a sqlite store's schema while holding `<db>.lock`: MLflow's schema creation
+    is not safe against a second process doing the same on a fresh file (both fail, and the
+    database is left half-made). Opening both stores (tracking and registry) runs their checks."""
+    from mlflow import MlflowClient
+
+    from tldr_core.locks import file_lock
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(db.with_name(db.name + ".lock"), timeout=300):
+        c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        c.search_experiments(max_results=1)
+        c.search_registered_models(max_results=1)
+    _READY.add(uri)
 
 
 def client(uri: str):
     """An MlflowClient for `uri`; also sets the process-wide URI, which MLflow uses internally (model
-    logging, resolving `models:/m-...` sources on registration): never a stray ./mlruns or ./mlflow.db."""
+    logging, resolving `models:/m-...` sources on registration): never a stray ./mlruns or ./mlflow.db.
+    A sqlite store is created under a file lock first (`_create_sqlite_store`)."""
     import mlflow
     from mlflow import MlflowClient
 
     quiet_mlflow_env()
+    if urlsplit(uri).scheme == "sqlite" and uri not in _READY:
+        _create_sqlite_store(uri)
     mlflow.set_tracking_uri(uri)
     return MlflowClient(tracking_uri=uri)
+
+
+def context_tags(source: str | None = None) -> dict[str, str]:
+    """MLflow's own run-context tags (`mlflow.user`, `mlflow.source.name`/`.type`, the git commit when
+    there is one), as `mlflow.start_run` would set them; `source` names the command (default argv[0]).
+    Computed once by the driver and given to the trials: a Ray worker's argv is Ray's, not the user's."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    tags = {k: str(v) for k, v in resolve_tags().items()}
+    if source:
+        tags["mlflow.source.name"] = source
+    return tags
+
+
+@contextmanager
+def active_run(run_id: str):
+    """Make `run_id` MLflow's active run for the block (models logged inside it then belong to the run
+    and its experiment, not to experiment 0), and end it as FINISHED, or FAILED on an exception.
+    Use it for a run's last step only: leaving the block ends the run."""
+    import mlflow
+
+    current = mlflow.active_run()
+    if current is not None and current.info.run_id == run_id:
+        yield current
+        return
+    with mlflow.start_run(run_id=run_id, nested=current is not None) as run:
+        yield run
+
+
+def metric_names(prefix: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """`values` under `prefix/` (`eval/quality`, `baseline/noise/quality`): one MLflow chart section."""
+    return {f"{prefix}/{k}": v for k, v in values.items()}
+
+
+def loss_names(record: Mapping[str, Any]) -> dict[str, float]:
+    """A training record's losses as MLflow names: `loss` -> `loss/total`, `loss_<term>` -> `loss/<term>`,
+    `wloss_<term>` -> `wloss/<term>` (the term names are the records', i.e. `LossWeights`')."""
+    out = {}
+    for k, v in record.items():
+        if k == "loss":
+            out["loss/total"] = v
+        elif k.startswith(("loss_", "wloss_")):
+            group, term = k.split("_", 1)
+            out[f"{group}/{term}"] = v
+    return out
+
+
+def objective_name(objective: str) -> str:
+    """The objective's own metric name: the UI sorts chart sections and metric columns by plain string
+    order (capitals first; unprefixed metrics last), so `Objective/<name>` comes before `eval/...`."""
+    return f"Objective/{objective}"
+
+
+def scores_of(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The `eval/` metrics of a run by their score names (`eval/quality` -> `quality`)."""
+    return {k[len("eval/"):]: v for k, v in metrics.items() if k.startswith("eval/")}
 
 
 def retry(fn: Callable[[], Any], what: str = "mlflow call", tries: int = 8) -> Any:
@@ -190,7 +296,7 @@ def log_metrics(c, run_id: str, values: Mapping[str, Any], step: int) -> None:
 def log_params(c, run_id: str, values: Mapping[str, Any]) -> None:
     from mlflow.entities import Param
 
-    params = [Param(k, str(v)[:6000]) for k, v in values.items()]
+    params = [Param(k, redact(v)[:6000]) for k, v in values.items()]
     for i in range(0, len(params), 90):
         retry(lambda: c.log_batch(run_id, params=params[i:i + 90]))
 
@@ -198,7 +304,7 @@ def log_params(c, run_id: str, values: Mapping[str, Any]) -> None:
 def set_tags(c, run_id: str, tags: Mapping[str, Any]) -> None:
     from mlflow.entities import RunTag
 
-    items = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
+    items = [RunTag(k, redact(v)[:5000]) for k, v in tags.items()]
     if items:
         retry(lambda: c.log_batch(run_id, tags=items))
 
@@ -208,6 +314,8 @@ def terminate(c, run_id: str, status: str, state: str | None = None, error: str 
     tags: dict[str, str] = {}
     if state:
         tags[STATE] = state
+        if status in TERMINAL:
+            tags[END] = state
     if error:
         tags[ERROR if status == "FAILED" else NOTE] = error[:5000]
     if tags:
@@ -229,3 +337,27 @@ def log_report_to_mlflow(html_path: str | Path, run_id: str | None = None, *, ar
         return
     client = client or mlflow.MlflowClient(tracking_uri=tracking_uri)
     retry(lambda: client.log_artifact(run_id, str(html_path), artifact_path), what="log report")
+
+
+#: (split of a DatasetBundle, the input's context tag): what a run's "Datasets" show
+DATA_SPLITS = (("train", "training"), ("heldout", "heldout"), ("test", "test"))
+
+
+def dataset_inputs(bundle: Any) -> list:
+    """mlflow DatasetInputs of `bundle`'s T, H' and test split, for `MlflowClient.log_inputs`: each a
+    numpy data set `<data set>/<split>` whose digest is computed from its images and labels (the same
+    split shows the same digest in every run) and whose source says where the images came from."""
+    import mlflow.data
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
+
+    out = []
+    for split, context in DATA_SPLITS:
+        part = getattr(bundle, split, None)
+        if part is None or len(part) == 0:
+            continue
+        source = CodeDatasetSource({"dataset": bundle.name, "split": split, "source": str(bundle.source)})
+        ds = mlflow.data.from_numpy(part.images.detach().cpu().numpy(), targets=part.labels.detach().cpu().numpy(),
+                                    source=source, name=f"{bundle.name}/{split}")
+        out.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
+    return out

@@ -1,6 +1,7 @@
 """The MLflow runs of a search's trials: one nested run per Ray Tune trial (`TrialRun`, written by the
-trial's worker), finding them again (`trial_runs`), closing what an interruption left open, and
-reading them back as `TrialSummary` rows (`summarize_trials`, `best_trial`)."""
+trial's worker; `create_trial_run` when the driver must make it), finding them again (`trial_runs`,
+`ended_trials`), closing what an interruption left open, and reading them back as `TrialSummary`
+rows (`summarize_trials`, `best_trial`). Scores are read from the runs' `eval/` metrics."""
 from __future__ import annotations
 
 import math
@@ -10,7 +11,14 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from tldr_core.platform.tracking import (PARENT, ROLE, SEARCH_RUN, STATE, TRIAL_ID, TRIAL_NUMBER, log_metrics,
-                                         log_params, metric_batch, retry, set_tags, terminate)
+                                         log_params, loss_names, metric_batch, retry, scores_of, set_tags,
+                                         terminate)
+
+#: What a trial reports to Ray Tune besides the scores: its generator step, and 1.0 on the final report.
+STEP = "step"
+FINAL = "final"
+#: The states of a trial that ended on its own (an interrupted one restarts on --resume).
+ENDED = ("finished", "early-stopped", "failed")
 
 
 def trial_runs(c, experiment_id: str, search_run_id: str, trial_id: str | None = None,
@@ -32,6 +40,35 @@ def trial_runs(c, experiment_id: str, search_run_id: str, trial_id: str | None =
             return runs
 
 
+def ended_trials(c, experiment_id: str, search_run_id: str) -> dict[str, str]:
+    """{Tune trial id: state} of the search's trials that ended (finished, early-stopped or failed)."""
+    out = {}
+    for run in trial_runs(c, experiment_id, search_run_id):
+        state = run.data.tags.get(STATE, "")
+        if state in ENDED and run.info.status != "RUNNING":
+            out[run.data.tags.get(TRIAL_ID, "")] = state
+    return out
+
+
+def _trial_tags(search_run_id: str, trial_id: str, number: int, attempt: int,
+                tags: Mapping[str, Any] | None) -> dict[str, str]:
+    return {PARENT: search_run_id, SEARCH_RUN: search_run_id, ROLE: "trial", TRIAL_ID: trial_id,
+            TRIAL_NUMBER: str(number), STATE: "running", "tldr.attempt": str(attempt),
+            **{k: str(v) for k, v in (tags or {}).items()}}
+
+
+def create_trial_run(c, experiment_id: str, search_run_id: str, trial_id: str, number: int,
+                     config: Mapping[str, Any], tags: Mapping[str, Any] | None = None) -> str:
+    """A trial's run made by the driver, for a trial that never opened its own (its worker died first):
+    Ray's config as params, tag tldr.created_by=driver. Returns the run id (still RUNNING)."""
+    label = config.get("variant") or ("kkt" if "layers" in config else "default")
+    run = retry(lambda: c.create_run(experiment_id, run_name=f"trial-{number:03d}-{label}",
+                                     tags={**_trial_tags(search_run_id, trial_id, number, 1, tags),
+                                           "tldr.created_by": "driver"}))
+    log_params(c, run.info.run_id, {k: v for k, v in config.items() if not isinstance(v, (dict, list))})
+    return run.info.run_id
+
+
 @dataclass
 class TrialRun:
     """The nested MLflow run of one Tune trial, as seen from the trial's worker."""
@@ -51,9 +88,7 @@ class TrialRun:
             if old.info.status == "RUNNING":
                 retry(lambda: c.set_terminated(old.info.run_id, status="KILLED"))
             retry(lambda: c.delete_run(old.info.run_id))
-        all_tags = {PARENT: search_run_id, SEARCH_RUN: search_run_id, ROLE: "trial", TRIAL_ID: trial_id,
-                    TRIAL_NUMBER: str(number), STATE: "running", "tldr.attempt": str(attempt),
-                    **{k: str(v) for k, v in (tags or {}).items()}}
+        all_tags = _trial_tags(search_run_id, trial_id, number, attempt, tags)
         run = retry(lambda: c.create_run(experiment_id, tags=all_tags, run_name=run_name))
         return cls(c, run.info.run_id, experiment_id)
 
@@ -64,10 +99,11 @@ class TrialRun:
         log_metrics(self.client, self.run_id, values, step)
 
     def log_history(self, records: Iterable[Mapping[str, Any]]) -> None:
-        """Loss records of train_generator (`step`, `loss`, `loss_<term>`, `wloss_<term>`) in one batch."""
+        """Loss records of train_generator (`step`, `loss`, `loss_<term>`, `wloss_<term>`) in one batch,
+        as `loss/total`, `loss/<term>`, `wloss/<term>` (`tracking.loss_names`)."""
         batch = []
         for r in records:
-            batch += metric_batch({k: v for k, v in r.items() if k.startswith(("loss", "wloss"))}, int(r["step"]))
+            batch += metric_batch(loss_names(r), int(r["step"]))
         for i in range(0, len(batch), 900):
             retry(lambda: self.client.log_batch(self.run_id, metrics=batch[i:i + 900]))
 
@@ -116,14 +152,14 @@ class TrialSummary:
 def summarize_trials(c, experiment_id: str, search_run_id: str, objective: str) -> list[TrialSummary]:
     out = []
     for run in trial_runs(c, experiment_id, search_run_id):
-        m, t = run.data.metrics, run.data.tags
+        m, t = scores_of(run.data.metrics), run.data.tags
         value = m.get(objective)
         out.append(TrialSummary(
             run_id=run.info.run_id, trial_id=t.get(TRIAL_ID, ""), number=int(t.get(TRIAL_NUMBER, -1)),
             status=run.info.status, state=t.get(STATE, ""),
             value=None if value is None or math.isnan(value) else float(value),
             label_agreement=m.get("label_agreement"), params=dict(run.data.params),
-            steps=int(m["step"]) if "step" in m else None,
+            steps=int(run.data.metrics["train/steps"]) if "train/steps" in run.data.metrics else None,
             complete=run.info.status == "FINISHED" and t.get(STATE) == "finished"))
     return sorted(out, key=lambda s: (s.number, s.trial_id))
 

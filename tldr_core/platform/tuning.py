@@ -1,14 +1,15 @@
-"""The Ray Tune side of the search (`tldr_core.platform.search`): the trial function and the driver's
-MLflow status callback.
+"""The Ray Tune side of the search (`tldr_core.platform.search`): the trial function (the driver's
+callback that ends what a trial cannot end itself is `trial_status.MlflowTrialStatus`).
 
 This module is imported by Ray workers, so it lives in the package. Training code
 (`tldr_core.attack.train`) never imports Ray; the trial adapts it through `train_generator`'s callback:
 every `eval_every` generator steps the trial scores a few reconstructions (`pipeline.score_images`:
 quality, gap, ..., and exposure), logs them to MLflow, then calls `tune.report` (where ASHA may stop
 it). Everything a trial needs from MLflow is written before each report, and the run is ended before
-the final report, because code after `tune.report()` may never run. The driver-side
-`MlflowTrialStatus` callback closes any run a trial could not close itself (stopped by ASHA, worker
-died): none is left RUNNING.
+the final report, because code after `tune.report()` may never run. A trial stopped inside
+`tune.report()` leaves its run RUNNING: only the driver knows whether ASHA stopped it or the search
+was interrupted (`trial_status`). MLflow names: `eval/<score>`, `Objective/<objective>`, `loss/...`,
+`wloss/...`, `train/...` (`tracking`); the run's data sets (T, H', test) are logged as its inputs.
 
 A search with `attack: kkt` runs the stationarity attack instead (`trial_kkt`, same reports, same
 scoring); the final step (`_finish`) is shared: the TLDR generator is logged as a pyfunc model, the
@@ -16,25 +17,18 @@ KKT candidates as the checkpoint artifact `kkt.pt`.
 """
 from __future__ import annotations
 
-import math
 import os
 import shutil
-import signal
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
-
-from ray import tune as _tune
+from typing import Any
 
 from tldr_core.platform import tracking as tr
 from tldr_core.platform.search_space import TRIAL_NUMBER
-from tldr_core.platform.trial_runs import TrialRun, summarize_trials, trial_runs
-
-#: What a trial reports besides the scores (score names: tldr_core.scoring.metrics.METRIC_KEYS).
-STEP = "step"
-FINAL = "final"
+from tldr_core.platform.trial_runs import FINAL, STEP, TrialRun
+# the callback lived here: tuners pickled by older searches name it tldr_core.platform.tuning.MlflowTrialStatus
+from tldr_core.platform.trial_status import MlflowTrialStatus  # noqa: F401
 
 
 @dataclass
@@ -50,6 +44,8 @@ class TrialInputs:
     experiment_id: str
     search_run_id: str
     classifier_ref: dict[str, Any] = field(default_factory=dict)
+    run_tags: dict[str, str] = field(default_factory=dict)   # mlflow.source.*, mlflow.user (tracking.context_tags)
+    datasets: list[Any] = field(default_factory=list)        # mlflow DatasetInputs of T, H' and test
 
 
 def loss_metrics(record: dict[str, Any]) -> dict[str, float]:
@@ -57,9 +53,18 @@ def loss_metrics(record: dict[str, Any]) -> dict[str, float]:
 
 
 def baseline_metrics(baselines: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The baselines' scores as the search run logs them once: `baseline/<set>/<score>`."""
     keys = ("quality", "quality_heldout", "gap", "coverage", "label_agreement", "diversity", "exposure_auc",
             "exposure_tpr")
-    return {f"baseline_{name}_{k}": float(v[k]) for name, v in baselines.items() for k in keys if k in v}
+    return {f"baseline/{name}/{k}": float(v[k]) for name, v in baselines.items() for k in keys if k in v}
+
+
+def score_metrics(metrics: dict[str, Any], objective: str) -> dict[str, Any]:
+    """Scores as a trial logs them: `eval/<score>`, and the objective again as `Objective/<name>`."""
+    out = tr.metric_names("eval", metrics)
+    if objective in metrics:
+        out[tr.objective_name(objective)] = metrics[objective]
+    return out
 
 
 def _open_run(c, config: dict[str, Any], inputs: TrialInputs, ctx) -> tuple[TrialRun, int]:
@@ -70,8 +75,10 @@ def _open_run(c, config: dict[str, Any], inputs: TrialInputs, ctx) -> tuple[Tria
     label = "kkt" if attack == "kkt" else inputs.space.attack_flat(config).get("variant", "default")
     run = TrialRun.start(c, inputs.experiment_id, inputs.search_run_id, ctx.get_trial_id(), number,
                          run_name=f"trial-{number:03d}-{label}",
-                         tags={tr.OBJECTIVE: s["objective"], "tldr.dataset": s["dataset"], tr.ATTACK: attack,
-                               "tldr.trial_name": ctx.get_trial_name()})
+                         tags={**inputs.run_tags, tr.OBJECTIVE: s["objective"], "tldr.dataset": s["dataset"],
+                               tr.ATTACK: attack, "tldr.trial_name": ctx.get_trial_name()})
+    if inputs.datasets:
+        tr.retry(lambda: c.log_inputs(run.run_id, datasets=inputs.datasets))
     return run, number
 
 
@@ -139,7 +146,7 @@ def report_progress(inputs: TrialInputs, run: TrialRun, state: dict[str, Any], s
                               index=state["index"])
     run.log_history(state["pending"])
     state["pending"].clear()
-    run.log_metrics(metrics, step)
+    run.log_metrics(score_metrics(metrics, s["objective"]), step)
     state["step"] = step
     # everything is in MLflow before this call: ASHA may stop the trial inside it
     tune.report({**metrics, **loss_metrics(record), STEP: step, FINAL: 0.0})
@@ -213,25 +220,28 @@ def _log_generator(c, run: TrialRun, work: Path, attack, cfg, metrics: dict[str,
 def _finish(c, run: TrialRun, attack, cfg, classifier, inputs: TrialInputs, trial_id: str, number: int,
             last: dict[str, Any]) -> dict[str, Any]:
     """Score the final reconstructions with the audit's pipeline, log metrics, artifacts and the
-    generator (TLDR) or the candidates' checkpoint (KKT); returns the final report."""
+    generator (TLDR) or the candidates' checkpoint (KKT), with the run as MLflow's active run (its
+    models then land in its Models column); ends the run FINISHED and returns the final report."""
     from tldr_core.scoring.pipeline import score_attack
 
     s, bundle = inputs.settings, inputs.bundle
     scored = score_attack(attack, classifier, bundle, tau=float(s["tau"]), seed=cfg.seed)
     metrics = scored.metrics
     speed = attack.steps / max(attack.seconds, 1e-9)
-    run.log_metrics({**metrics, "steps_per_second": speed, "train_seconds": attack.seconds}, attack.steps)
-    run.log_metrics(baseline_metrics(inputs.baselines), 0)
+    train = {"train/steps_per_second": speed, "train/seconds": attack.seconds, "train/steps": attack.steps}
+    run.log_metrics({**score_metrics(metrics, s["objective"]), **train}, attack.steps)
     work = Path(tempfile.mkdtemp(prefix="trial-", dir=os.environ.get("TMPDIR") or None))
     try:
-        if attack.kind == "tldr":
-            _log_artifacts(run, work, scored, bundle, number, s["objective"], cfg.variant)
-            _log_generator(c, run, work, attack, cfg, metrics, inputs, trial_id)
-        else:  # the checkpoint is a plain run artifact (weights-only; checkpoints.load_kkt_candidates)
-            meta = {"metrics": metrics, "classifier": inputs.classifier_ref.get("uri"), "trial_id": trial_id}
-            _log_artifacts(run, work, scored, bundle, number, s["objective"], attack.kind, meta=meta)
+        with tr.active_run(run.run_id):
+            if attack.kind == "tldr":
+                _log_artifacts(run, work, scored, bundle, number, s["objective"], cfg.variant)
+                _log_generator(c, run, work, attack, cfg, metrics, inputs, trial_id)
+            else:  # the checkpoint is a plain run artifact (weights-only; checkpoints.load_kkt_candidates)
+                meta = {"metrics": metrics, "classifier": inputs.classifier_ref.get("uri"), "trial_id": trial_id}
+                _log_artifacts(run, work, scored, bundle, number, s["objective"], attack.kind, meta=meta)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # everything is in MLflow now
+    run.end("FINISHED", "finished")
     return {**metrics, **loss_metrics(last), STEP: attack.steps, "steps_per_second": speed,
             "train_seconds": attack.seconds}
 
@@ -247,6 +257,8 @@ def run_trial(config: dict[str, Any], inputs: TrialInputs | None = None) -> None
     tr.quiet_mlflow_env()
     torch.set_num_threads(max(1, int(s["cpus_per_trial"])))
     ctx = tune.get_context()
+    if os.environ.get("TLDR_TEST_KILL_TRIAL") == str(config.get(TRIAL_NUMBER)):
+        os.kill(os.getpid(), 9)  # tests only: a worker that dies before its trial opened a run (SIGKILL)
     c = tr.client(s["tracking_uri"])
     run, number = _open_run(c, config, inputs, ctx)
     state: dict[str, Any] = {"last": {}, "step": 0, "pending": []}
@@ -258,133 +270,11 @@ def run_trial(config: dict[str, Any], inputs: TrialInputs | None = None) -> None
         attack, cfg, classifier = run_attack(config, inputs, run, ctx.get_trial_id(), state)
         run.log_history(state["pending"])
         final = _finish(c, run, attack, cfg, classifier, inputs, ctx.get_trial_id(), number, state["last"])
-        run.end("FINISHED", "finished")
     except SystemExit:
-        # Ray Tune stops a trial (ASHA) by raising SystemExit inside tune.report()
-        run.end("KILLED", "early-stopped", f"stopped by the scheduler after step {state['step']}")
+        # Ray Tune stops a trial by raising SystemExit inside tune.report(): ASHA, or the whole search
+        # being interrupted. Only the driver knows which (trial_status), so the run stays RUNNING here.
         raise
     except BaseException as exc:
         run.fail(exc)
         raise
-    tune.report({**final, **baseline_metrics(inputs.baselines), FINAL: 1.0})
-
-
-def _number(trial) -> int:
-    try:
-        return int((trial.config or {}).get(TRIAL_NUMBER, 0))
-    except (TypeError, ValueError):
-        return 0
-
-
-def _fmt_time(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    return f"{m}m{s:02d}s"
-
-
-class MlflowTrialStatus(_tune.Callback):
-    """Driver-side Ray Tune callback: ends every trial run (KILLED / FAILED) that its trial left RUNNING,
-    and prints one line per finished trial with its objective and the best so far.
-
-    Built lazily so Ray can pickle it with the experiment state (a resumed search gets it back).
-    """
-
-    def __init__(self, tracking_uri: str, experiment_id: str, search_run_id: str, objective: str,
-                 total: int, printer: Callable[[str], None] | None = None) -> None:
-        self.tracking_uri, self.experiment_id, self.search_run_id = tracking_uri, experiment_id, search_run_id
-        self.objective, self.total = objective, total
-        self._printer = printer
-        self._state: dict[str, Any] | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d["_state"] = None
-        d["_printer"] = None
-        return d
-
-    # ----------------------------------------------------------------- helpers
-    def _say(self, text: str) -> None:
-        (self._printer or (lambda t: print(t, flush=True)))(text)
-
-    def _st(self) -> dict[str, Any]:
-        if self._state is None:
-            self._state = {"client": tr.client(self.tracking_uri), "t0": time.time(), "done": 0, "best": None,
-                           "best_trial": None}
-            try:  # a resumed search: count what finished before
-                for t in summarize_trials(self._state["client"], self.experiment_id, self.search_run_id,
-                                             self.objective):
-                    if t.state in ("finished", "early-stopped", "failed"):
-                        self._state["done"] += 1
-                    if t.complete and t.value is not None and (self._state["best"] is None or t.value > self._state["best"]):
-                        self._state["best"], self._state["best_trial"] = t.value, t.number
-            except Exception:  # noqa: BLE001 - progress lines only
-                pass
-        return self._state
-
-    def _close(self, trial, status: str, state: str, error: str | None) -> None:
-        st = self._st()
-        for run in trial_runs(st["client"], self.experiment_id, self.search_run_id, trial.trial_id):
-            if run.info.status == "RUNNING":
-                tr.terminate(st["client"], run.info.run_id, status, state, error)
-            elif status == "FAILED" and run.info.status != "FAILED":
-                tr.terminate(st["client"], run.info.run_id, status, state, error)
-
-    def _interrupt_hook(self) -> None:
-        n = os.environ.get("TLDR_SEARCH_INTERRUPT_AFTER")  # tests: simulate Ctrl-C after n trials
-        if n and self._st()["done"] >= int(n) and not self._st().get("interrupted"):
-            self._st()["interrupted"] = True
-            os.kill(os.getpid(), signal.SIGINT)
-
-    # ----------------------------------------------------------------- Tune hooks
-    def setup(self, **info: Any) -> None:
-        self._st()
-
-    def on_trial_start(self, iteration: int, trials: list, trial, **info: Any) -> None:
-        cfg = trial.config or {}
-        what = cfg.get("variant") or (f"kkt, layers {cfg['layers']}" if "layers" in cfg else "?")
-        self._say(f"[{_fmt_time(time.time() - self._st()['t0'])}] trial {_number(trial)} started "
-                  f"({what}, lr {cfg.get('lr', float('nan')):.2g})")
-
-    def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
-        st = self._st()
-        result = trial.last_result or {}
-        value = result.get(self.objective)
-        n = _number(trial)
-        if result.get(FINAL) == 1.0:
-            what = "finished"
-            if value is not None and not math.isnan(value) and (st["best"] is None or value > st["best"]):
-                st["best"], st["best_trial"] = value, n
-            self._close(trial, "FINISHED", "finished", None)  # normally already FINISHED by the trial
-        else:
-            what = f"stopped by ASHA at step {result.get(STEP, '?')}"
-            self._close(trial, "KILLED", "early-stopped", f"stopped by the scheduler after step {result.get(STEP, '?')}")
-        st["done"] += 1
-        self._line(n, what, value, result.get("label_agreement"))
-        self._interrupt_hook()
-
-    def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
-        st = self._st()
-        err = ""
-        try:
-            if trial.error_file and os.path.exists(trial.error_file):
-                text = Path(trial.error_file).read_text()
-                lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-                err = lines[-1] if lines else text
-        except Exception:  # noqa: BLE001
-            pass
-        self._close(trial, "FAILED", "failed", err or "trial raised (see Ray Tune's error file)")
-        st["done"] += 1
-        self._say(f"[{_fmt_time(time.time() - st['t0'])}] trial {_number(trial)} FAILED: "
-                  f"{err[:160] or 'see the MLflow run'} | {self._best_text()}")
-        self._interrupt_hook()
-
-    def _best_text(self) -> str:
-        st = self._st()
-        return ("best so far: none finished" if st["best"] is None else
-                f"best so far {st['best']:.4f} (trial {st['best_trial']})")
-
-    def _line(self, n: int, what: str, value: Any, la: Any) -> None:
-        st = self._st()
-        v = "n/a" if value is None else f"{value:.4f}"
-        la_s = "n/a" if la is None else f"{la:.2f}"
-        self._say(f"[{_fmt_time(time.time() - st['t0'])}] trial {n} {what}: {self.objective} {v}, "
-                  f"label agreement {la_s} ({st['done']}/{self.total} done) | {self._best_text()}")
+    tune.report({**final, FINAL: 1.0})

@@ -3,6 +3,7 @@ exposure gallery (the most exposed training images; computed by ``scoring.pipeli
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -26,7 +27,18 @@ def _to_hwc(img: torch.Tensor) -> np.ndarray:
 
 def save_grid(path: str | Path, images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str],
               per_row: int = 10, title: str | None = None) -> Path:
-    """One row per class: the first `per_row` images of each class, the class name at the left."""
+    """Draw :func:`grid_figure` into ``path`` (PNG)."""
+    fig = grid_figure(images, labels, class_names, per_row=per_row, title=title)
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def grid_figure(images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], per_row: int = 10,
+                title: str | None = None) -> Any:
+    """One row per class: the first `per_row` images of each class, the class name at the left; the
+    title wrapped to the figure's width above the first row. The caller saves and closes it."""
     classes = sorted(set(labels.tolist()))
     cols = min(per_row, max(int((labels == c).sum()) for c in classes))
     fig, axes = plt.subplots(len(classes), cols, figsize=(cols * 0.9 + 0.8, len(classes) * 0.9 + 0.3),
@@ -42,13 +54,15 @@ def save_grid(path: str | Path, images: torch.Tensor, labels: torch.Tensor, clas
                 ax.imshow(_to_hwc(images[idx[k]]), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         axes[r][0].set_ylabel(str(class_names[c]) if c < len(class_names) else str(c), rotation=0,
                               ha="right", va="center", fontsize=8)
+    top = 0.0
     if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout(pad=0.2)
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+        # wrapped to the figure's width; tight_layout ignores a suptitle, so its lines get their own band
+        lines = textwrap.wrap(title, width=max(20, int(fig.get_figwidth() / 0.075)))
+        top = 0.18 * len(lines) + 0.1
+        fig.set_figheight(fig.get_figheight() + top)
+        fig.suptitle("\n".join(lines), fontsize=9, y=1 - 0.05 / fig.get_figheight(), va="top")
+    fig.tight_layout(pad=0.2, rect=(0, 0, 1, 1 - top / fig.get_figheight()))
+    return fig
 
 
 def save_nearest(path: str | Path, recon: torch.Tensor, recon_labels: torch.Tensor, nearest: torch.Tensor,

@@ -1,0 +1,25 @@
+"""Fixtures of the platform tests: one tiny real search shared by the modules that read it back."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from search_helpers import TINY, run_search
+from tldr_core.platform.search_space import DEFAULT_SPACE
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def smoke(tmp_path_factory, cache_dir):
+    """A tiny search whose first trial (an initial point with ce = 1e308) fails with a non-finite loss."""
+    root = tmp_path_factory.mktemp("smoke")
+    space = yaml.safe_load(DEFAULT_SPACE.read_text())
+    space["initial_points"] = [{"variant": "label", "ce": 1.0e308}]
+    (root / "space.yaml").write_text(yaml.safe_dump(space))
+    proc = run_search(root / "runs", cache_dir, [*TINY, "--space", str(root / "space.yaml")])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root / "runs", proc
