@@ -94,11 +94,15 @@ def log_checkpoint_model(c, run_id: str, checkpoint: str | Path, name: str) -> A
     import mlflow
     from mlflow.models import Model
 
+    from tldr_core.attack.checkpoints import CheckpointError
     from tldr_core.platform.pyfunc import CheckpointPyfunc, signature_and_example
 
     mlflow.set_tracking_uri(c.tracking_uri)
     run = tr.retry(lambda: c.get_run(run_id))
-    signature, example = signature_and_example(CheckpointPyfunc(checkpoint))
+    try:
+        signature, example = signature_and_example(CheckpointPyfunc(checkpoint))
+    except CheckpointError:  # logged as it is: loading it refuses it the same way, with this message
+        signature, example = None, None
     logged = tr.retry(lambda: mlflow.initialize_logged_model(
         name=name, source_run_id=run_id, experiment_id=run.info.experiment_id,
         params={k: v[:6000] for k, v in run.data.params.items()}))

@@ -8,8 +8,8 @@ Models column. Tags written by the platform (all under `tldr.`) are how runs are
 
 Metric names are grouped the way the MLflow UI groups charts (by the prefix before the last `/`):
 `eval/<score>`, `loss/<term>`, `wloss/<term>` (term names: `LossWeights`), `train/...`, and on the
-search run `baseline/<set>/<score>`; the objective is also logged as `Objective/<name>`, whose
-capital letter sorts it before every other section and column (see `metric_names`).
+search run `baseline/<set>/<score>`; the objective is also logged as `Objective/<name>`: the UI sorts
+chart sections in plain string order (capitals first), so its section is the first (`objective_name`).
 
 Credentials never leave through a printed or logged URI: `redact` masks `user:password@` and
 password-like query values in any text.
@@ -218,8 +218,8 @@ def loss_names(record: Mapping[str, Any]) -> dict[str, float]:
 
 
 def objective_name(objective: str) -> str:
-    """The objective's own metric name: the UI sorts chart sections and metric columns by plain string
-    order (capitals first; unprefixed metrics last), so `Objective/<name>` comes before `eval/...`."""
+    """The objective's own metric name: the UI sorts chart sections by plain string order (capitals
+    first; unprefixed metrics last), so the `Objective` section comes before `eval`, `loss`, ..."""
     return f"Objective/{objective}"
 
 
