@@ -155,3 +155,14 @@ def test_reaudit_checks_the_ray_address_before_any_audit(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and out.stderr.startswith("error: Ray cluster at 127.0.0.1:"), out.stderr
     assert not (tmp_path / "m.db").exists()
+
+
+@pytest.mark.slow
+def test_search_checks_a_registry_classifier_before_creating_the_store(tmp_path):
+    import os
+
+    db = tmp_path / "none" / "mlflow.db"
+    out = run_tldr("search", "--smoke-test", "--classifier", "models:/tldr-classifier-mnist-bundled/1",
+                   "--tracking-uri", f"sqlite:///{db}", env={**os.environ, "TLDR_RUNS": str(tmp_path / "runs")})
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "does not exist, so it holds no registered model" in out.stderr and not db.exists()
