@@ -42,6 +42,7 @@ from tldr_core.attack.train import NonFiniteLossError, resolve_device, summarize
 from tldr_core.cli.attack_flags import (ATTACKS, add_kkt_flags, add_prior_flags, check_attack_flags,
                                         kkt_config_from_args)
 from tldr_core.cli.output_folder import OutputError, StagedOutput
+from tldr_core.paths import runs_dir
 from tldr_core.platform import cli_flags as flags
 from tldr_core.report.artifacts import checkpoint_name, write_artifacts
 from tldr_core.report.page import render_report
@@ -211,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"weight of {name} (default {getattr(LossWeights(), name)})")
     add_kkt_flags(p)
     o = p.add_argument_group("output")
-    o.add_argument("--out", default="runs/audit", help="output folder (default runs/audit); must be empty or absent "
-                   "unless --overwrite")
+    o.add_argument("--out", default=None, help="output folder (default runs/audit under the runs folder: $TLDR_RUNS, "
+                   "else ./runs); must be empty or absent unless --overwrite")
     o.add_argument("--overwrite", action="store_true",
                    help="replace an earlier audit's output in --out (swapped in only once the new one is complete)")
     o.add_argument("--tau", type=float, default=0.5, help="SSIM threshold for coverage (default 0.5)")
@@ -344,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, image_size, device = check_args(args)  # all input checks happen before any work or output
         mlflow_uri = mlflow_target(args)
-        with StagedOutput(args.out, overwrite=args.overwrite, names=OUTPUT_NAMES) as target:
+        out = args.out or str(runs_dir() / "audit")  # $TLDR_RUNS: a pod's writable volume, not its read-only cwd
+        with StagedOutput(out, overwrite=args.overwrite, names=OUTPUT_NAMES) as target:
             res, path = run(args, cfg, image_size, device, target, log, mlflow_uri)
     except (ConfigError, DataError, DatasetNotFoundError, CheckpointError, NonFiniteLossError, OutputError,
             RuntimeError, OSError) as exc:

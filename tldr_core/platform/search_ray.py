@@ -53,13 +53,16 @@ def _package_root() -> str:
 
 
 def _worker_env(local: bool) -> dict[str, str]:
-    env = {"RAY_AUTH_MODE": "disabled", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
-           "GIT_PYTHON_REFRESH": "quiet", "PYTHONUNBUFFERED": "1"}
+    env = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "GIT_PYTHON_REFRESH": "quiet",
+           "PYTHONUNBUFFERED": "1"}
     if local:
         tmp = tr.runs_dir() / "tmp"
         tmp.mkdir(parents=True, exist_ok=True)
         path = os.pathsep.join([_package_root(), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        env.update({"PYTHONPATH": path, "TMPDIR": str(tmp), "TLDR_RUNS": str(tr.runs_dir())})
+        env.update({"PYTHONPATH": path, "TMPDIR": str(tmp), "TLDR_RUNS": str(tr.runs_dir()),
+                    "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")})
+    # On a cluster the workers keep the cluster's auth mode: forcing "disabled" there kills every worker
+    # of a token-auth cluster (k8s/) at start (tests/deploy/test_cluster_path.py).
     return env
 
 
