@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +28,8 @@ from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 from tldr_core.paths import runs_dir  # noqa: F401 - re-exported: tr.runs_dir()
+# one implementation each, re-exported (tr.redact, tr.normalize_tracking_uri, tr.default_tracking_uri)
+from tldr_core.platform.uris import default_tracking_uri, normalize_tracking_uri, redact  # noqa: F401
 
 # Tag keys (one place, so the driver, the workers, the registry and the tests agree).
 ROLE = "tldr.role"
@@ -47,17 +48,6 @@ PARENT = "mlflow.parentRunId"
 
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 
-_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):[^@/\s]*@")
-_SECRET_QUERY = re.compile(r"(?i)(?P<key>password|passwd|pwd|secret|token|access_key|secret_key)=[^&\s]+")
-
-
-def redact(text: Any) -> str:
-    """`text` with every URI password (`scheme://user:password@`) and password-like query value
-    (`?password=...`, `token=...`) replaced by `***`: for anything printed or logged."""
-    out = _USERINFO.sub(lambda m: f"{m.group('head')}:***@", str(text))
-    return _SECRET_QUERY.sub(lambda m: f"{m.group('key')}=***", out)
-
-
 class TrackingError(RuntimeError):
     """The tracking store cannot be used (unreachable server, unwritable database folder, ...)."""
 
@@ -72,10 +62,6 @@ def quiet_mlflow_env() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-def default_tracking_uri() -> str:
-    return f"sqlite:///{runs_dir() / 'mlflow.db'}"
-
-
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a sqlite:/// URI, else None."""
     return Path(uri[len("sqlite:///"):]) if urlsplit(uri).scheme == "sqlite" else None
@@ -83,17 +69,6 @@ def sqlite_path(uri: str) -> Path | None:
 
 def is_local_store(uri: str) -> bool:
     return urlsplit(uri).scheme in ("sqlite", "file", "")
-
-
-def normalize_tracking_uri(uri: str | None) -> str:
-    """Absolute sqlite/file URIs (Ray trials run in other working directories)."""
-    if not uri:
-        return default_tracking_uri()
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
-    if "://" not in uri:
-        return "file://" + str(Path(uri).resolve())
-    return uri
 
 
 def _check_http(uri: str, timeout: float) -> None:

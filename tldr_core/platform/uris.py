@@ -14,8 +14,9 @@ carries the password (:func:`redact`).
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from tldr_core.paths import runs_dir
 
@@ -27,15 +28,16 @@ class UriError(ValueError):
     """A tracking URI that cannot be used as given (the message says what to install or change)."""
 
 
-def redact(uri: str) -> str:
-    """``uri`` with any password replaced by ``***`` (user names and hosts are kept)."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    user = parts.username or ""
-    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):[^@/\s]*@")
+_SECRET_QUERY = re.compile(r"(?i)(?P<key>password|passwd|pwd|secret|token|access_key|secret_key)=[^&\s]+")
+
+
+def redact(text: object) -> str:
+    """`text` with every URI password (`scheme://user:password@`) and password-like query value
+    (`?password=...`, `token=...`) replaced by `***`: for anything printed or logged. User names and
+    hosts are kept. The one redaction helper: tracking re-exports it."""
+    out = _USERINFO.sub(lambda m: f"{m.group('head')}:***@", str(text))
+    return _SECRET_QUERY.sub(lambda m: f"{m.group('key')}=***", out)
 
 
 def default_tracking_uri() -> str:
