@@ -195,7 +195,8 @@ def _log_artifacts(run: TrialRun, work: Path, scored, bundle, number: int, objec
     from tldr_core.report.artifacts import write_artifacts
 
     m = scored.metrics
-    title = (f"trial {number} ({what}): {objective} {m.get(objective, float('nan')):.3f}, "
+    head = "" if objective == "quality" else f"{objective} {m.get(objective, float('nan')):.3f}, "  # said once
+    title = (f"trial {number} ({what}): {head}"
              f"quality {m['quality']:.3f}, label agreement {m['label_agreement']:.2f}")
     paths = write_artifacts(work, bundle, scored, title=title, meta=meta, checkpoint=meta is not None)
     for path in paths.values():
