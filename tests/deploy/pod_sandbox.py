@@ -11,10 +11,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Mapping
 
 import k8s_checks as kc
+
+_REPO = Path(__file__).resolve().parents[2]
 
 _VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)|\$\$")
 
@@ -97,6 +100,11 @@ def sandboxed(argv: list[str], volumes: Mapping[str, Path], cwd: str = "/") -> l
         host = Path(volumes[mount_path])
         host.mkdir(parents=True, exist_ok=True)
         cmd += ["--bind", str(host), mount_path]
+    # The checkout and the venv stay visible (read-only) even where a volume or the pod's empty /tmp
+    # stands over the folder holding them (a clone under /tmp, as CI may make).
+    for keep in sorted({str(_REPO), sys.prefix, os.path.realpath(sys.prefix)}):
+        if keep.startswith("/tmp/") or any(keep.startswith(m.rstrip("/") + "/") for m in mounted):
+            cmd += ["--ro-bind", keep, keep]
     return cmd + ["--remount-ro", "/", "--chdir", cwd, "--", *argv]
 
 
