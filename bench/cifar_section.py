@@ -147,7 +147,7 @@ def _tiny_npz(path: Path) -> None:
 def bench_cifar_trials(q: bool, tiny: bool = False) -> dict[str, Any]:
     """Trials per hour of tune/search.py on CIFAR-10 (the dev file: real images) at 1, 2 and 4 concurrent
     trials of 1 CPU each: the same fixed configurations, FIFO, classifier trained once beforehand."""
-    trials, steps, per_class, train_size = (2, 4, 2, 100) if tiny else (4, 20, 4, 1000) if q else (8, 100, 20, 1000)
+    trials, steps, per_class, train_size = (2, 4, 2, 100) if tiny else (4, 20, 4, 1000) if q else (6, 40, 20, 1000)
     epochs = 15  # what tune/search.py trains with (not a flag there)
     tmp = Path(tempfile.mkdtemp(prefix="tldr-bench-cifar-"))
     env = bench_env(tmp)
