@@ -79,6 +79,18 @@ def find_bwrap() -> str:
     return found
 
 
+def render_base_or_fail() -> list[dict]:
+    """k8s/base rendered, after checking bwrap and kubectl are here (a missing tool fails the test clearly)."""
+    import pytest
+
+    try:
+        find_bwrap()
+        kc.find_kubectl()
+    except (SandboxError, kc.SetupError) as e:
+        pytest.fail(str(e), pytrace=False)
+    return kc.render(kc.K8S_DIR / "base")
+
+
 def sandboxed(argv: list[str], volumes: Mapping[str, Path], cwd: str = "/") -> list[str]:
     """`argv` under bwrap: this machine's files read-only (a fresh root that binds each top-level
     folder read-only), /proc, a minimal /dev, and each `volumes` mount path bound, writable, to the

@@ -56,12 +56,7 @@ def postgres():
 
 @pytest.fixture(scope="module")
 def server(postgres, tmp_path_factory):
-    try:
-        sb.find_bwrap()
-        kc.find_kubectl()
-    except (sb.SandboxError, kc.SetupError) as e:
-        pytest.fail(str(e), pytrace=False)
-    objs = kc.render(kc.K8S_DIR / "base")
+    objs = sb.render_base_or_fail()
     (deploy,) = [o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"] == "mlflow"]
     (c,) = deploy["spec"]["template"]["spec"]["containers"]
     creds = {"tldr-postgres": {"POSTGRES_HOST": "127.0.0.1", "POSTGRES_PORT": str(postgres.port),

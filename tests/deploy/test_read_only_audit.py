@@ -42,12 +42,7 @@ def image_env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def head():
     """(env, writable mount paths) of the search's Ray head container, rendered from k8s/base."""
-    try:
-        sb.find_bwrap()
-        kc.find_kubectl()
-    except (sb.SandboxError, kc.SetupError) as e:
-        pytest.fail(str(e), pytrace=False)
-    objs = kc.render(kc.K8S_DIR / "base")
+    objs = sb.render_base_or_fail()
     (job,) = [o for o in objs if o["kind"] == "RayJob"]
     c = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     stand_in = {name: {k: f"stand-in-{k.lower()}" for k in keys} for name, keys in kc.USER_SECRETS.items()}
