@@ -4,12 +4,12 @@ exposures of training and held-out images; docs/method.md §7)."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["auc", "fpr_threshold", "tpr_at_fpr", "bootstrap_intervals"]
+__all__ = ["auc", "fpr_threshold", "tpr_at_fpr", "bootstrap_intervals", "bootstrap_intervals_at"]
 
 _BOOT_ELEMS = 1 << 20  # resamples x (P + Q) per bootstrap block: ~10 float64 temporaries of <= 8 MB
 
@@ -36,13 +36,15 @@ def _sorted_counts(n: int, boots: int, g: torch.Generator | None) -> Tensor:
     return torch.cat([torch.zeros(counts.shape[0], 1, dtype=torch.float64), counts.cumsum(dim=1)], dim=1)
 
 
-def _auc_tpr(pos: Tensor, neg: Tensor, k: int, boots: int, g: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """AUC and TPR of ``boots`` joint resamples (or of the sample itself if ``g`` is None).
+def _auc_tpr(pos: Tensor, neg: Tensor, ks: Tensor, boots: int, g: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """AUC and TPRs of ``boots`` joint resamples (or of the sample itself if ``g`` is None).
 
-    pos (P,), neg (Q,) sorted ascending. A resample is a count per position; with C the
-    cumulative counts, the negatives below / tied with pos[i] are C[lo_i] and C[hi_i] - C[lo_i]
+    pos (P,), neg (Q,) sorted ascending; ks (F,) int64, the negatives allowed above each threshold
+    (:func:`_allowed`, one per FPR). A resample is a count per position; with C the cumulative
+    counts, the negatives below / tied with pos[i] are C[lo_i] and C[hi_i] - C[lo_i]
     (lo, hi = searchsorted left / right), so AUC = sum_i w_i (C[lo_i] + (C[hi_i] - C[lo_i]) / 2) / (P Q):
-    the Mann-Whitney statistic with midranks, in O(boots (P + Q)). Returns (auc, tpr), each (boots,)."""
+    the Mann-Whitney statistic with midranks, in O(boots (P + Q)). Every FPR is read off the same
+    resample. Returns (auc (boots,), tpr (boots, F))."""
     p, q = pos.numel(), neg.numel()
     cn, cp = _sorted_counts(q, boots, g), _sorted_counts(p, boots, g)
     lo = torch.searchsorted(neg, pos, right=False)
@@ -51,11 +53,11 @@ def _auc_tpr(pos: Tensor, neg: Tensor, k: int, boots: int, g: torch.Generator | 
     auc_b = ((cp[:, 1:] - cp[:, :-1]) * below).sum(dim=1) / (p * q)
     # threshold: the (k+1)-th largest resampled negative = the first sorted position m whose
     # cumulative count C[m + 1] exceeds Q - k - 1
-    level = torch.full((cn.shape[0], 1), q - k - 1.0, dtype=torch.float64)
+    level = (q - ks.to(torch.float64) - 1.0).expand(cn.shape[0], -1).contiguous()  # (B, F)
     m = torch.searchsorted(cn[:, 1:].contiguous(), level, right=True)
-    thr = neg[m.squeeze(1).clamp_max(q - 1)]
-    at_or_below = torch.searchsorted(pos, thr, right=True)  # positives <= threshold, per resample
-    tpr_b = (p - cp.gather(1, at_or_below[:, None]).squeeze(1)) / p
+    thr = neg[m.clamp_max(q - 1)]  # (B, F)
+    at_or_below = torch.searchsorted(pos, thr, right=True)  # positives <= threshold, per resample and FPR
+    tpr_b = (p - cp.gather(1, at_or_below)) / p
     return auc_b, tpr_b
 
 
@@ -65,7 +67,7 @@ def auc(pos: Tensor, neg: Tensor) -> float:
     pos (P,), neg (Q,): scores (e.g. training / held-out exposures). 1.0: every positive above
     every negative; 0.5: indistinguishable (or all tied)."""
     pos, neg = _scores(pos, "pos").sort().values, _scores(neg, "neg").sort().values
-    return float(_auc_tpr(pos, neg, 0, 1, None)[0][0])
+    return float(_auc_tpr(pos, neg, torch.zeros(1, dtype=torch.int64), 1, None)[0][0])
 
 
 def _allowed(fpr: float, q: int) -> int:
@@ -98,24 +100,38 @@ def bootstrap_intervals(pos: Tensor, neg: Tensor, *, fpr: float = 0.01, n_boot: 
 
     ``pos`` and ``neg`` are resampled independently, with replacement, ``n_boot`` times (seeded);
     each resample gets its own threshold. Vectorised: O(n_boot (P + Q)) work in blocks of
-    resamples, no sort per resample.
+    resamples, no sort per resample. One FPR of :func:`bootstrap_intervals_at` (same draws).
 
     Returns ((auc_lo, auc_hi), (tpr_lo, tpr_hi)).
+    """
+    auc_ci, tpr_cis = bootstrap_intervals_at(pos, neg, fprs=(fpr,), n_boot=n_boot, seed=seed, level=level)
+    return auc_ci, tpr_cis[0]
+
+
+def bootstrap_intervals_at(pos: Tensor, neg: Tensor, *, fprs: Sequence[float] = (0.01,), n_boot: int = 1000,
+                           seed: int = 0, level: float = 0.95
+                           ) -> tuple[tuple[float, float], list[tuple[float, float]]]:
+    """:func:`bootstrap_intervals` at several FPRs at once: every TPR is read off the same resamples.
+
+    Returns ((auc_lo, auc_hi), [(tpr_lo, tpr_hi) for each of ``fprs``, in order]). With one FPR the
+    draws, and so the intervals, are those of :func:`bootstrap_intervals` with that FPR.
     """
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}")
+    if len(fprs) == 0:
+        raise ValueError("fprs is empty")
     pos, neg = _scores(pos, "pos").sort().values, _scores(neg, "neg").sort().values
-    k = _allowed(fpr, neg.numel())
+    ks = torch.tensor([_allowed(f, neg.numel()) for f in fprs], dtype=torch.int64)
     g = torch.Generator().manual_seed(seed)
     step = max(1, _BOOT_ELEMS // (pos.numel() + neg.numel()))
     aucs, tprs = [], []
     for b0 in range(0, n_boot, step):
-        a, t = _auc_tpr(pos, neg, k, min(step, n_boot - b0), g)
+        a, t = _auc_tpr(pos, neg, ks, min(step, n_boot - b0), g)
         aucs.append(a)
         tprs.append(t)
     alpha = (1.0 - level) / 2
     qs = torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64)
-    qa, qt = torch.quantile(torch.cat(aucs), qs), torch.quantile(torch.cat(tprs), qs)
-    return (float(qa[0]), float(qa[1])), (float(qt[0]), float(qt[1]))
+    qa, qt = torch.quantile(torch.cat(aucs), qs), torch.quantile(torch.cat(tprs), qs, dim=0)  # qt (2, F)
+    return (float(qa[0]), float(qa[1])), [(float(qt[0, i]), float(qt[1, i])) for i in range(len(fprs))]
