@@ -63,6 +63,12 @@ def cache_key(bundle, settings: ClassifierSettings) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def cache_path(bundle, settings: ClassifierSettings, cache_dir: str | Path | None = None) -> Path:
+    """Where :func:`load_or_train` keeps the classifier of (data, subset, settings), trained or not."""
+    folder = Path(cache_dir) if cache_dir else default_cache_dir()
+    return folder / f"{bundle.name}-{len(bundle.train)}-{settings.arch}-{cache_key(bundle, settings)}.pt"
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 512) -> float:
     model.eval()
@@ -117,8 +123,7 @@ def train_classifier(bundle, settings: ClassifierSettings, device: str = "cpu",
 def load_or_train(bundle, settings: ClassifierSettings, *, cache_dir: str | Path | None = None, device: str = "cpu",
                   log: Callable[[str], None] = print) -> tuple[nn.Module, dict[str, Any], Path]:
     """The cached classifier for (data, subset, settings), training it on first use. Returns (model, meta, path)."""
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    path = cache_dir / f"{bundle.name}-{len(bundle.train)}-{settings.arch}-{cache_key(bundle, settings)}.pt"
+    path = cache_path(bundle, settings, cache_dir)
     if path.exists():
         try:
             model, meta = load_classifier(path)
