@@ -24,7 +24,7 @@ def _run(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float, str]:
 
 
 PLAIN_LOOP = r"""
-# What one Tune trial of tune/search.py does (tldr_core.platform.tuning.run_trial), minus Ray, Optuna and MLflow:
+# What one Tune trial of tune/search.py does (tldr_core.platform.search.trial.run_trial), minus Ray, Optuna and MLflow:
 # the same configurations, steps, scoring cadence, final scoring, pictures and generator checkpoint, through the
 # same pipeline (tldr_core.scoring.pipeline + tldr_core.report.artifacts).
 import sys, time, json, tempfile, torch
@@ -34,7 +34,7 @@ from tldr_core.attack.classifier import ClassifierSettings, load_or_train
 from tldr_core.attack.config import AttackConfig
 from tldr_core.attack.data import load_dataset
 from tldr_core.attack.train import generate
-from tldr_core.platform.search_space import load_space
+from tldr_core.platform.search.spaces.load import load_space
 from tldr_core.report.artifacts import write_artifacts
 from tldr_core.scoring.metrics import score_baselines, score_reconstructions
 from tldr_core.scoring.pipeline import attack_and_score
@@ -70,7 +70,8 @@ def fixed_trials_space(path: Path, trials: int) -> None:
     import yaml
 
     from tldr_core.attack.config import VARIANTS
-    from tldr_core.platform.search_space import DEFAULT_SPACE, DEFAULTS_POINT, space_from_dict
+    from tldr_core.platform.search.spaces.load import DEFAULT_SPACE, space_from_dict
+    from tldr_core.platform.search.spaces.specs import DEFAULTS_POINT
 
     data = yaml.safe_load(DEFAULT_SPACE.read_text())
     data["initial_points"] = [DEFAULTS_POINT]

@@ -1,5 +1,6 @@
 """The layer boundaries: attack <- scoring <- report <- platform / cli (each imports only downwards),
-and the attack and scoring layers import without the platform's frameworks (ray, mlflow, optuna,
+no import circle between any two modules of tldr_core (lazy imports inside functions count too), and
+the attack and scoring layers import without the platform's frameworks (ray, mlflow, optuna,
 psycopg2), so they install and run with torch alone."""
 from __future__ import annotations
 
@@ -40,18 +41,99 @@ def imported_modules(source: str, package: str) -> list[tuple[int, str]]:
     return found
 
 
-def violations(layer: str) -> list[str]:
+def _modules(package: Path) -> dict[str, Path]:
+    """Dotted name -> file of every module of the package folder `package` (a package is its __init__)."""
+    out = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def violations(layer: str, package: Path = PACKAGE) -> list[str]:
+    """Imports of `layer`'s modules that go up a layer, or reach a platform framework."""
     out = []
-    for path in sorted((PACKAGE / layer).rglob("*.py")):
-        package = ".".join(path.relative_to(PACKAGE.parent).parts[:-1])
-        for line, name in imported_modules(path.read_text(), package):
+    for path in sorted((package / layer).rglob("*.py")):
+        pkg = ".".join(path.relative_to(package.parent).parts[:-1])
+        for line, name in imported_modules(path.read_text(), pkg):
             parts = name.split(".")
-            where = f"{path.relative_to(PACKAGE.parent)}:{line} imports {name}"
-            if parts[0] == "tldr_core" and len(parts) > 1 and parts[1] in FORBIDDEN[layer]:
+            where = f"{path.relative_to(package.parent)}:{line} imports {name}"
+            if parts[0] == package.name and len(parts) > 1 and parts[1] in FORBIDDEN[layer]:
                 out.append(where)
             if parts[0] in PLATFORM_ONLY:
                 out.append(where)
     return out
+
+
+def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
+    """Module -> the modules of the same package it imports, at any depth. `from pkg import x` is an
+    edge to the module pkg.x when there is one, else to pkg; the package's own __init__ that Python
+    runs first is not an edge (ours hold docstrings, not imports)."""
+    modules = _modules(package)
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        pkg = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        tree = ast.parse(path.read_text())
+        edges = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names if a.name in modules}
+            elif isinstance(node, ast.ImportFrom):
+                (_, base), = imported_modules(ast.unparse(node), pkg)
+                for alias in node.names:
+                    if f"{base}.{alias.name}" in modules:
+                        edges.add(f"{base}.{alias.name}")
+                    elif base in modules:
+                        edges.add(base)
+        graph[name] = edges - {name}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One import circle (a -> ... -> a) per group of modules that import each other (Tarjan's strongly
+    connected components with more than one module), each starting at its smallest name."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    groups: list[set[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = set()
+            while not group or group_top != v:
+                group_top = stack.pop()
+                group.add(group_top)
+            if len(group) > 1:
+                groups.append(group)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(_circle_through(graph, g) for g in groups)
+
+
+def _circle_through(graph: dict[str, set[str]], group: set[str]) -> list[str]:
+    """A shortest path from the group's smallest module back to itself, inside the group."""
+    start = min(group)
+    paths = {start: [start]}
+    queue = [start]
+    while queue:
+        v = queue.pop(0)
+        for w in sorted(graph[v] & group):
+            if w == start:
+                return paths[v] + [start]
+            if w not in paths:
+                paths[w] = paths[v] + [w]
+                queue.append(w)
+    raise AssertionError(f"no circle through {start}")  # cannot happen for a strongly connected group
 
 
 def test_import_parser_sees_relative_and_lazy_imports():
@@ -63,6 +145,44 @@ def test_import_parser_sees_relative_and_lazy_imports():
 @pytest.mark.parametrize("layer", sorted(FORBIDDEN))
 def test_layers_import_only_downwards(layer):
     assert violations(layer) == []
+
+
+def test_no_import_circles():
+    """No two modules import each other, directly or around a longer loop, lazy imports included: a
+    circle means neither module can be read (or imported) without the other."""
+    graph = import_graph()
+    assert len(graph) >= 60 and graph["tldr_core.platform.search.driver"], "the import graph came out empty"
+    assert [" -> ".join(c) for c in circles(graph)] == []
+
+
+def _scratch_package(root: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        path = root / "scratch" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    return root / "scratch"
+
+
+def test_the_checks_catch_an_upward_import_and_a_circle(tmp_path):
+    """On a scratch package: an attack module importing the report layer (lazily), and three platform
+    modules importing each other around a loop (one lazily, one by a relative import), are both found;
+    the same package without them passes."""
+    clean = {"__init__.py": "", "attack/__init__.py": "", "report/__init__.py": "", "platform/__init__.py": "",
+             "attack/a.py": "import torch\n", "report/r.py": "R = 1\n",
+             "platform/x.py": "from scratch.platform import y\n",
+             "platform/y.py": "from scratch.platform.z import f\n",
+             "platform/z.py": "def f():\n    return 1\n"}
+    ok = _scratch_package(tmp_path / "ok", clean)
+    assert violations("attack", ok) == [] and circles(import_graph(ok)) == []
+    assert import_graph(ok)["scratch.platform.x"] == {"scratch.platform.y"}
+
+    bad = _scratch_package(tmp_path / "bad", {
+        **clean,
+        "attack/a.py": "import torch\n\ndef f():\n    from scratch.report import r\n",
+        "platform/z.py": "def f():\n    from . import x\n    return 1\n"})
+    assert violations("attack", bad) == ["scratch/attack/a.py:4 imports scratch.report"]
+    assert circles(import_graph(bad)) == [["scratch.platform.x", "scratch.platform.y", "scratch.platform.z",
+                                           "scratch.platform.x"]]
 
 
 def test_attack_and_scoring_import_without_platform_frameworks():

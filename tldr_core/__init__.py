@@ -8,6 +8,6 @@ Layers, each importing only the ones before it:
   tldr_core.cli       command lines
 
 Entry points: `python -m tldr_core.cli.audit` (one attack run), `python tune/search.py` (the search,
-`tldr_core.platform.search.run`), `python tune/reaudit.py` (re-audit of registered classifiers).
+`tldr_core.platform.search.driver.run`), `python tune/reaudit.py` (re-audit of registered classifiers).
 """
 __version__ = "0.1.0"

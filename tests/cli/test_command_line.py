@@ -22,9 +22,9 @@ SECRET = "hunter2-s3cr3t"
 def parsers() -> dict[str, argparse.ArgumentParser]:
     from tldr_core.cli.audit import build_parser as audit
     from tldr_core.cli.controls import build_parser as controls
-    from tldr_core.platform.reaudit_cli import build_parser as reaudit
-    from tldr_core.platform.registry import build_parser as registry
-    from tldr_core.platform.search_cli import build_parser as search
+    from tldr_core.platform.registry.reaudit_cli import build_parser as reaudit
+    from tldr_core.platform.registry.cli import build_parser as registry
+    from tldr_core.platform.search.cli import build_parser as search
 
     return {"audit": audit(), "search": search(), "reaudit": reaudit(), "registry": registry(), "controls": controls()}
 
@@ -125,7 +125,7 @@ def test_registry_takes_tracking_uri_after_the_subcommand(tmp_path):
 
 
 def test_reaudit_passes_its_ray_flags_to_each_search(tmp_path, monkeypatch):
-    from tldr_core.platform import reaudit as ra
+    from tldr_core.platform.registry import reaudit as ra
 
     monkeypatch.setenv("TLDR_RUNS", str(tmp_path / "runs"))
     space = ra.write_space(None, None, tmp_path / "space.yaml")

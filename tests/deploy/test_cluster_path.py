@@ -146,7 +146,7 @@ def test_a_submission_without_the_token_is_refused(head, tmp_path):
 
 
 def test_rayjob_entrypoint_runs_through_the_jobs_api(head):
-    from tldr_core.platform import tracking as tr
+    from tldr_core.platform.tracking import store as tr
 
     url, env, work = head
     (job,) = [o for o in base_objects() if o["kind"] == "RayJob"]

@@ -225,7 +225,7 @@ def test_ray_section_runs_the_same_fixed_trials(tmp_path):
 
     import optuna
 
-    from tldr_core.platform.search_space import load_space
+    from tldr_core.platform.search.spaces.load import load_space
 
     spec = importlib.util.spec_from_file_location("tldr_bench_run", ROOT / "bench" / "run.py")
     bench = importlib.util.module_from_spec(spec)

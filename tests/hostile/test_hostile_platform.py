@@ -14,7 +14,7 @@ from probe_runner import REPO, check_refused, run_cli  # noqa: E402
 
 pytestmark = pytest.mark.slow  # one Python process per probe
 
-BASE = (REPO / "tldr_core" / "platform" / "spaces" / "tldr-refine.yaml").read_text()
+BASE = (REPO / "tldr_core" / "platform" / "search" / "spaces" / "tldr-refine.yaml").read_text()
 KL = "kl:      {low: 0.33,   high: 3.0}"
 LR = "lr:          {low: 1.0e-3, high: 4.0e-3, log: true}"
 
@@ -67,7 +67,7 @@ def test_a_bad_search_space_is_refused_by_the_search(tmp_path, name, text, needl
 NO_DRIVER = ("import runpy, sys\n"
              "for m in ('psycopg2', 'psycopg', 'pg8000'): sys.modules[m] = None\n"
              "sys.argv = ['registry'] + sys.argv[1:]\n"
-             "runpy.run_module('tldr_core.platform.registry', run_name='__main__')\n")
+             "runpy.run_module('tldr_core.platform.registry.cli', run_name='__main__')\n")
 
 #: (id, tracking URI, run without any PostgreSQL driver, needle)
 URIS: list[tuple[str, str, bool, str]] = [
@@ -83,7 +83,7 @@ URIS: list[tuple[str, str, bool, str]] = [
 @pytest.mark.parametrize("name,uri,no_driver,needle", URIS, ids=[u[0] for u in URIS])
 def test_a_bad_tracking_uri_is_one_error_line_without_the_password(tmp_path, name, uri, no_driver, needle):
     args = ["--tracking-uri", uri, "show", "--dataset", "mnist-bundled"]
-    cmd = ["-c", NO_DRIVER, *args] if no_driver else ["-m", "tldr_core.platform.registry", *args]
+    cmd = ["-c", NO_DRIVER, *args] if no_driver else ["-m", "tldr_core.platform.registry.cli", *args]
     res = run_cli(cmd, cwd=tmp_path)
     check_refused(res, needle)
     assert "s3cret" not in res.stdout + res.stderr

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from search_helpers import TINY, run_search
-from tldr_core.platform.search_space import DEFAULT_SPACE
+from tldr_core.platform.search.spaces.load import DEFAULT_SPACE
 
 
 @pytest.fixture(scope="session")

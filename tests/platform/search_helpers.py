@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tldr_core.platform import tracking as tr
+from tldr_core.platform.tracking import store as tr
 
 REPO = Path(__file__).resolve().parents[2]
 SEARCH = REPO / "tune" / "search.py"

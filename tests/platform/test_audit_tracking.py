@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tldr_core.platform import tracking as tr
+from tldr_core.platform.tracking import store as tr
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--dataset", "digits-8x8", "--train-size", "100", "--smoke-test", "--steps", "6", "--per-class", "2",
@@ -33,7 +33,7 @@ def _audit_runs(c, exp: str) -> list:
 
 @pytest.mark.slow
 def test_audit_logs_one_run_and_tags_the_registered_classifier(tmp_path):
-    from tldr_core.platform.registry import register_classifier
+    from tldr_core.platform.registry.models import register_classifier
 
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     first = audit(tmp_path, *TINY, "--out", str(tmp_path / "a"), "--tracking-uri", uri)

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from tldr_core.platform import champion as ch
-from tldr_core.platform import tracking as tr
+from tldr_core.platform.registry import champion as ch
+from tldr_core.platform.tracking import store as tr
 
 CLF1 = {"classifier_name": "tldr-classifier-toy", "classifier_version": "1", "classifier_sha256": "a" * 64}
 CLF2 = {"classifier_name": "tldr-classifier-toy", "classifier_version": "2", "classifier_sha256": "b" * 64}

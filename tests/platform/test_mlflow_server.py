@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from tldr_core.platform import tracking as tr
-from tldr_core.platform.trial_runs import TrialRun
 from tldr_core.attack.config import LossWeights
+from tldr_core.platform.tracking import store as tr
+from tldr_core.platform.tracking.trial_runs import TrialRun
 
 REPO = Path(__file__).resolve().parents[2]
 SERVE = REPO / "mlflow" / "serve.py"

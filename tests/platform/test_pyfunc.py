@@ -11,7 +11,7 @@ import torch
 from tldr_core.attack.checkpoints import GENERATOR_FORMAT, load_generator, save_checkpoint
 from tldr_core.attack.models import ConditionedGenerator
 from tldr_core.attack.train import generate
-from tldr_core.platform.pyfunc import CheckpointPyfunc, pick_requested, scored_sample
+from tldr_core.platform.registry.pyfunc import CheckpointPyfunc, pick_requested, scored_sample
 
 PER_CLASS, SEED = 2, 5
 
@@ -72,8 +72,8 @@ def test_classifier_predict_gives_probabilities(tmp_path, tiny_cnn):
 def test_registered_generator_reproduces_the_scored_reconstructions(generator_ckpt, tmp_path):
     import mlflow
 
-    from tldr_core.platform import registry as rg
-    from tldr_core.platform import tracking as tr
+    from tldr_core.platform.registry import models as rg
+    from tldr_core.platform.tracking import store as tr
 
     gen, path = generator_ckpt
     scored, _ = generate(gen, PER_CLASS, seed=SEED)  # what a trial scores: the in-memory generator
@@ -113,8 +113,8 @@ def test_a_logged_generator_loads_in_a_fresh_venv_with_only_its_requirements(gen
 
     import mlflow
 
-    from tldr_core.platform import registry as rg
-    from tldr_core.platform import tracking as tr
+    from tldr_core.platform.registry import models as rg
+    from tldr_core.platform.tracking import store as tr
 
     gen, path = generator_ckpt
     c = tr.client(f"sqlite:///{tmp_path / 'mlflow.db'}")

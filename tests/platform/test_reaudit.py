@@ -1,4 +1,4 @@
-"""Re-audit (tldr_core.platform.reaudit, run as tune/reaudit.py): which classifier versions get
+"""Re-audit (tldr_core.platform.registry.reaudit, run as tune/reaudit.py): which classifier versions get
 audited, the search it runs in-process, the tags written back, idempotence, a model that does not
 load, --dry-run; end to end on mnist-bundled with a sqlite registry."""
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tldr_core.platform import reaudit as ra
-from tldr_core.platform import tracking as tr
-from tldr_core.platform.trial_runs import trial_runs
+from tldr_core.platform.registry import reaudit as ra
+from tldr_core.platform.tracking import store as tr
+from tldr_core.platform.tracking.trial_runs import trial_runs
 
 REPO = Path(__file__).resolve().parents[2]
 REAUDIT = REPO / "tune" / "reaudit.py"
@@ -57,7 +57,7 @@ def test_audit_search_settings_follow_the_classifier(tmp_path, monkeypatch):
 
 
 def test_audit_takes_the_run_id_the_search_returns(tmp_path, monkeypatch):
-    from tldr_core.platform import search
+    from tldr_core.platform.search import driver as search
 
     monkeypatch.setenv("TLDR_RUNS", str(tmp_path / "runs"))
     space = ra.write_space(None, None, tmp_path / "space.yaml")
@@ -127,7 +127,7 @@ def _tags(c) -> dict[str, dict[str, str]]:
 
 @pytest.mark.slow
 def test_reaudit_end_to_end(tmp_path, monkeypatch):
-    from tldr_core.platform.registry import register_classifier
+    from tldr_core.platform.registry.models import register_classifier
 
     runs = tmp_path / "runs"
     monkeypatch.setenv("TLDR_RUNS", str(runs))
@@ -191,7 +191,7 @@ def test_reaudit_end_to_end(tmp_path, monkeypatch):
     assert f"{NAME}/{v_new}: previous audit" in out.stdout and f"{NAME}/{v_audited}: re-audit requested" in out.stdout
 
     # ... and is warm-started from the champion's settings, enqueued as the first point of its search space
-    from tldr_core.platform.search_space import load_space
+    from tldr_core.platform.search.spaces.load import load_space
 
     point, source = ra.warm_start_point(c, DATASET, load_space())
     assert point and "variant" in point and f"tldr-generator-{DATASET} v{champion.version}" in source

@@ -1,6 +1,6 @@
 """Model registry: the audited classifier, generator versions and the `champion` alias (no Ray needed).
 
-Searches are simulated with the same MLflow calls the search makes (tldr_core.platform.tracking), so the
+Searches are simulated with the same MLflow calls the search makes (tldr_core.platform.tracking.store), so the
 promotion rule is tested on its own: a challenger gets the alias only if it beats the champion for
 the same classifier on the same objective.
 """
@@ -11,12 +11,16 @@ import math
 import pytest
 import torch
 
-from tldr_core.platform import registry as rg
-from tldr_core.platform import tracking as tr
-from tldr_core.platform.trial_runs import TrialRun
 from tldr_core.attack.checkpoints import CLASSIFIER_FORMAT, GENERATOR_FORMAT, save_checkpoint
 from tldr_core.attack.config import LossWeights
 from tldr_core.attack.models import ConditionedGenerator, PaperCNN
+from tldr_core.platform.registry import models as rg
+from tldr_core.platform.registry.champion import CHAMPION
+from tldr_core.platform.registry.cli import main as registry_main
+from tldr_core.platform.registry.names import generator_model_name
+from tldr_core.platform.registry.promotion import promote
+from tldr_core.platform.tracking import store as tr
+from tldr_core.platform.tracking.trial_runs import TrialRun
 
 pytestmark = pytest.mark.slow  # an MLflow database and model logging: seconds, not milliseconds
 
@@ -70,13 +74,13 @@ def fake_search(store, values, *, objective="quality", clf_path=None, failed=0, 
 
 
 def champion(store):
-    return store["c"].get_model_version_by_alias(rg.generator_model_name(DATASET), rg.CHAMPION)
+    return store["c"].get_model_version_by_alias(generator_model_name(DATASET), CHAMPION)
 
 
 def test_promotion_keeps_the_champion_against_a_worse_challenger(store):
     c = store["c"]
     first = fake_search(store, [0.20, 0.30], failed=1, killed=1)
-    res = rg.promote(c, first, log=None)
+    res = promote(c, first, log=None)
     assert res.promoted and res.version == "1"
     mv = champion(store)
     assert str(mv.version) == "1"
@@ -85,50 +89,50 @@ def test_promotion_keeps_the_champion_against_a_worse_challenger(store):
     assert mv.tags["classifier_name"] == rg.classifier_model_name(DATASET) and mv.tags["classifier_version"] == "1"
 
     worse = fake_search(store, [0.25])
-    res = rg.promote(c, worse, log=None)
+    res = promote(c, worse, log=None)
     assert not res.promoted and res.version == "2"
     assert "does not beat" in res.reason and "0.2500 <= 0.3000" in res.reason
     assert str(champion(store).version) == "1"  # the alias did not move
-    v2 = c.get_model_version(rg.generator_model_name(DATASET), "2")
+    v2 = c.get_model_version(generator_model_name(DATASET), "2")
     assert "does not beat" in v2.tags["promotion"]
     assert c.get_run(worse).data.tags["tldr.champion"] == "false"
 
     # promotion is idempotent for a search: no second version for the same trial
-    again = rg.promote(c, worse, log=None)
+    again = promote(c, worse, log=None)
     assert again.version == "2" and not again.promoted
 
     better = fake_search(store, [0.31, 0.1])
-    res = rg.promote(c, better, log=None)
+    res = promote(c, better, log=None)
     assert res.promoted and "0.3100 > 0.3000" in res.reason
     assert str(champion(store).version) == res.version == "3"
 
 
 def test_champion_is_compared_per_classifier_and_objective(store):
     c = store["c"]
-    base = rg.promote(c, fake_search(store, [0.5]), log=None)  # quality 0.5 for classifier 1
-    other_clf = rg.promote(c, fake_search(store, [0.05], clf_path=store["clf2"]), log=None)
+    base = promote(c, fake_search(store, [0.5]), log=None)  # quality 0.5 for classifier 1
+    other_clf = promote(c, fake_search(store, [0.05], clf_path=store["clf2"]), log=None)
     assert other_clf.promoted, other_clf.reason  # nothing comparable for the new classifier
     assert "replacing version" in other_clf.reason
-    other_obj = rg.promote(c, fake_search(store, [0.01], objective="coverage"), log=None)
+    other_obj = promote(c, fake_search(store, [0.01], objective="coverage"), log=None)
     assert other_obj.promoted, other_obj.reason  # nothing comparable for the objective either
-    back = rg.promote(c, fake_search(store, [0.45]), log=None)
+    back = promote(c, fake_search(store, [0.45]), log=None)
     assert not back.promoted and f"version {base.version}" in back.reason  # compared with classifier 1's best
 
 
 def test_promotion_without_a_finished_trial(store):
-    res = rg.promote(store["c"], fake_search(store, [], failed=1, killed=1), log=None)
+    res = promote(store["c"], fake_search(store, [], failed=1, killed=1), log=None)
     assert res.version is None and not res.promoted and "no trial" in res.reason
 
 
 def test_registered_models_load_weights_only(store, tmp_path):
     c = store["c"]
     parent = fake_search(store, [0.9])
-    rg.promote(c, parent, log=None)
-    gen, meta, mv = rg.load_registered_generator(c, f"models:/{rg.generator_model_name(DATASET)}@champion", tmp_path)
+    promote(c, parent, log=None)
+    gen, meta, mv = rg.load_registered_generator(c, f"models:/{generator_model_name(DATASET)}@champion", tmp_path)
     assert isinstance(gen, ConditionedGenerator) and meta["dataset"] == DATASET
     import mlflow
 
-    model = mlflow.pyfunc.load_model(f"models:/{rg.generator_model_name(DATASET)}/{mv.version}")
+    model = mlflow.pyfunc.load_model(f"models:/{generator_model_name(DATASET)}/{mv.version}")
     # the model has a signature: columns label/per_class/seed, so a dict input is one table (a scalar seed)
     images = model.predict({"label": [0, 1, 2], "seed": 1})
     assert images.shape == (3, 1, 12, 12) and images.min() >= 0 and images.max() <= 1
@@ -159,9 +163,9 @@ def test_registry_uri_errors(store):
 
 def test_promote_cli(store, capsys):
     parent = fake_search(store, [0.0001])
-    assert rg.main(["--tracking-uri", store["uri"], "promote", "--search-run", parent]) == 0
+    assert registry_main(["--tracking-uri", store["uri"], "promote", "--search-run", parent]) == 0
     out = capsys.readouterr().out
     assert "not promoted" in out
-    assert rg.main(["--tracking-uri", store["uri"], "promote", "--search-run", "0" * 32]) == 2
-    assert rg.main(["--tracking-uri", store["uri"], "show", "--dataset", DATASET]) == 0
+    assert registry_main(["--tracking-uri", store["uri"], "promote", "--search-run", "0" * 32]) == 2
+    assert registry_main(["--tracking-uri", store["uri"], "show", "--dataset", DATASET]) == 0
     assert "@champion" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""The search (tldr_core.platform.search, run as tune/search.py): the search space, the settings and
+"""The search (tldr_core.platform.search.driver, run as tune/search.py): the search space, the settings and
 the up-front checks, and real (tiny) Ray Tune searches checked through the MLflow client: one nested
 run per trial, statuses, failures, resume, the champion."""
 from __future__ import annotations
@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tldr_core.platform import tracking as tr
 from tldr_core.attack.config import AttackConfig, ConfigError, LossWeights
-from tldr_core.platform.search_space import DEFAULT_SPACE, load_space, space_from_dict, switch_name
-from tldr_core.platform.search_settings import log_every_for, make_settings
-from tldr_core.platform.trial_runs import trial_runs
+from tldr_core.platform.search.settings import log_every_for, make_settings
+from tldr_core.platform.search.spaces.load import DEFAULT_SPACE, load_space, space_from_dict
+from tldr_core.platform.search.spaces.tldr_space import switch_name
+from tldr_core.platform.tracking import store as tr
+from tldr_core.platform.tracking.trial_runs import trial_runs
 
 from search_helpers import REPO, SEARCH, TINY, client_of, done_counts, run_search, searches_of  # noqa: E402 - this folder
 
@@ -183,7 +184,7 @@ def test_bad_input_is_one_error_before_any_work(cli, tmp_path, capsys, argv, mes
 
 
 def test_scheduler_option(cli):
-    from tldr_core.platform.search_cli import settings_from_args
+    from tldr_core.platform.search.cli import settings_from_args
 
     parse = cli.build_parser().parse_args
     assert settings_from_args(parse([])).scheduler == "asha"
@@ -223,7 +224,7 @@ def test_settings_are_frozen_and_checked(tmp_path, monkeypatch):
 
 
 def test_run_checks_before_any_work(tmp_path, monkeypatch):
-    from tldr_core.platform.search import run
+    from tldr_core.platform.search.driver import run
 
     monkeypatch.setenv("TLDR_RUNS", str(tmp_path / "runs"))
     st = make_settings("mnist-bundled", max_concurrent=1, tracking_uri=f"http://127.0.0.1:{free_port()}")

@@ -16,12 +16,12 @@ import yaml
 
 from tldr_core.attack.config import AttackConfig, ConfigError
 from tldr_core.attack.kkt import KKTConfig
-from tldr_core.platform import tracking as tr
-from tldr_core.platform.kkt_space import KKTSearchSpace, kkt_space_from_dict
-from tldr_core.platform.search_settings import make_settings
-from tldr_core.platform.search_space import (DEFAULT_SPACE, DEFAULT_SPACES, fit_to_classifier, load_space,
-                                             space_from_dict)
-from tldr_core.platform.trial_runs import trial_runs
+from tldr_core.platform.search.settings import make_settings
+from tldr_core.platform.search.spaces.kkt_space import KKTSearchSpace, kkt_space_from_dict
+from tldr_core.platform.search.spaces.load import (DEFAULT_SPACE, DEFAULT_SPACES, fit_to_classifier, load_space,
+                                                   space_from_dict)
+from tldr_core.platform.tracking import store as tr
+from tldr_core.platform.tracking.trial_runs import trial_runs
 
 REPO = Path(__file__).resolve().parents[2]
 SEARCH = REPO / "tune" / "search.py"

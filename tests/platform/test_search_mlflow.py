@@ -11,10 +11,10 @@ import mlflow
 import pytest
 
 from search_helpers import REAUDIT, TINY, client_of, done_counts, run_search, searches_of
-from tldr_core.platform import tracking as tr
-from tldr_core.platform.search_summary import MIN_IMPORTANCE_TRIALS, param_importances
-from tldr_core.platform.search_space import load_space
-from tldr_core.platform.trial_runs import TrialSummary, trial_runs
+from tldr_core.platform.search.spaces.load import load_space
+from tldr_core.platform.search.summary import MIN_IMPORTANCE_TRIALS, param_importances
+from tldr_core.platform.tracking import store as tr
+from tldr_core.platform.tracking.trial_runs import TrialSummary, trial_runs
 
 
 def _finished(c, exp, search):

@@ -1,4 +1,4 @@
-"""MLflow helpers (tldr_core.platform.tracking): tracking URIs, the fail-fast check, the TCP probe,
+"""MLflow helpers (tldr_core.platform.tracking.store): tracking URIs, the fail-fast check, the TCP probe,
 and logging a report beside a run."""
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import socket
 
 import pytest
 
-from tldr_core.platform import tracking as tr
 from tldr_core.platform.probe import tcp_reachable
+from tldr_core.platform.tracking import store as tr
 
 
 def test_tracking_uris_are_absolute(tmp_path, monkeypatch):
@@ -90,7 +90,7 @@ def _free_port() -> int:
 
 _CREATE = """
 import sys, time
-from tldr_core.platform import tracking as tr
+from tldr_core.platform.tracking import store as tr
 uri, start = sys.argv[1], float(sys.argv[2])
 time.sleep(max(0.0, start - time.time()))  # every process opens the fresh database at the same moment
 c = tr.client(uri)
@@ -131,7 +131,7 @@ def test_metric_names_group_and_sort_the_objective_first():
 @pytest.mark.slow
 def test_logged_models_land_in_their_runs_experiment(tmp_path, tiny_cnn):
     from tldr_core.attack.checkpoints import CLASSIFIER_FORMAT, save_checkpoint
-    from tldr_core.platform.registry import log_checkpoint_model
+    from tldr_core.platform.registry.models import log_checkpoint_model
 
     c = tr.client(f"sqlite:///{tmp_path / 'm.db'}")
     exp = tr.ensure_experiment(c, "models", tmp_path / "art")

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tldr_core.platform.tuning import trial_device
+from tldr_core.platform.search.trial_inputs import trial_device
 
 
 def _inputs(gpus):

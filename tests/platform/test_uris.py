@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tldr_core.platform import uris
-from tldr_core.platform.uris import UriError, normalize_tracking_uri, redact
+from tldr_core.platform.tracking import uris
+from tldr_core.platform.tracking.uris import UriError, normalize_tracking_uri, redact
 
 URI = "postgresql://mlflow:s3cret@127.0.0.1:5432/mlflow"
 

@@ -19,14 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-
-class DatasetNotFoundError(FileNotFoundError):
-    """The data set's files are not where we looked (the message says where, and which flag fixes it)."""
-
-
-class DataError(ValueError):
-    """An unknown data set name, an impossible split size, or unusable files."""
-
+# the errors live below this module and images.py, which both raise them; importers take them from here too
+from tldr_core.attack.data_errors import DataError, DatasetNotFoundError  # noqa: F401
 
 DATASETS: tuple[str, ...] = (
     "mnist-bundled", "digits-8x8", "mnist", "fashion-mnist", "svhn", "cifar10", "image-folder", "npz",

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tldr_core.attack.data import DataError
+from tldr_core.attack.data_errors import DataError
 from tldr_core.attack.model_specs import LIMITS
 
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp")

@@ -261,7 +261,7 @@ def load_audited_classifier(args: argparse.Namespace, bundle: DatasetBundle, dev
                             log: Callable[[str], None], mlflow_uri: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     if args.classifier:
         if args.classifier.startswith("models:/"):  # a registered version, read weights-only from mlflow_uri
-            from tldr_core.platform.audit_tracking import load_registered
+            from tldr_core.platform.tracking.audit_run import load_registered
 
             model, meta = load_registered(mlflow_uri, args.classifier)
         else:
@@ -333,7 +333,7 @@ def run(args: argparse.Namespace, cfg: AttackConfig | KKTConfig, image_size: tup
     spec = classifier.spec() if hasattr(classifier, "spec") else None
     path = write_outputs(target, bundle, res, info, spec=spec)
     if mlflow_uri is not None:  # the first thing written to the store: after data, classifier and files
-        from tldr_core.platform.audit_tracking import log_audit
+        from tldr_core.platform.tracking.audit_run import log_audit
 
         log_audit(mlflow_uri, path.parent, json.loads(path.read_text()), bundle, say=log)
     return res, path
@@ -362,7 +362,7 @@ def mlflow_target(args: argparse.Namespace) -> str | None:
     checked now without creating anything; None when it is not logged."""
     if args.tracking_uri is None and not (args.classifier or "").startswith("models:/"):
         return None
-    from tldr_core.platform.audit_tracking import check_target, target_uri
+    from tldr_core.platform.tracking.audit_run import check_target, target_uri
 
     uri = target_uri(args.tracking_uri, args.classifier)
     check_target(uri, args.classifier)

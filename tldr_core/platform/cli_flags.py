@@ -15,7 +15,7 @@ import argparse
 import sys
 from typing import Any
 
-from tldr_core.platform.tracking import redact
+from tldr_core.platform.tracking.uris import redact
 
 #: How the running command was typed when the `tldr` dispatcher started it ("tldr search"); None otherwise.
 #: Help texts, resume hints and MLflow's mlflow.source.name use it instead of the module's own name.

@@ -26,7 +26,7 @@ from typing import Any, Iterator
 from urllib.parse import urlsplit
 
 from tldr_core.locks import FileLock, LockBusy
-from tldr_core.platform import tracking as tr
+from tldr_core.platform.tracking import store as tr
 
 CHAMPION = "champion"
 LOCK_TIMEOUT_S = 120.0

@@ -1,60 +1,27 @@
-"""The MLflow model registry side of a search: the audited classifier, the generators, the champion.
-
-    python -m tldr_core.platform.registry promote --search-run RUN_ID      (promotion for an existing search)
-    python -m tldr_core.platform.registry show --dataset mnist-bundled      (versions, tags and the champion)
+"""Registered tldr models in MLflow: a checkpoint logged as a pyfunc model, the audited classifier
+registered (or its version reused), and a registered version downloaded and loaded weights-only.
 
 Models are logged as MLflow pyfunc models whose only data is a tldr weights-only checkpoint
 (`tldr_core.attack.checkpoints`): loading one, through `mlflow.pyfunc.load_model` (the flavour is
-`tldr_core.platform.pyfunc`) or through the helpers here, never unpickles code (`load_classifier` /
-`load_generator` use `torch.load(weights_only=True)`). A registered generator samples with the same
-`generate` the search scored, so it reproduces the scored reconstructions for the same seed.
+`pyfunc`) or through the helpers here, never unpickles code (`load_classifier` / `load_generator`
+use `torch.load(weights_only=True)`). A registered generator samples with the same `generate` the
+search scored, so it reproduces the scored reconstructions for the same seed.
 
-Registered names: `tldr-classifier-<dataset>` (tags: sha256 of the checkpoint, test_accuracy, ...),
-`tldr-generator-<dataset>` (tags: the classifier version it attacks, objective, objective_value,
-search_run, trial_run, label_agreement). A generator version gets the alias `champion` only if it
-beats the current champion for the same classifier on the same objective, and never from a newer
-version for another classifier or objective; the alias is decided and set under a lock against the
-store's state at that moment (`tldr_core.platform.champion`), so re-promoting an older search never
-moves it back and concurrent promotions end on the better version.
-
-Only TLDR searches promote: a KKT search (`--attack kkt`, tag `tldr.attack=kkt`) produces candidate
-images, not a sampler, so it registers nothing (its best trial's `kkt.pt` stays a run artifact);
-`promote` says so and tags the search run.
+Registered names (`names`): `tldr-classifier-<dataset>` (tags: sha256 of the checkpoint,
+test_accuracy, ...), `tldr-generator-<dataset>` (registered by `promotion`).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import os
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from tldr_core.platform import tracking as tr
-from tldr_core.platform.champion import (CHAMPION, PromotionLockError, champion_decision,  # noqa: F401
-                                         claim_champion)
-# _load_pyfunc: also the loader of models logged while this module was their `loader_module`
-from tldr_core.platform.pyfunc import LOADER_MODULE, _load_pyfunc  # noqa: F401
-from tldr_core.platform.trial_runs import TrialSummary, best_trial, summarize_trials
-from tldr_core.platform.uris import UriError, normalize_tracking_uri
-
-CLASSIFIER_MODEL = "tldr-classifier-{dataset}"
-GENERATOR_MODEL = "tldr-generator-{dataset}"
-
-
-class RegistryError(RuntimeError):
-    """A registry URI or version that cannot be used."""
-
-
-def classifier_model_name(dataset: str) -> str:
-    return CLASSIFIER_MODEL.format(dataset=dataset)
-
-
-def generator_model_name(dataset: str) -> str:
-    return GENERATOR_MODEL.format(dataset=dataset)
+from tldr_core.platform.registry.names import RegistryError, classifier_model_name, parse_models_uri
+from tldr_core.platform.registry.pyfunc import LOADER_MODULE
+from tldr_core.platform.tracking import store as tr
 
 
 def sha256_file(path: str | Path) -> str:
@@ -95,7 +62,7 @@ def log_checkpoint_model(c, run_id: str, checkpoint: str | Path, name: str) -> A
     from mlflow.models import Model
 
     from tldr_core.attack.checkpoints import CheckpointError
-    from tldr_core.platform.pyfunc import CheckpointPyfunc, signature_and_example
+    from tldr_core.platform.registry.pyfunc import CheckpointPyfunc, signature_and_example
 
     mlflow.set_tracking_uri(c.tracking_uri)
     run = tr.retry(lambda: c.get_run(run_id))
@@ -113,7 +80,7 @@ def log_checkpoint_model(c, run_id: str, checkpoint: str | Path, name: str) -> A
                                       input_example=example), what="log model")
 
 
-def _ensure_registered_model(c, name: str, description: str) -> None:
+def ensure_registered_model(c, name: str, description: str) -> None:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -125,7 +92,7 @@ def _ensure_registered_model(c, name: str, description: str) -> None:
             pass  # created concurrently
 
 
-def _versions(c, name: str) -> list:
+def model_versions(c, name: str) -> list:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -134,7 +101,7 @@ def _versions(c, name: str) -> list:
         return []
 
 
-def _alias_version(c, name: str, alias: str):
+def alias_version(c, name: str, alias: str):
     from mlflow.exceptions import MlflowException
 
     try:
@@ -163,12 +130,12 @@ def register_classifier(c, run_id: str, checkpoint: str | Path, dataset: str, me
     name = classifier_model_name(dataset)
     sha = sha256_file(checkpoint)
     acc = meta.get("test_accuracy")
-    for mv in _versions(c, name):
+    for mv in model_versions(c, name):
         if mv.tags.get("sha256") == sha:
             return ClassifierRef(name, str(mv.version), sha, float(mv.tags["test_accuracy"])
                                  if "test_accuracy" in mv.tags else acc, reused=True)
     info = log_checkpoint_model(c, run_id, checkpoint, "classifier")
-    _ensure_registered_model(c, name, f"Classifier under audit on {dataset} (tldr weights-only checkpoint).")
+    ensure_registered_model(c, name, f"Classifier under audit on {dataset} (tldr weights-only checkpoint).")
     tags = {"sha256": sha, "dataset": dataset, "format": "tldr-classifier/1"}
     for k in ("test_accuracy", "train_accuracy", "train_size", "test_size", "cache_key"):
         if meta.get(k) is not None:
@@ -179,22 +146,6 @@ def register_classifier(c, run_id: str, checkpoint: str | Path, dataset: str, me
                                                  model_id=getattr(info, "model_id", None),
                                                  description=f"test accuracy {acc}"))
     return ClassifierRef(name, str(mv.version), sha, acc)
-
-
-def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
-    """models:/name@alias or models:/name/version -> (name, version, alias)."""
-    if not uri.startswith("models:/"):
-        raise RegistryError(f"{uri!r} is not a registry URI (models:/name@alias or models:/name/version)")
-    rest = uri[len("models:/"):].strip("/")
-    if "@" in rest:
-        name, alias = rest.split("@", 1)
-        if name and alias:
-            return name, None, alias
-    elif "/" in rest:
-        name, version = rest.rsplit("/", 1)
-        if name and version.isdigit():
-            return name, version, None
-    raise RegistryError(f"{uri!r} is not a registry URI (models:/name@alias or models:/name/version)")
 
 
 def resolve_version(c, uri: str):
@@ -243,151 +194,3 @@ def load_registered_generator(c, uri: str, dst: str | Path | None = None):
     return gen, meta, mv
 
 
-# ------------------------------------------------------------------------------ promotion
-
-@dataclass
-class PromotionResult:
-    name: str | None
-    version: str | None
-    promoted: bool
-    reason: str
-    value: float | None = None
-    champion_version: str | None = None  # the version holding the alias after the promotion
-
-
-def _search_context(c, search_run_id: str) -> tuple[str, str, str, dict[str, str]]:
-    """(experiment id, objective, dataset, classifier tags) of a search run; RegistryError when it is not one."""
-    run = tr.retry(lambda: c.get_run(search_run_id))
-    t = run.data.tags
-    if t.get(tr.ROLE) != "search":
-        raise RegistryError(f"run {search_run_id} is not a search run (tag {tr.ROLE}={t.get(tr.ROLE)!r})")
-    objective, dataset = t.get(tr.OBJECTIVE), t.get("tldr.dataset")
-    if not objective or not dataset:
-        raise RegistryError(f"search run {search_run_id} lacks its objective/dataset tags")
-    clf = {k: t.get(f"tldr.{k}", "") for k in ("classifier_name", "classifier_version", "classifier_sha256")}
-    return run.info.experiment_id, objective, dataset, clf
-
-
-def _version_of(c, name: str, versions: list, best: TrialSummary, search_run_id: str, objective: str,
-                dataset: str, clf: dict[str, str], log: Callable[[str], None]):
-    """The generator version holding the best trial's model: the existing one, or a new one."""
-    mine = [v for v in versions if v.run_id == best.run_id]
-    if mine:
-        log(f"registry: {name} version {mine[0].version} already holds trial run {best.run_id}")
-        return mine[0]
-    best_run = tr.retry(lambda: c.get_run(best.run_id))
-    source = best_run.data.tags.get(tr.GENERATOR_MODEL)
-    if not source:
-        raise RegistryError(f"trial run {best.run_id} has no logged generator model (tag {tr.GENERATOR_MODEL})")
-    tags = {**clf, "objective": objective, "objective_value": repr(best.value), "dataset": dataset,
-            "search_run": search_run_id, "trial_run": best.run_id, "trial_id": best.trial_id,
-            "label_agreement": "" if best.label_agreement is None else repr(best.label_agreement),
-            "variant": best.params.get("variant", "")}
-    mv = tr.retry(lambda: c.create_model_version(
-        name, source=source, run_id=best.run_id, tags=tags, model_id=best_run.data.tags.get(tr.GENERATOR_MODEL_ID) or None,
-        description=f"search {search_run_id}, trial {best.trial_id}: {objective} {best.value:.4f}"))
-    versions.append(mv)
-    return mv
-
-
-def promote(c, search_run_id: str, log: Callable[[str], None] | None = print) -> PromotionResult:
-    """Register the best finished trial's generator of a search; alias it `champion` only if it beats the
-    comparable champion (same classifier checkpoint, same objective). Idempotent for a search."""
-    log = log or (lambda s: None)
-    experiment_id, objective, dataset, clf = _search_context(c, search_run_id)
-    best = best_trial(summarize_trials(c, experiment_id, search_run_id, objective))
-    attack = tr.retry(lambda: c.get_run(search_run_id)).data.tags.get(tr.ATTACK, "tldr")
-    if attack != "tldr":
-        return _not_registered(c, search_run_id, attack, best, objective, log)
-    if best is None:
-        res = PromotionResult(None, None, False, "nothing to promote: no trial of this search finished")
-        tr.set_tags(c, search_run_id, {"tldr.promotion": res.reason})
-        log(f"promotion: {res.reason}")
-        return res
-    name = generator_model_name(dataset)
-    _ensure_registered_model(c, name, f"TLDR generators attacking the {dataset} classifier; alias `champion`: "
-                                      "the best one for the latest audited classifier (see tldr_core/platform/registry.py).")
-    versions = _versions(c, name)
-    version = str(_version_of(c, name, versions, best, search_run_id, objective, dataset, clf, log).version)
-    # decided against the store's state when the alias is set, not the versions listed above
-    promoted, reason, holder = claim_champion(c, name, version, best.value, clf, objective)
-    tr.retry(lambda: c.set_model_version_tag(name, version, "promotion", reason))
-    tr.set_tags(c, search_run_id, {"tldr.promotion": reason, "tldr.generator_model": name,
-                                   "tldr.generator_version": version, "tldr.champion": str(promoted).lower()})
-    log(f"promotion: {reason}")
-    return PromotionResult(name, version, promoted, reason, best.value, holder)
-
-
-def _not_registered(c, search_run_id: str, attack: str, best: TrialSummary | None, objective: str,
-                    log: Callable[[str], None]) -> PromotionResult:
-    """The promotion of a non-TLDR search: nothing registered (the registry holds generators); says where
-    its best result is instead."""
-    where = (f"; its best trial {best.number} ({objective} {best.value:.4f}) keeps its candidates as the run "
-             f"artifact kkt.pt of run {best.run_id}" if best is not None else "; no trial of it finished")
-    reason = f"nothing registered: a {attack} search has no generator to register{where}"
-    tr.set_tags(c, search_run_id, {"tldr.promotion": reason, "tldr.champion": "false"})
-    log(f"promotion: {reason}")
-    return PromotionResult(None, None, False, reason, best.value if best is not None else None)
-
-
-# ------------------------------------------------------------------------------ CLI
-
-def _show(c, dataset: str) -> int:
-    for name in (classifier_model_name(dataset), generator_model_name(dataset)):
-        versions = sorted(_versions(c, name), key=lambda v: int(v.version))
-        if not versions:
-            print(f"{name}: no versions")
-            continue
-        holder = _alias_version(c, name, CHAMPION)
-        print(f"{name}:")
-        for v in versions:
-            mark = f"  @{CHAMPION}" if holder is not None and holder.version == v.version else ""
-            keys = ("test_accuracy", "sha256") if "classifier" in name else \
-                ("objective", "objective_value", "classifier_version", "search_run")
-            info = ", ".join(f"{k}={v.tags.get(k, '')[:16] if k == 'sha256' else v.tags.get(k, '')}" for k in keys)
-            print(f"  version {v.version}{mark}: {info}")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """`promote` and `show`; --tracking-uri before or after the subcommand."""
-    from tldr_core.platform import cli_flags as flags
-
-    p = flags.parser("python -m tldr_core.platform.registry", __doc__)
-    flags.add_tracking_uri(p)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    pr = sub.add_parser("promote", help="register a search's best generator; alias champion if it beats the champion",
-                        formatter_class=flags.HelpFormatter)
-    pr.add_argument("--search-run", required=True, help="run id of the search (parent) run")
-    sh = sub.add_parser("show", help="list registered classifier/generator versions of a data set",
-                        formatter_class=flags.HelpFormatter)
-    sh.add_argument("--dataset", required=True)
-    for sp in (pr, sh):  # also accepted after the subcommand (`show --tracking-uri X`); SUPPRESS keeps one given before
-        flags.add_tracking_uri(sp, default=argparse.SUPPRESS)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    from tldr_core.platform import cli_flags as flags
-
-    args = build_parser().parse_args(argv)
-    try:
-        uri = normalize_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
-        tr.check_tracking_uri(uri)
-        c = tr.client(uri)
-        if args.cmd == "show":
-            return _show(c, args.dataset)
-        res = promote(c, args.search_run)
-    except (RegistryError, tr.TrackingError, PromotionLockError, UriError) as exc:
-        return flags.print_error(exc)
-    except Exception as exc:  # noqa: BLE001 - MlflowException for an unknown run id etc.
-        if type(exc).__name__ == "MlflowException":
-            return flags.print_error(exc)
-        raise
-    if res.version:
-        print(f"{res.name} version {res.version}: {'champion' if res.promoted else 'not promoted'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

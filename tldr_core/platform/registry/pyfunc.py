@@ -14,8 +14,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-#: Recorded in every model logged by `registry.log_checkpoint_model`.
-LOADER_MODULE = "tldr_core.platform.pyfunc"
+from tldr_core.platform.registry.names import RegistryError
+
+#: Recorded in every model logged by `models.log_checkpoint_model`.
+LOADER_MODULE = "tldr_core.platform.registry.pyfunc"
 
 
 def scored_sample(meta: dict[str, Any]) -> dict[str, int]:
@@ -152,9 +154,7 @@ def signature_and_example(model: CheckpointPyfunc) -> tuple[Any, Any]:
 
 
 def _load_pyfunc(data_path: str) -> CheckpointPyfunc:
-    """MLflow pyfunc loader hook (`loader_module=tldr_core.platform.pyfunc`): the logged .pt file."""
-    from tldr_core.platform.registry import RegistryError
-
+    """MLflow pyfunc loader hook (`loader_module=tldr_core.platform.registry.pyfunc`): the logged .pt file."""
     p = Path(data_path)
     if p.is_dir():
         found = sorted(p.glob("*.pt"))

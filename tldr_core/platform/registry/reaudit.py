@@ -19,7 +19,7 @@ search itself failed, e.g. a transient error), when it carries reaudit=requested
 audit (done or error) is older than --max-age-days. `error` means its model could not be loaded
 (weights-only, no pickled code runs): it is skipped until it ages out or is requested again.
 
-Each audit is one search (`tldr_core.platform.search.run`, in this process; it returns the search's
+Each audit is one search (`tldr_core.platform.search.driver.run`, in this process; it returns the search's
 run id) against `models:/<name>/<version>`, warm-started: the search space is copied with one
 `initial_points` entry holding the settings of the data set's current champion generator (its trial
 run's parameters), which OptunaSearch evaluates first (points_to_evaluate). The search registers and
@@ -30,59 +30,18 @@ from __future__ import annotations
 
 import datetime as _dt
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from tldr_core.platform import tracking as tr
-from tldr_core.platform.trial_runs import best_trial, summarize_trials
+from tldr_core.platform.registry.audit_tags import (ERROR, REQUEST_TAG, REQUESTED, RESULT_TAGS, RUN_ID, STARTED,
+                                                    STATUS, TIME, Candidate, ReauditError, audit_results,
+                                                    delete_version_tags, now_iso, one_line, parse_iso,
+                                                    set_version_tags)
+from tldr_core.platform.tracking import store as tr
 
 PREFIX = "tldr-classifier-"
-STATUS, STARTED, TIME, ERROR, RUN_ID = "audit.status", "audit.started", "audit.time", "audit.error", "audit.run_id"
-REQUEST_TAG, REQUESTED = "reaudit", "requested"
-RESULT_TAGS = ("audit.quality", "audit.gap", "audit.gap_ci_low", "audit.gap_ci_high", "audit.coverage",
-               "audit.label_agreement", "audit.risk", "audit.risk_reason", RUN_ID, "audit.trial_run",
-               "audit.generator", "audit.promotion")
-
-
-class ReauditError(RuntimeError):
-    """A problem with the re-audit as a whole (printed as one line)."""
-
-
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-
-
-def parse_iso(s: str | None) -> _dt.datetime | None:
-    if not s:
-        return None
-    try:
-        t = _dt.datetime.fromisoformat(s)
-    except ValueError:
-        return None
-    return t if t.tzinfo else t.replace(tzinfo=_dt.timezone.utc)
-
-
-def one_line(exc: BaseException | str, limit: int = 480) -> str:
-    s = exc if isinstance(exc, str) else (str(exc) or type(exc).__name__)
-    s = " ".join(s.split())
-    return s[:limit]
-
-
 # ------------------------------------------------------------------------------------- what to audit
-
-@dataclass
-class Candidate:
-    name: str
-    version: str
-    dataset: str
-    reason: str
-    tags: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def uri(self) -> str:
-        return f"models:/{self.name}/{self.version}"
-
 
 def pending_reason(tags: dict[str, str], max_age_days: float, now: _dt.datetime) -> str | None:
     """Why a version with these tags needs an audit, or None when it does not."""
@@ -143,7 +102,8 @@ def warm_start_point(c, dataset: str, space) -> tuple[dict[str, Any] | None, str
     from mlflow.exceptions import MlflowException
 
     from tldr_core.attack.config import LossWeights
-    from tldr_core.platform.registry import CHAMPION, generator_model_name
+    from tldr_core.platform.registry.champion import CHAMPION
+    from tldr_core.platform.registry.names import generator_model_name
 
     name = generator_model_name(dataset)
     try:
@@ -184,7 +144,7 @@ def write_space(space_path: str | None, point: dict[str, Any] | None, out: Path)
     """Copy of the search space with `point` enqueued first (initial_points)."""
     import yaml
 
-    from tldr_core.platform.search_space import load_space
+    from tldr_core.platform.search.spaces.load import load_space
 
     space = load_space(space_path)
     data = space.as_dict()
@@ -218,25 +178,10 @@ class Options:
     gpus_per_trial: float = 0.0
 
 
-def _set_tags(c, mv: Candidate, tags: dict[str, Any]) -> None:
-    for k, v in tags.items():
-        tr.retry(lambda k=k, v=v: c.set_model_version_tag(mv.name, mv.version, k, str(v)))
-
-
-def _delete_tags(c, mv: Candidate, keys) -> None:
-    from mlflow.exceptions import MlflowException
-
-    for k in keys:
-        try:
-            c.delete_model_version_tag(mv.name, mv.version, k)
-        except MlflowException:
-            pass  # not there
-
-
 def search_settings(cand: Candidate, opts: Options, space_file: Path):
     """The SearchSettings of one audit: the search command's defaults, against `cand`'s model, on the
     training-set size the classifier was trained with (its train_size tag)."""
-    from tldr_core.platform.search import make_settings
+    from tldr_core.platform.search.driver import make_settings
 
     train_size = int(cand.tags["train_size"]) if cand.tags.get("train_size", "").isdigit() else None
     return make_settings(cand.dataset, classifier=cand.uri, space=space_file, tracking_uri=opts.tracking_uri,
@@ -251,63 +196,12 @@ def run_search(cand: Candidate, opts: Options, space_file: Path,
                say: Callable[[str], None]) -> tuple[str | None, str | None]:
     """Run the audit's search in this process; (search run id, None) when it finished, else
     (its run id if it got one, why it failed). Ctrl-C propagates (the version stays `running`)."""
-    from tldr_core.platform.search import run
+    from tldr_core.platform.search.driver import run
 
     try:
         return run(search_settings(cand, opts, space_file), say, address=opts.address), None
     except Exception as exc:  # noqa: BLE001 - any failure of one audit is recorded, the others still run
         return getattr(exc, "search_run_id", None), f"search failed: {type(exc).__name__}: {one_line(exc)}"
-
-
-def audit_results(c, search_run_id: str) -> dict[str, Any]:
-    """The best trial's metrics of a finished search, its risk level and its promotion outcome."""
-    import mlflow
-
-    from tldr_core.scoring.risk import assess
-
-    parent = tr.retry(lambda: c.get_run(search_run_id))
-    objective = parent.data.tags.get(tr.OBJECTIVE, "quality")
-    best = best_trial(summarize_trials(c, parent.info.experiment_id, search_run_id, objective))
-    if best is None:
-        raise ReauditError(f"search run {search_run_id}: no trial finished")
-    m = tr.scores_of(tr.retry(lambda: c.get_run(best.run_id)).data.metrics)
-    mlflow.set_tracking_uri(c.tracking_uri)
-    baselines = mlflow.artifacts.load_dict(f"{parent.info.artifact_uri}/summary/baselines.json")
-    missing = [k for k in ("quality", "gap", "gap_ci_low", "gap_ci_high", "gap_significant", "coverage") if k not in m]
-    if missing:
-        raise ReauditError(f"trial run {best.run_id} lacks metrics {missing}")
-    risk = assess({**m, "tau": m.get("tau", 0.5)}, baselines)
-    t = tr.retry(lambda: c.get_run(search_run_id)).data.tags
-    out = {"audit.quality": f"{m['quality']:.6g}", "audit.gap": f"{m['gap']:.6g}",
-           "audit.gap_ci_low": f"{m['gap_ci_low']:.6g}", "audit.gap_ci_high": f"{m['gap_ci_high']:.6g}",
-           "audit.coverage": f"{m['coverage']:.6g}", "audit.risk": risk.level, "audit.risk_reason": risk.reason[:480],
-           RUN_ID: search_run_id, "audit.trial_run": best.run_id}
-    if m.get("label_agreement") is not None:
-        out["audit.label_agreement"] = f"{m['label_agreement']:.6g}"
-    if t.get("tldr.generator_version"):
-        out["audit.generator"] = f"models:/{t.get('tldr.generator_model')}/{t['tldr.generator_version']}"
-    if t.get("tldr.promotion"):
-        out["audit.promotion"] = t["tldr.promotion"][:480]
-    return out
-
-
-def record_search_audit(c, search_run_id: str, name: str, version: str) -> dict[str, Any] | None:
-    """Write a finished search's result onto the classifier version it attacked (audit.status=done,
-    audit.time, the scores and risk of `audit_results`), so a search counts as that version's audit
-    (`re-audit --dry-run` no longer lists it). Never fails the search: returns None when it could not."""
-    try:
-        results = audit_results(c, search_run_id)
-        set_audit_tags(c, Candidate(name, str(version), "", "search"), results)
-        return results
-    except Exception:  # noqa: BLE001 - the search itself succeeded; the next re-audit will redo this
-        return None
-
-
-def set_audit_tags(c, cand: Candidate, results: dict[str, Any]) -> None:
-    """A finished audit's `audit.*` results on a classifier version: status done, the time, no stale
-    result, error or re-audit request left over."""
-    _delete_tags(c, cand, [k for k in RESULT_TAGS if k not in results] + [ERROR, REQUEST_TAG])
-    _set_tags(c, cand, {**results, TIME: now_iso(), STATUS: "done"})
 
 
 def _echo(say: Callable[[str], None], quiet: bool) -> Callable[[str], None]:
@@ -322,11 +216,11 @@ def _echo(say: Callable[[str], None], quiet: bool) -> Callable[[str], None]:
 
 def audit_one(c, cand: Candidate, opts: Options, say: Callable[[str], None]) -> str:
     """Audit one classifier version; returns its final audit.status (done | error | failed)."""
-    from tldr_core.platform.registry import load_registered_classifier
-    from tldr_core.platform.search_space import load_space
+    from tldr_core.platform.registry.models import load_registered_classifier
+    from tldr_core.platform.search.spaces.load import load_space
 
     started = now_iso()
-    _set_tags(c, cand, {STATUS: "running", STARTED: started})  # a kill from here on leaves it pending
+    set_version_tags(c, cand, {STATUS: "running", STARTED: started})  # a kill from here on leaves it pending
     with tempfile.TemporaryDirectory(prefix="tldr-reaudit-") as tmp:
         # 1. the model must load weights-only; a version that does not is tagged and skipped
         try:
@@ -334,7 +228,7 @@ def audit_one(c, cand: Candidate, opts: Options, say: Callable[[str], None]) -> 
             del model
         except Exception as exc:  # noqa: BLE001 - CheckpointError, RegistryError, missing artifacts...
             msg = f"model does not load: {one_line(str(exc).replace(str(Path(tmp) / 'model'), cand.uri))}"
-            _set_tags(c, cand, {STATUS: "error", ERROR: msg, TIME: now_iso()})
+            set_version_tags(c, cand, {STATUS: "error", ERROR: msg, TIME: now_iso()})
             say(f"  {cand.uri}: error, skipped: {msg}")
             return "error"
         # 2. warm start from the champion's settings, through a copied space with initial_points
@@ -353,13 +247,13 @@ def audit_one(c, cand: Candidate, opts: Options, say: Callable[[str], None]) -> 
             tags = {STATUS: "failed", ERROR: msg, TIME: now_iso(), "audit.warm_start": source}
             if run_id:
                 tags[RUN_ID] = run_id
-            _set_tags(c, cand, tags)
+            set_version_tags(c, cand, tags)
             say(f"  {cand.uri}: audit failed (retried next run): {msg}")
             return "failed"
-    _delete_tags(c, cand, [k for k in RESULT_TAGS if k not in results] + [ERROR])
-    _set_tags(c, cand, {**results, "audit.warm_start": source, TIME: now_iso(), STATUS: "done"})
+    delete_version_tags(c, cand, [k for k in RESULT_TAGS if k not in results] + [ERROR])
+    set_version_tags(c, cand, {**results, "audit.warm_start": source, TIME: now_iso(), STATUS: "done"})
     if cand.tags.get(REQUEST_TAG) == REQUESTED:
-        _delete_tags(c, cand, [REQUEST_TAG])
+        delete_version_tags(c, cand, [REQUEST_TAG])
     say(f"  {cand.uri}: done, risk {results['audit.risk']}: quality {results['audit.quality']}, gap "
         f"{results['audit.gap']} (95% CI {results['audit.gap_ci_low']} to {results['audit.gap_ci_high']}), "
         f"coverage {results['audit.coverage']}; search run {results[RUN_ID]}")

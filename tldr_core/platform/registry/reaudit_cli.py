@@ -12,7 +12,7 @@ registers and promotes its generator as usual, and the result is written back on
 version as tags audit.quality, audit.gap, audit.coverage, audit.risk, audit.run_id, audit.time,
 audit.status=done. A version whose model does not load (weights only; no pickled code is run) gets
 audit.status=error and audit.error, and the others are still audited. Running it again right after
-does nothing. Details: tldr_core/platform/reaudit.py.
+does nothing. Details: tldr_core/platform/registry/reaudit.py.
 """
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from tldr_core.attack.config import ConfigError  # noqa: E402
 from tldr_core.platform import cli_flags as flags  # noqa: E402
-from tldr_core.platform import reaudit as ra  # noqa: E402
-from tldr_core.platform import tracking as tr  # noqa: E402
-from tldr_core.platform.search_settings import SearchError  # noqa: E402
-from tldr_core.platform.uris import UriError, normalize_tracking_uri  # noqa: E402
+from tldr_core.platform.registry import reaudit as ra  # noqa: E402
+from tldr_core.platform.search.settings import SearchError  # noqa: E402
+from tldr_core.platform.tracking import store as tr  # noqa: E402
+from tldr_core.platform.tracking.uris import UriError, normalize_tracking_uri  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,11 +61,11 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ra.ReauditError(f"--max-age-days must be >= 0, got {args.max_age_days}")
     if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0:
         raise ra.ReauditError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
-    from tldr_core.platform.search_ray import check_ray_address
+    from tldr_core.platform.search.tuner import check_ray_address
 
     check_ray_address(args.address)  # SearchError now, not after the first version was marked running
     if args.space:
-        from tldr_core.platform.search_space import load_space
+        from tldr_core.platform.search.spaces.load import load_space
 
         load_space(args.space)
 

@@ -31,9 +31,9 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 from tldr_core.attack.config import ConfigError  # noqa: E402
 from tldr_core.attack.data import DATASETS  # noqa: E402
 from tldr_core.platform import cli_flags as flags  # noqa: E402
-from tldr_core.platform import tracking as tr  # noqa: E402 - light imports only until the checks pass
-from tldr_core.platform.search_settings import (ATTACKS, DEFAULT_OBJECTIVE, DEFAULT_STEPS,  # noqa: E402
+from tldr_core.platform.search.settings import (ATTACKS, DEFAULT_OBJECTIVE, DEFAULT_STEPS,  # noqa: E402
                                                 OBJECTIVE_CHOICES, SMOKE, SearchError, SearchSettings, make_settings)
+from tldr_core.platform.tracking import store as tr  # noqa: E402 - light imports only until the checks pass
 
 #: Errors printed as one line (exit code 2) instead of a traceback, by class name (no heavy imports).
 ONE_LINE_ERRORS = {"DataError", "DatasetNotFoundError", "CheckpointError", "RegistryError", "MlflowException"}
@@ -116,7 +116,7 @@ def settings_from_args(args: argparse.Namespace) -> SearchSettings:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line: 0 finished, 130 interrupted (continue with --resume), 2 a one-line error."""
-    from tldr_core.platform.search import SearchInterrupted, run
+    from tldr_core.platform.search.driver import SearchInterrupted, run
 
     args = build_parser().parse_args(argv)
     say = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))

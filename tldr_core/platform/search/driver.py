@@ -1,15 +1,15 @@
 """The Ray Tune + Optuna search over the TLDR loss weights and conditioning variants (or the KKT attack's
 settings, `settings.attack == "kkt"`), as a function: `run(settings) -> search run id` (the command
-line is `search_cli`, run as `python tune/search.py`).
+line is `cli`, run as `python tune/search.py`).
 
 One classifier per search (trained or reused once, registered in MLflow as tldr-classifier-<dataset>);
 every trial trains a generator against it with settings drawn by Optuna (TPE, seeded) from the search
 space, behind a concurrency limit, with ASHA stopping weak trials early on generator steps. Every
 trial is a nested MLflow run of the search's run; the best finished generator is registered as
 tldr-generator-<dataset> and gets the alias `champion` only if it beats the champion for the same
-classifier on the same objective (`registry.promote`; a KKT search registers nothing and says so).
+classifier on the same objective (`registry.promotion.promote`; a KKT search registers nothing and says so).
 
-    from tldr_core.platform.search import make_settings, run
+    from tldr_core.platform.search.driver import make_settings, run
     run_id = run(make_settings("mnist-bundled", trials=8))
 """
 from __future__ import annotations
@@ -19,13 +19,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from tldr_core.platform import tracking as tr
-from tldr_core.platform.search_run import SearchRun, find_resume_run, load_settings
-from tldr_core.platform.search_ray import build_tuner, check_ray_address, start_ray, stop_ray
-from tldr_core.platform.search_settings import (OBJECTIVES, SMOKE, SearchError, SearchSettings,  # noqa: F401
+from tldr_core.platform.search.parent_run import SearchRun, find_resume_run, load_settings
+from tldr_core.platform.search.settings import (OBJECTIVES, SMOKE, SearchError, SearchSettings,  # noqa: F401
                                                 log_every_for, make_settings)
-from tldr_core.platform.search_summary import MIN_IMPORTANCE_TRIALS, write_summary
-from tldr_core.platform.trial_runs import close_open_trial_runs, ended_trials
+from tldr_core.platform.search.summary import MIN_IMPORTANCE_TRIALS, write_summary
+from tldr_core.platform.search.tuner import build_tuner, check_ray_address, start_ray, stop_ray
+from tldr_core.platform.tracking import store as tr
+from tldr_core.platform.tracking.trial_runs import close_open_trial_runs, ended_trials
 
 Say = Callable[[str], None]
 
@@ -80,7 +80,7 @@ def _fit(st: SearchSettings, search: SearchRun, address: str | None, resume: boo
 def _interrupted(st: SearchSettings, search: SearchRun, trials: list, say: Say) -> SearchInterrupted:
     """Close every trial that has not ended (KILLED, tldr.end=interrupted; a run for those that never
     opened one), tag the search, say how far it got (trials that really ended) and how to continue."""
-    from tldr_core.platform.trial_status import close_interrupted
+    from tldr_core.platform.search.trial_status import close_interrupted
 
     closed = close_interrupted(search.c, search.experiment_id, search.run_id, trials, search.run_tags)
     done = len(ended_trials(search.c, search.experiment_id, search.run_id))
@@ -95,9 +95,9 @@ def _interrupted(st: SearchSettings, search: SearchRun, trials: list, say: Say) 
 
 def _finish(st: SearchSettings, search: SearchRun, report: Say) -> None:
     """Close early-stopped trials, write the summary, promote the best generator, print the summary."""
-    from tldr_core.platform.registry import promote
+    from tldr_core.platform.registry.promotion import promote
 
-    from tldr_core.platform.reaudit import record_search_audit
+    from tldr_core.platform.registry.audit_tags import record_search_audit
 
     close_open_trial_runs(search.c, search.experiment_id, search.run_id, "FINISHED", "early-stopped")
     summary = write_summary(search.c, search.experiment_id, search.run_id, st.objective, search.space,

@@ -13,8 +13,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
-from tldr_core.platform import tracking as tr
-from tldr_core.platform.search_settings import SearchError, SearchSettings
+from tldr_core.platform.search.settings import SearchError, SearchSettings
+from tldr_core.platform.tracking import store as tr
 
 
 def find_resume_run(c, experiment: str, which: str):
@@ -63,7 +63,7 @@ class SearchRun:
     """The driver's side of one search; `prepare()` does everything before Ray starts."""
 
     def __init__(self, st: SearchSettings, say: Callable[[str], None], resume_run=None) -> None:
-        from tldr_core.platform.search_space import space_from_dict
+        from tldr_core.platform.search.spaces.load import space_from_dict
 
         self.st, self.say, self.resume_run = st, say, resume_run
         self.space = space_from_dict(st.space, st.space_source, st.attack)
@@ -106,7 +106,7 @@ class SearchRun:
         self.baselines = self._score_baselines(self.bundle, model)
 
     def trial_inputs(self):
-        from tldr_core.platform.tuning import TrialInputs
+        from tldr_core.platform.search.trial_inputs import TrialInputs
 
         m, ref = self.model, self.clf_ref
         return TrialInputs(settings=asdict(self.st), space=self.space, classifier_spec=m.spec(),
@@ -144,7 +144,7 @@ class SearchRun:
 
         st, clf_ref = self.st, None
         if st.classifier and st.classifier.startswith("models:/"):
-            from tldr_core.platform.registry import load_registered_classifier
+            from tldr_core.platform.registry.models import load_registered_classifier
 
             db = tr.sqlite_path(st.tracking_uri)
             if db is not None and not db.exists():
@@ -173,7 +173,7 @@ class SearchRun:
     def _fit_space(self, model) -> None:
         """Drop what this classifier cannot take from the space (bn without BatchNorm; `fit_to_classifier`)."""
         from tldr_core.attack.config import ConfigError
-        from tldr_core.platform.search_space import fit_to_classifier
+        from tldr_core.platform.search.spaces.load import fit_to_classifier
 
         try:
             self.space, note = fit_to_classifier(self.space, model)
@@ -184,7 +184,7 @@ class SearchRun:
 
     def _resumed_classifier(self, path: Path, meta: dict[str, Any]):
         """The registered classifier a resumed search started with; SearchError if the file changed."""
-        from tldr_core.platform.registry import ClassifierRef, sha256_file
+        from tldr_core.platform.registry.models import ClassifierRef, sha256_file
 
         t = self.resume_run.data.tags
         if t.get("tldr.classifier_sha256") and sha256_file(path) != t["tldr.classifier_sha256"]:
@@ -218,7 +218,7 @@ class SearchRun:
         tr.retry(lambda: self.c.log_dict(self.run_id, st.space, "search/space.yaml"))
 
     def _register_classifier(self, meta: dict[str, Any], path: Path, clf_ref):
-        from tldr_core.platform.registry import register_classifier
+        from tldr_core.platform.registry.models import register_classifier
 
         if clf_ref is None:
             clf_ref = register_classifier(self.c, self.run_id, path, self.st.dataset, meta)
@@ -233,7 +233,7 @@ class SearchRun:
     def _score_baselines(self, bundle, model) -> dict[str, dict[str, float]]:
         """The baseline sets scored like a trial's reconstructions (pipeline.score_images), so every
         objective, the exposure ones included, has its baselines."""
-        from tldr_core.platform.tuning import baseline_metrics
+        from tldr_core.platform.search.trial_inputs import baseline_metrics
         from tldr_core.scoring.metrics import baseline_sets
         from tldr_core.scoring.pipeline import reference_index, score_images
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from tldr_core.attack.config import ConfigError
 from tldr_core.attack.data import DATASETS
-from tldr_core.platform import tracking as tr
+from tldr_core.platform.tracking import store as tr
 
 #: What a search can maximise: the metric names every trial reports (docs/search.md, "The objective").
 OBJECTIVES = ("quality", "coverage", "gap", "exposure_tpr", "exposure_auc")
@@ -100,7 +100,7 @@ def _classifier(classifier: str | None) -> str | None:
     if not classifier:
         return None
     if classifier.startswith("models:/"):
-        from tldr_core.platform.registry import parse_models_uri
+        from tldr_core.platform.registry.names import parse_models_uri
 
         parse_models_uri(classifier)
         return classifier
@@ -155,7 +155,7 @@ def make_settings(dataset: str = "mnist-bundled", *, train_size: int | None = No
     the attack's packaged space). `objective`: a metric of OBJECTIVES or an OBJECTIVE_ALIASES spelling
     (stored as the metric it names). `tracking_uri`: default $MLFLOW_TRACKING_URI, else the runs
     folder's sqlite. Raises ConfigError / SearchError / RegistryError with one clear message."""
-    from tldr_core.platform.search_space import DEFAULT_SPACES, load_space
+    from tldr_core.platform.search.spaces.load import DEFAULT_SPACES, load_space
 
     if attack not in ATTACKS:
         raise ConfigError(f"--attack must be one of {', '.join(ATTACKS)}, got {attack!r}")

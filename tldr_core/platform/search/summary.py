@@ -9,8 +9,8 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from tldr_core.platform.tracking import log_metrics, objective_name, retry, set_tags
-from tldr_core.platform.trial_runs import TrialSummary, best_trial, summarize_trials
+from tldr_core.platform.tracking.store import log_metrics, objective_name, retry, set_tags
+from tldr_core.platform.tracking.trial_runs import TrialSummary, best_trial, summarize_trials
 
 #: Importances need at least this many trials with an objective value (finished or stopped early).
 MIN_IMPORTANCE_TRIALS = 8

@@ -1,22 +1,22 @@
 """A KKT trial of the search (`--attack kkt`): the stationarity reconstruction attack
 (`tldr_core.attack.kkt.run_kkt`) with the settings Optuna drew, adapted to Ray Tune the way the TLDR
-trial adapts `train_generator` (`tuning._progress_callback`).
+trial adapts `train_generator` (`trial._progress_callback`).
 
 `run_kkt` calls its callback as `callback(step, record, candidates)` at every logged step
 (`log_every`, which divides `eval_every`, the first and the last step); every `eval_every` steps the
 trial scores *all* current candidates (`candidates.x` clamped to [0, 1], their fixed labels) with
-`pipeline.score_images` and reports them (`tuning.report_progress`): the same images the final score
+`pipeline.score_images` and reports them (`trial_inputs.report_progress`): the same images the final score
 uses, so ASHA compares the quantity the search maximises. The final scoring, artifacts and the
-candidates' checkpoint (`kkt.pt`, weights-only) are `tuning._finish`'s.
+candidates' checkpoint (`kkt.pt`, weights-only) are `trial._finish`'s.
 """
 from __future__ import annotations
 
 import copy
 from typing import Any
 
-from tldr_core.platform.tuning import (TrialInputs, report_progress, run_params, trial_classifier,
-                                       trial_device)
-from tldr_core.platform.trial_runs import TrialRun
+from tldr_core.platform.search.trial_inputs import (TrialInputs, report_progress, run_params, trial_classifier,
+                                                    trial_device)
+from tldr_core.platform.tracking.trial_runs import TrialRun
 
 
 def train_per_class(labels: Any, num_classes: int) -> int:

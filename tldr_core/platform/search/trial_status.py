@@ -26,9 +26,9 @@ from typing import Any, Callable, Iterable
 
 from ray import tune as _tune
 
-from tldr_core.platform import tracking as tr
-from tldr_core.platform.search_space import TRIAL_NUMBER
-from tldr_core.platform.trial_runs import (ENDED, FINAL, STEP, create_trial_run, ended_trials, summarize_trials,
+from tldr_core.platform.search.spaces.specs import TRIAL_NUMBER
+from tldr_core.platform.tracking import store as tr
+from tldr_core.platform.tracking.trial_runs import (ENDED, FINAL, STEP, create_trial_run, ended_trials, summarize_trials,
                                            trial_runs)
 
 

@@ -1,19 +1,33 @@
 """The Ray side of a search's driver: checking a cluster address, starting (or joining) Ray, and the
 Tuner: Optuna's TPE sampler behind a concurrency limit, ASHA (or FIFO) on generator steps, and the
-MLflow status callback; or the saved Tuner of an interrupted search, restored."""
+MLflow status callback; or the saved Tuner of an interrupted search, restored (also one saved before
+the platform's modules moved into sub-packages: `alias_moved_modules`)."""
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import shutil
 import sys
 import tempfile
+import types
 from pathlib import Path
 from typing import Any, Callable
 
-from tldr_core.platform import tracking as tr
 from tldr_core.platform.probe import tcp_reachable
-from tldr_core.platform.search_settings import SearchError, SearchSettings
+from tldr_core.platform.search.settings import SearchError, SearchSettings
+from tldr_core.platform.tracking import store as tr
+
+_NEW = "tldr_core.platform.search."
+#: old module -> the modules now holding what it held: a Tuner state saved before the move pickled its search
+#: space and its callback under the old names.
+MOVED_MODULES = {
+    "tldr_core.platform.search_space": (_NEW + "spaces.tldr_space",),
+    "tldr_core.platform.space_specs": (_NEW + "spaces.specs",),
+    "tldr_core.platform.kkt_space": (_NEW + "spaces.kkt_space",),
+    "tldr_core.platform.trial_status": (_NEW + "trial_status",),
+    "tldr_core.platform.tuning": (_NEW + "trial", _NEW + "trial_inputs", _NEW + "trial_status"),
+}
 
 
 def check_ray_address(address: str | None) -> None:
@@ -101,6 +115,18 @@ def stop_ray(remove_after: Path | None) -> None:
         shutil.rmtree(remove_after, ignore_errors=True)
 
 
+def alias_moved_modules() -> None:
+    """Make each old module name of `MOVED_MODULES` importable (a module holding its new modules' names), so
+    `--resume` of a search interrupted before the move unpickles its saved state."""
+    for old, new in MOVED_MODULES.items():
+        if old not in sys.modules:
+            alias = types.ModuleType(old)
+            for name in new:
+                alias.__dict__.update({k: v for k, v in vars(importlib.import_module(name)).items()
+                                       if not k.startswith("__")})
+            sys.modules[old] = alias
+
+
 def build_tuner(st: SearchSettings, inputs: Any, space: Any, experiment_id: str, search_run_id: str,
                 resume: bool, say: Callable[[str], None]):
     """The Tuner of this search; an interrupted one (resume) continues from its saved state."""
@@ -111,8 +137,8 @@ def build_tuner(st: SearchSettings, inputs: Any, space: Any, experiment_id: str,
 
     import optuna
 
-    from tldr_core.platform.trial_status import MlflowTrialStatus
-    from tldr_core.platform.tuning import run_trial
+    from tldr_core.platform.search.trial_status import MlflowTrialStatus
+    from tldr_core.platform.search.trial import run_trial
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     trainable = tune.with_resources(tune.with_parameters(run_trial, inputs=inputs),
@@ -120,6 +146,7 @@ def build_tuner(st: SearchSettings, inputs: Any, space: Any, experiment_id: str,
     path = f"{st.storage.rstrip('/')}/{st.search_name}"
     if resume and tune.Tuner.can_restore(path):
         say(f"resuming the Ray Tune state in {path}")
+        alias_moved_modules()
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
     points = [space.to_optuna_params(p) for p in space.initial_points]
     searcher = OptunaSearch(space=space, metric=st.objective, mode="max", seed=st.seed,

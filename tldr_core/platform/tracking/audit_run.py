@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from tldr_core.platform import tracking as tr
+from tldr_core.platform.tracking import store as tr
 
 ROLE_AUDIT = "audit"
 SOURCE = "tldr audit"
@@ -31,7 +31,7 @@ def target_uri(tracking_uri: str | None, classifier: str | None) -> str | None:
         return None
     import os
 
-    from tldr_core.platform.uris import UriError, normalize_tracking_uri
+    from tldr_core.platform.tracking.uris import UriError, normalize_tracking_uri
 
     try:
         return normalize_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
@@ -46,7 +46,7 @@ def check_target(uri: str | None, classifier: str | None) -> None:
         return
     tr.check_tracking_uri(uri)
     if (classifier or "").startswith("models:/"):
-        from tldr_core.platform.registry import parse_models_uri
+        from tldr_core.platform.registry.names import parse_models_uri
 
         parse_models_uri(classifier)
         db = tr.sqlite_path(uri)
@@ -58,7 +58,7 @@ def check_target(uri: str | None, classifier: str | None) -> None:
 def load_registered(uri: str, models_uri: str) -> tuple[Any, dict[str, Any]]:
     """(classifier, meta) of a registered classifier version, loaded weights-only; meta["registry"] names
     the version and meta["path"] is the URI (what metrics.json records as the classifier)."""
-    from tldr_core.platform.registry import load_registered_classifier
+    from tldr_core.platform.registry.models import load_registered_classifier
 
     try:
         model, meta, ref, _path = load_registered_classifier(tr.client(uri), models_uri)
@@ -106,7 +106,7 @@ def log_audit(uri: str, out_dir: Path, record: dict[str, Any], bundle: Any,
         tr.retry(lambda: c.log_artifacts(run_id, str(out_dir)))
         generator = out_dir / "generator.pt"
         if generator.is_file():
-            from tldr_core.platform.registry import log_checkpoint_model
+            from tldr_core.platform.registry.models import log_checkpoint_model
 
             log_checkpoint_model(c, run_id, generator, "generator")
     tr.terminate(c, run_id, "FINISHED", "finished")
@@ -120,7 +120,7 @@ def log_audit(uri: str, out_dir: Path, record: dict[str, Any], bundle: Any,
 
 def tag_classifier_version(c, name: str, version: str, record: dict[str, Any], run_id: str) -> None:
     """The audit's verdict on the registered classifier version, as the re-audit writes it (audit.*)."""
-    from tldr_core.platform.reaudit import Candidate, set_audit_tags
+    from tldr_core.platform.registry.audit_tags import Candidate, set_audit_tags
 
     m = record.get("metrics", {})
     results = {"audit.risk": record["risk"], "audit.risk_reason": "; ".join(record.get("reasons", []))[:480],

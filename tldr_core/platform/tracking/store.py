@@ -14,8 +14,9 @@ chart sections in plain string order (capitals first), so its section is the fir
 Credentials never leave through a printed or logged URI: `redact` masks `user:password@` and
 password-like query values in any text.
 
-Sibling modules: `trial_runs` (a trial's nested run, the trials of a search), `search_summary`
-(the parent run's summary, plots and parameter importances), `probe` (TCP reachability).
+Sibling modules: `uris` (tracking URIs, `redact`), `trial_runs` (a trial's nested run, the trials of a
+search); elsewhere: `search.summary` (the parent run's summary, plots and parameter importances),
+`platform.probe` (TCP reachability).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from urllib.parse import urlsplit
 
 from tldr_core.paths import runs_dir  # noqa: F401 - re-exported: tr.runs_dir()
 # one implementation each, re-exported (tr.redact, tr.normalize_tracking_uri, tr.default_tracking_uri)
-from tldr_core.platform.uris import default_tracking_uri, normalize_tracking_uri, redact  # noqa: F401
+from tldr_core.platform.tracking.uris import default_tracking_uri, normalize_tracking_uri, redact  # noqa: F401
 
 # Tag keys (one place, so the driver, the workers, the registry and the tests agree).
 ROLE = "tldr.role"

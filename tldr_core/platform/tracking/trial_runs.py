@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from tldr_core.platform.tracking import (PARENT, ROLE, SEARCH_RUN, STATE, TRIAL_ID, TRIAL_NUMBER, log_metrics,
+from tldr_core.platform.tracking.store import (PARENT, ROLE, SEARCH_RUN, STATE, TRIAL_ID, TRIAL_NUMBER, log_metrics,
                                          log_params, loss_names, metric_batch, retry, scores_of, set_tags,
                                          terminate)
 

@@ -3,7 +3,7 @@ YAML file (default: the packaged `spaces/kkt.yaml`, linked as `tune/kkt.yaml` in
 
     attack:          kkt (optional; a TLDR space given with --attack kkt is refused by name)
     params:          `KKTConfig.names()` settings the search varies, each parsed like a TLDR space's
-                     params (`space_specs.parse_param`): {choices: [...]}, {low, high, log: bool},
+                     params (`specs.parse_param`): {choices: [...]}, {low, high, log: bool},
                      {low, high, int: true}; no when_on (KKT has no loss terms to condition on)
     fixed:           KKTConfig settings held constant (`KKTConfig.names()`, and `batch`, the memory bound)
     initial_points:  configurations evaluated first; the word `defaults` stands for KKTConfig's own
@@ -13,7 +13,7 @@ YAML file (default: the packaged `spaces/kkt.yaml`, linked as `tune/kkt.yaml` in
 `steps` is the search command's `--steps`; `seed`, `device` and `log_every` are set by the search too
 (they are not `KKTConfig.names()`). Every range bound and every choice is checked through
 `KKTConfig` together with the fixed settings; an initial point must lie inside the searched ranges.
-`KKTSearchSpace` offers the interface of `search_space.SearchSpace` that the search, its trials and
+`KKTSearchSpace` offers the interface of `tldr_space.SearchSpace` that the search, its trials and
 its summary use (Optuna define-by-run call, `attack_config`, `to_optuna_params`, importances, ...).
 """
 from __future__ import annotations
@@ -23,8 +23,9 @@ from typing import Any, Mapping
 
 from tldr_core.attack.config import ConfigError
 from tldr_core.attack.kkt import KKTConfig
-from tldr_core.platform.space_specs import (ParamSpec, describe_param, distribution, feature_value, initial_points,
-                                            match_choice, param_dict, parse_param, suggest)
+from tldr_core.platform.search.spaces.specs import (TRIAL_NUMBER, ParamSpec, check_attack, describe_param, distribution,
+                                                   feature_value, initial_points, match_choice, param_dict, parse_param,
+                                                   suggest)
 
 #: KKTConfig fields the search command sets itself (--steps); a space may not name them.
 RESERVED = ("steps",)
@@ -53,8 +54,6 @@ class KKTSearchSpace:
     attack = "kkt"
 
     def __call__(self, trial: Any) -> dict[str, Any]:
-        from tldr_core.platform.search_space import TRIAL_NUMBER
-
         out = {name: suggest(trial, spec) for name, spec in self.params.items()}
         out.update(self.fixed)
         if isinstance(getattr(trial, "number", None), int):
@@ -136,8 +135,6 @@ def _initial_points(space: KKTSearchSpace, raw: Any) -> list[dict[str, Any]]:
 
 def kkt_space_from_dict(data: Any, source: str = "<dict>") -> KKTSearchSpace:
     """Validate a parsed KKT space (see the module docstring); raises ConfigError naming the bad entry."""
-    from tldr_core.platform.search_space import check_attack
-
     try:
         if not isinstance(data, Mapping):
             raise ConfigError("must hold a mapping with params:, fixed: (and optionally initial_points:)")

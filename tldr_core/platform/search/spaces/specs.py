@@ -5,7 +5,8 @@ Every problem is one `ConfigError` naming the entry (`weights.kl`, `params.epsil
 
 A `ParamSpec` is checked against the attack's config class through a `Checker` (default: the TLDR
 `AttackConfig`; the KKT space passes its own), and the helpers at the end (`suggest`, `distribution`,
-`feature_value`, `describe_param`, `param_dict`) are shared by both search spaces."""
+`feature_value`, `describe_param`, `param_dict`) are shared by both search spaces, with what both
+spaces' files and trials agree on: the attacks (`ATTACKS`, `check_attack`) and `TRIAL_NUMBER`."""
 from __future__ import annotations
 
 import math
@@ -13,6 +14,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from tldr_core.attack.config import AttackConfig, ConfigError, LossWeights
+
+#: The attacks a search can run (--attack); each has its own space (`tldr_space`, `kkt_space`).
+ATTACKS = ("tldr", "kkt")
+#: Key of a trial's Tune config holding its 1-based trial number (Optuna's trial number + 1).
+TRIAL_NUMBER = "trial_number"
 
 
 def _num(value: Any, where: str) -> float:
@@ -235,3 +241,18 @@ def initial_points(raw: Any, defaults: Callable[[], dict[str, Any]],
         except ConfigError as exc:
             raise ConfigError(f"initial_points[{i}]: {exc}") from None
     return points
+
+
+def check_attack(data: Mapping[str, Any], attack: str) -> None:
+    """ConfigError when a space file is meant for another attack than `attack` (its `attack:` key, or
+    `weights:`, which only a TLDR space has)."""
+    if attack not in ATTACKS:
+        raise ConfigError(f"unknown attack {attack!r}; choose one of {ATTACKS}")
+    declared = data.get("attack", "kkt" if attack == "kkt" and "weights" not in data else "tldr")
+    if declared not in ATTACKS:
+        raise ConfigError(f"attack: must be one of {ATTACKS}, got {declared!r}")
+    if declared != attack:
+        wanted = "tune/kkt.yaml" if attack == "kkt" else "tune/space.yaml"
+        why = "attack: " + declared if "attack" in data else "it has weights:"
+        raise ConfigError(f"this is a {declared} search space ({why}), not a {attack} one; pass --attack {declared}, "
+                          f"or a {attack} space such as {wanted}")

@@ -1,8 +1,8 @@
-"""The search space of the search (`tune/search.py`): loaded from a YAML file a user can copy and edit.
+"""The TLDR search space of the search (`tune/search.py`): loaded from a YAML file a user can copy and edit.
 
-The file (default: the packaged `spaces/tldr.yaml`, linked as `tune/space.yaml` in a checkout) has
-four sections (each entry is parsed by `space_specs`), and may say `attack: tldr` (a space for
-another attack is refused by name; `--attack kkt` spaces are `kkt_space`'s, reached through
+The file (default: the packaged `spaces/tldr.yaml`, linked as `tune/space.yaml` in a checkout; read by
+`load.load_space`) has four sections (each entry is parsed by `specs`), and may say `attack: tldr` (a
+space for another attack is refused by name; `--attack kkt` spaces are `kkt_space`'s, reached through
 `load_space(..., attack="kkt")` / `space_from_dict(..., attack="kkt")`):
 
     weights:          one entry per loss term named by `LossWeights.names()` (all nine, no more):
@@ -23,7 +23,7 @@ another attack is refused by name; `--attack kkt` spaces are `kkt_space`'s, reac
                       for the current AttackConfig/LossWeights defaults (a warm start)
 
 `steps`, `seed`, `device` and `per_class` are set by the search command, not by the space.
-Everything is checked on load (`load_space`): an invalid file is one `ConfigError` naming the entry.
+Everything is checked on load (`load.load_space`): an invalid file is one `ConfigError` naming the entry.
 
 `SearchSpace` is Optuna's define-by-run function (Ray's `OptunaSearch(space=...)`): it is a plain
 picklable object, so a search saved by Ray Tune can be resumed. A trial's Tune config holds the
@@ -33,31 +33,17 @@ Optuna parameters (`<weight>_on` switches included) plus the resolved AttackConf
 from __future__ import annotations
 
 import math
-from importlib import resources
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
 from tldr_core.attack.config import AttackConfig, ConfigError, LossWeights
-from tldr_core.platform.space_specs import (DEFAULTS_POINT, ParamSpec, WeightSpec, check_values, describe_param,  # noqa: F401
-                                            distribution, feature_value, initial_points, param_dict, parse_param,
-                                            parse_weight, suggest)
+from tldr_core.platform.search.spaces.specs import (TRIAL_NUMBER, ParamSpec, WeightSpec, check_attack, check_values,
+                                                   describe_param, distribution, feature_value, initial_points,
+                                                   param_dict, parse_param, parse_weight, suggest)
 
 SWITCH_SUFFIX = "_on"
-#: `initial_points: [defaults]` (DEFAULTS_POINT) enqueues the current AttackConfig / LossWeights defaults first.
-#: Key of a trial's Tune config holding its 1-based trial number (Optuna's trial number + 1).
-TRIAL_NUMBER = "trial_number"
 #: AttackConfig fields the search command controls itself; a space may not set them.
 RESERVED = ("steps", "seed", "device", "per_class")
-# Search spaces ship inside the package (tune/space*.yaml are links to them), so an installed
-# package finds its default without a checkout.
-SPACES_DIR = Path(str(resources.files("tldr_core.platform") / "spaces"))
-DEFAULT_SPACE = SPACES_DIR / "tldr.yaml"
-#: The attacks a search can run (--attack) and each one's default space (tune/space.yaml, tune/kkt.yaml).
-ATTACKS = ("tldr", "kkt")
-DEFAULT_SPACES = {"tldr": DEFAULT_SPACE, "kkt": SPACES_DIR / "kkt.yaml"}
 _SECTIONS = ("description", "attack", "weights", "params", "fixed", "initial_points")
 
 
@@ -268,28 +254,9 @@ def _initial_points(space: SearchSpace, raw: Any) -> list[dict[str, Any]]:
     return initial_points(raw, defaults, check)
 
 
-def check_attack(data: Mapping[str, Any], attack: str) -> None:
-    """ConfigError when a space file is meant for another attack than `attack` (its `attack:` key, or
-    `weights:`, which only a TLDR space has)."""
-    if attack not in ATTACKS:
-        raise ConfigError(f"unknown attack {attack!r}; choose one of {ATTACKS}")
-    declared = data.get("attack", "kkt" if attack == "kkt" and "weights" not in data else "tldr")
-    if declared not in ATTACKS:
-        raise ConfigError(f"attack: must be one of {ATTACKS}, got {declared!r}")
-    if declared != attack:
-        wanted = "tune/kkt.yaml" if attack == "kkt" else "tune/space.yaml"
-        why = "attack: " + declared if "attack" in data else "it has weights:"
-        raise ConfigError(f"this is a {declared} search space ({why}), not a {attack} one; pass --attack {declared}, "
-                          f"or a {attack} space such as {wanted}")
-
-
-def space_from_dict(data: Any, source: str = "<dict>", attack: str = "tldr") -> Any:
-    """Validate a parsed space (see the module docstring; for attack="kkt" `kkt_space`); raises
-    ConfigError naming the bad entry. Returns a SearchSpace (tldr) or a KKTSearchSpace (kkt)."""
-    if attack == "kkt":
-        from tldr_core.platform.kkt_space import kkt_space_from_dict
-
-        return kkt_space_from_dict(data, source)
+def tldr_space_from_dict(data: Any, source: str = "<dict>", attack: str = "tldr") -> SearchSpace:
+    """Validate a parsed TLDR space (see the module docstring); raises ConfigError naming the bad entry,
+    or saying that the file is for another attack than `attack`."""
     try:
         if not isinstance(data, Mapping):
             raise ConfigError("must hold a mapping with weights:, params:, fixed: (and optionally initial_points:)")
@@ -304,42 +271,3 @@ def space_from_dict(data: Any, source: str = "<dict>", attack: str = "tldr") -> 
         return space
     except ConfigError as exc:
         raise ConfigError(f"search space {source}: {exc}") from None
-
-
-def load_space(path: str | Path | None = None, attack: str = "tldr") -> Any:
-    """Read and validate a search-space YAML file (default: the attack's packaged space,
-    `spaces/tldr.yaml` or `spaces/kkt.yaml`)."""
-    if attack not in ATTACKS:
-        raise ConfigError(f"unknown attack {attack!r}; choose one of {ATTACKS}")
-    path = Path(path) if path else DEFAULT_SPACES[attack]
-    if not path.is_file():
-        raise ConfigError(f"search space file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"search space {path} is not valid YAML: {exc}") from None
-    return space_from_dict(data, str(path), attack)
-
-
-def has_batchnorm(model: Any) -> bool:
-    """Whether `model` has BatchNorm layers with running statistics (what the bn prior matches)."""
-    from torch import nn
-
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
-
-
-def fit_to_classifier(space: Any, model: Any) -> tuple[Any, str | None]:
-    """The space to search against `model`, and a note when it had to change: a classifier without
-    BatchNorm cannot take the bn prior (the loss would refuse it), so a searched `bn` is dropped
-    (trials keep bn = 0) rather than spending trials on a parameter that can only fail."""
-    if not isinstance(space, SearchSpace) or has_batchnorm(model):
-        return space, None
-    if float(space.fixed.get("bn", 0) or 0) > 0:
-        raise ConfigError(f"search space {space.source}: fixed bn > 0 needs a classifier with BatchNorm layers, "
-                          f"and {type(model).__name__} has none; set bn: 0 or search it")
-    if "bn" not in space.params:
-        return space, None
-    params = {k: v for k, v in space.params.items() if k != "bn"}
-    points = [{k: v for k, v in p.items() if k != "bn"} for p in space.initial_points]
-    new = SearchSpace(space.weights, params, dict(space.fixed), points, space.source)
-    return new, f"bn not searched: the classifier ({type(model).__name__}) has no BatchNorm layers; trials keep bn = 0"

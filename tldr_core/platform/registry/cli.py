@@ -1,0 +1,77 @@
+"""`tldr registry`: the registry on the command line.
+
+    tldr registry promote --search-run RUN_ID      (promotion for an existing search)
+    tldr registry show --dataset mnist-bundled      (versions, tags and the champion)
+
+(also `python -m tldr_core.platform.registry.cli ...`)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from tldr_core.platform import cli_flags as flags
+from tldr_core.platform.registry.champion import CHAMPION, PromotionLockError
+from tldr_core.platform.registry.models import alias_version, model_versions
+from tldr_core.platform.registry.names import RegistryError, classifier_model_name, generator_model_name
+from tldr_core.platform.registry.promotion import promote
+from tldr_core.platform.tracking import store as tr
+from tldr_core.platform.tracking.uris import UriError, normalize_tracking_uri
+
+
+def _show(c, dataset: str) -> int:
+    for name in (classifier_model_name(dataset), generator_model_name(dataset)):
+        versions = sorted(model_versions(c, name), key=lambda v: int(v.version))
+        if not versions:
+            print(f"{name}: no versions")
+            continue
+        holder = alias_version(c, name, CHAMPION)
+        print(f"{name}:")
+        for v in versions:
+            mark = f"  @{CHAMPION}" if holder is not None and holder.version == v.version else ""
+            keys = ("test_accuracy", "sha256") if "classifier" in name else \
+                ("objective", "objective_value", "classifier_version", "search_run")
+            info = ", ".join(f"{k}={v.tags.get(k, '')[:16] if k == 'sha256' else v.tags.get(k, '')}" for k in keys)
+            print(f"  version {v.version}{mark}: {info}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`promote` and `show`; --tracking-uri before or after the subcommand."""
+    p = flags.parser("python -m tldr_core.platform.registry.cli", __doc__)
+    flags.add_tracking_uri(p)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pr = sub.add_parser("promote", help="register a search's best generator; alias champion if it beats the champion",
+                        formatter_class=flags.HelpFormatter)
+    pr.add_argument("--search-run", required=True, help="run id of the search (parent) run")
+    sh = sub.add_parser("show", help="list registered classifier/generator versions of a data set",
+                        formatter_class=flags.HelpFormatter)
+    sh.add_argument("--dataset", required=True)
+    for sp in (pr, sh):  # also accepted after the subcommand (`show --tracking-uri X`); SUPPRESS keeps one given before
+        flags.add_tracking_uri(sp, default=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        uri = normalize_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+        tr.check_tracking_uri(uri)
+        c = tr.client(uri)
+        if args.cmd == "show":
+            return _show(c, args.dataset)
+        res = promote(c, args.search_run)
+    except (RegistryError, tr.TrackingError, PromotionLockError, UriError) as exc:
+        return flags.print_error(exc)
+    except Exception as exc:  # noqa: BLE001 - MlflowException for an unknown run id etc.
+        if type(exc).__name__ == "MlflowException":
+            return flags.print_error(exc)
+        raise
+    if res.version:
+        print(f"{res.name} version {res.version}: {'champion' if res.promoted else 'not promoted'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
