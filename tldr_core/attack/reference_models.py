@@ -43,7 +43,9 @@ def reference_indices(train_labels: torch.Tensor, population_labels: torch.Tenso
         picks.append(ix[torch.randperm(ix.numel(), generator=g)[:n]])
     idx = torch.cat(picks).sort().values if picks else torch.zeros(0, dtype=torch.int64)
     if idx.numel() < 2:
-        raise ValueError(f"the population set ({p_lab.numel()} images) is too small to train reference models on")
+        raise ValueError(f"the population set P (the test set, {p_lab.numel()} images) is too small to train "
+                         f"reference models on; audit with a smaller training set, or without reference models "
+                         f"(loss and margin attacks only)")
     return idx
 
 
