@@ -47,4 +47,5 @@ def test_control_bundles_swap_and_plain():
     assert trained.train is b.heldout and scored is b and idx.numel() == 0  # trained on H', scored on T
     trained, scored, idx = control_bundles(CONTROLS["clean"], b)
     assert trained is b and scored is b
-    assert {c.name for c in CONTROLS.values() if c.leaky} == {"leaky-fc", "leaky-cnn", "canaries"}
+    assert {c.name for c in CONTROLS.values() if c.leaky} == {"leaky-fc", "stationary-fc", "margin-fc", "leaky-cnn",
+                                                             "canaries"}

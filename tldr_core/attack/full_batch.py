@@ -115,23 +115,24 @@ def lbfgs_polish(model: nn.Module, x: torch.Tensor, y: torch.Tensor, weight_deca
                  target: float = 1e-3, double: bool = True, batch: int = 1024, round_steps: int = 25,
                  log: Callable[[str], None] = print) -> dict[str, float]:
     """Full-batch L-BFGS (strong Wolfe line search) on mean CE + (wd/2)‖θ‖², in place on `model`, until
-    the residual `wd_residual` of the model (as stored, in its own dtype) is <= `target` or `steps`
-    iterations are spent (checked every `round_steps` iterations). `double`: iterate in float64 (the
-    model keeps its dtype). Returns {"polish_steps", "polish_seconds", "polish_residual"}.
+    the residual `wd_residual` of the model as stored (its own dtype) is <= `target` or `steps`
+    iterations are spent, checked every `round_steps` iterations. The residual is not monotone along
+    L-BFGS's path, so the model keeps the best checked point. `double`: iterate in float64.
+    Returns {"polish_steps", "polish_seconds", "polish_residual"}.
     """
     if not weight_decay > 0:
         raise ValueError("L-BFGS polish needs weight decay > 0: without it there is no stationary point")
     t0, done = time.time(), 0
-    dtype = torch.float64 if double else next(model.parameters()).dtype
-    dev = next(model.parameters()).device
+    dev, dtype = next(model.parameters()).device, torch.float64 if double else next(model.parameters()).dtype
     work = copy.deepcopy(model).to(dtype).eval().requires_grad_(True)
     params = list(work.parameters())
-    xw, yw = x.to(dev, dtype), y.to(dev)
     opt = torch.optim.LBFGS(params, lr=1.0, max_iter=round_steps, history_size=50, tolerance_grad=0.0,
                             tolerance_change=0.0, line_search_fn="strong_wolfe")
-    closure = _closure(work, params, xw, yw, weight_decay, batch)
-    res = wd_residual(model, x, y, weight_decay, batch=batch)
-    while done < steps and res > target:
+    closure = _closure(work, params, x.to(dev, dtype), y.to(dev), weight_decay, batch)
+    best = wd_residual(model, x, y, weight_decay, batch=batch)
+    kept = [p.detach().clone() for p in model.parameters()]
+    every = max(round_steps, steps // 20)
+    while done < steps and best > target:
         opt.param_groups[0]["max_iter"] = min(round_steps, steps - done)
         before = opt.state[params[0]].get("n_iter", 0)
         opt.step(closure)
@@ -141,8 +142,14 @@ def lbfgs_polish(model: nn.Module, x: torch.Tensor, y: torch.Tensor, weight_deca
             for p, q in zip(model.parameters(), params):
                 p.copy_(q.to(p.dtype))
         res = wd_residual(model, x, y, weight_decay, batch=batch)
-        log(f"  L-BFGS polish {done}/{steps} iterations: stationarity residual {res:.3g} "
-            f"({time.time() - t0:.0f}s)")
-        if moved == 0:  # L-BFGS made no step: the line search cannot improve in this precision
+        if res < best:
+            best, kept = res, [p.detach().clone() for p in model.parameters()]
+        if done % every < round_steps or best <= target or moved == 0 or done >= steps:
+            log(f"  L-BFGS polish {done}/{steps} iterations: stationarity residual {res:.3g} (best {best:.3g}, "
+                f"{time.time() - t0:.0f}s)")
+        if moved == 0:  # no step was possible: the line search cannot improve in this precision
             break
-    return {"polish_steps": done, "polish_seconds": round(time.time() - t0, 2), "polish_residual": res}
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), kept):
+            p.copy_(q)
+    return {"polish_steps": done, "polish_seconds": round(time.time() - t0, 2), "polish_residual": best}

@@ -72,7 +72,8 @@ def check_classifier_spec(spec: Any) -> dict[str, Any]:
     arch = spec.get("arch") if isinstance(spec, Mapping) else None
     if arch not in ARCHS:
         raise SpecError(f"unknown classifier architecture {arch!r}; known: {sorted(ARCHS)}")
-    extra = {"cnn": {"dropout", "width", "hidden"}, "mlp": {"dropout", "hidden"}, "fc": {"widths"}}[arch]
+    extra = {"cnn": {"dropout", "width", "hidden"}, "mlp": {"dropout", "hidden"},
+             "fc": {"widths", "activation", "beta", "init_scale", "init_layers"}}[arch]
     _keys(spec, {"arch", "in_shape", "num_classes"} | extra, f"{arch} classifier")
     out: dict[str, Any] = {"arch": arch, "in_shape": _shape(spec, "in_shape"),
                            "num_classes": _int(spec, "num_classes", 1, LIMITS["num_classes"])}
@@ -92,6 +93,27 @@ def check_classifier_spec(spec: Any) -> dict[str, Any]:
             raise SpecError(f"spec 'widths' must be a list of 1..{LIMITS['depth']} layer widths, got "
                             f"{widths if not isinstance(widths, (list, tuple)) else f'{len(widths)} entries'}")
         out["widths"] = [_int({"widths[i]": w}, "widths[i]", 1, LIMITS["width"]) for w in widths]
+        out.update(_fc_options(spec))
+    return out
+
+
+def _fc_options(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The fc classifier's optional activation and init_layers (known names), softplus beta and
+    init_scale (finite, > 0)."""
+    from tldr_core.attack.models import ACTIVATIONS, INIT_LAYERS
+
+    out: dict[str, Any] = {}
+    for key, known in (("activation", ACTIVATIONS), ("init_layers", INIT_LAYERS)):
+        if key in spec:
+            if spec[key] not in known:
+                raise SpecError(f"spec {key!r} must be one of {list(known)}, got {spec[key]!r}")
+            out[key] = spec[key]
+    for key in ("beta", "init_scale"):
+        if key in spec:
+            v = spec[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise SpecError(f"spec {key!r} must be a finite number > 0, got {v!r}")
+            out[key] = float(v)
     return out
 
 

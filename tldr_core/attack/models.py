@@ -114,30 +114,62 @@ class MLP(nn.Module):
                 "dropout": self.dropout, "hidden": self.hidden}
 
 
+#: The FC classifier's activations: ReLU (the stationarity attacks' setting) or a smooth one, for which
+#: the stationarity equation can hold exactly (L-BFGS reaches stationary points of smooth objectives).
+ACTIVATIONS = ("relu", "softplus", "silu", "gelu")
+#: Which layers `init_scale` scales.
+INIT_LAYERS = ("all", "first")
+
+
+def activation_module(name: str, beta: float = 10.0) -> nn.Module:
+    """nn.ReLU, nn.Softplus(beta), nn.SiLU or nn.GELU (exact, erf-based) by name."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of {ACTIVATIONS}")
+    if name == "softplus":
+        return nn.Softplus(beta=beta)
+    return {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU}[name]()
+
+
 class FC(nn.Module):
-    """A plain fully connected ReLU network (e.g. 784-1000-1000-10): no BatchNorm, no dropout.
+    """A plain fully connected network (e.g. 784-1000-1000-10): no BatchNorm, no dropout.
 
     The setting in which stationarity (KKT) reconstruction attacks recover training images: trained
     to zero error on a few images, its weights are close to a weighted sum of per-sample gradients.
-    ReLU (not LeakyReLU) keeps the network positively homogeneous, as that analysis assumes.
+    ReLU (the default, not LeakyReLU) keeps the network positively homogeneous, as that analysis
+    assumes; a smooth activation (softplus with sharpness `beta`, SiLU, GELU) makes the training
+    objective smooth, so it can be driven to an exact stationary point. `init_scale` multiplies
+    PyTorch's default initialisation (weights and biases; 1 = unchanged) of every layer, or with
+    `init_layers="first"` of the first layer only (Haim et al.'s small initialisation: scaling every
+    layer of a deep network by 1e-2 or less leaves it untrained for thousands of epochs).
     """
 
     arch = "fc"
 
-    def __init__(self, in_shape: tuple[int, int, int], num_classes: int, widths: tuple[int, ...] = (1000, 1000)
-                 ) -> None:
+    def __init__(self, in_shape: tuple[int, int, int], num_classes: int, widths: tuple[int, ...] = (1000, 1000),
+                 activation: str = "relu", beta: float = 10.0, init_scale: float = 1.0,
+                 init_layers: str = "all") -> None:
         super().__init__()
         if not widths:
             raise ValueError("an fc classifier needs at least one hidden layer")
+        if not (math.isfinite(beta) and beta > 0 and math.isfinite(init_scale) and init_scale > 0):
+            raise ValueError(f"fc: beta and init_scale must be finite and > 0, got {beta!r}, {init_scale!r}")
+        if init_layers not in INIT_LAYERS:
+            raise ValueError(f"fc: init_layers must be one of {INIT_LAYERS}, got {init_layers!r}")
         self.in_shape, self.num_classes, self.widths = tuple(in_shape), num_classes, tuple(int(w) for w in widths)
+        self.activation, self.beta, self.init_scale = activation, float(beta), float(init_scale)
+        self.init_layers = init_layers
         self.trunk = nn.Flatten()
         layers: list[nn.Module] = []
         d = math.prod(in_shape)
         for w in self.widths:
-            layers += [nn.Linear(d, w), nn.ReLU()]
+            layers += [nn.Linear(d, w), activation_module(activation, beta)]
             d = w
         self.fc = nn.Sequential(*layers)
         self.out = nn.Linear(d, num_classes)
+        if init_scale != 1.0:
+            with torch.no_grad():
+                for p in (self.parameters() if init_layers == "all" else self.fc[0].parameters()):
+                    p.mul_(init_scale)
 
     def first_layer(self) -> nn.Linear:
         return self.fc[0]
@@ -152,8 +184,19 @@ class FC(nn.Module):
         return self.head(self.features(x))
 
     def spec(self) -> dict[str, Any]:
-        return {"arch": self.arch, "in_shape": list(self.in_shape), "num_classes": self.num_classes,
-                "widths": list(self.widths)}
+        """The rebuild recipe; the options added later appear only when they differ from their default,
+        so a ReLU network's spec (and every file written before them) is unchanged."""
+        out: dict[str, Any] = {"arch": self.arch, "in_shape": list(self.in_shape), "num_classes": self.num_classes,
+                               "widths": list(self.widths)}
+        if self.activation != "relu":
+            out["activation"] = self.activation
+        if self.activation == "softplus":
+            out["beta"] = self.beta
+        if self.init_scale != 1.0:
+            out["init_scale"] = self.init_scale
+        if self.init_layers != "all":
+            out["init_layers"] = self.init_layers
+        return out
 
 
 ARCHS = {"cnn": PaperCNN, "mlp": MLP, "fc": FC}
