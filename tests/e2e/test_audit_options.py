@@ -30,7 +30,8 @@ TLDR_TINY = ["--steps", "3", "--per-class", "2", "--batch-size", "8"]
 @pytest.fixture(scope="module")
 def classifiers(tmp_path_factory):
     """(leaky, raw) checkpoints: a linear model trained on the audit's own T until its weight templates leak
-    (HIGH by the memorisation gap), and an untrained one (LOW)."""
+    (MEDIUM: a training-set signal, but one template per class recovers no individual image), and an
+    untrained one (LOW)."""
     folder = tmp_path_factory.mktemp("classifiers")
     torch.manual_seed(0)
     bundle = load_dataset("digits-8x8", 100, seed=0)  # the split the audit makes with these flags
@@ -76,15 +77,19 @@ def test_fail_on_exits_3_only_when_the_verdict_reaches_it_after_writing_everythi
     assert record["settings"]["jitter"] == 1 and record["settings"]["flip"] is True and record["settings"]["bn"] == 0
     _check_recorded_verdict(record)
 
-    out = tmp_path / "high"  # the leaky model's templates: HIGH, at --fail-on high
-    code, stdout, err = _run([*TINY, *TLDR_TINY, "--classifier", leaky, "--out", out, "--fail-on", "high"], capsys)
+    out = tmp_path / "medium"  # the leaky model's templates: MEDIUM, at --fail-on medium
+    code, stdout, err = _run([*TINY, *TLDR_TINY, "--classifier", leaky, "--out", out, "--fail-on", "medium"], capsys)
     assert code == audit.FAIL_STATUS == 3
-    assert "fail-on: the verdict HIGH is at or above --fail-on high: exit status 3" in err
+    assert "fail-on: the verdict MEDIUM is at or above --fail-on medium: exit status 3" in err
     assert sorted(p.name for p in out.iterdir()) == sorted(audit.OUTPUT_FILES)  # everything written first
     record = json.loads((out / "metrics.json").read_text())
-    assert record["risk"] == "HIGH" and record["risk_attack"] == "templates"
+    assert record["risk"] == "MEDIUM" and record["risk_attack"] == "templates"
     _check_recorded_verdict(record)
-    assert "HIGH risk" in (out / "report.html").read_text()
+    assert "MEDIUM risk" in (out / "report.html").read_text()
+    # the model-free references are judged by the same rule and recorded beside the attacks
+    refs = record["references"]
+    assert set(refs) == {"class-mean of T", "class-mean of P"} and refs["class-mean of P"]["risk"] == "LOW"
+    assert refs["class-mean of T"]["risk"] in ("LOW", "MEDIUM")
 
 
 @pytest.mark.parametrize("level,fail_on,status", [("LOW", "medium", 0), ("MEDIUM", "medium", 3), ("MEDIUM", "high", 0),

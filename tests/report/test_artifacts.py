@@ -71,8 +71,12 @@ def test_exposure_csv_and_gallery_show_the_scored_exposure(digits_case, tmp_path
     for r in scored.gallery.rows:
         train_caption = next(t for t in texts if t.get_text().startswith(f"train #{r.train_index}\n"))
         assert (colors.to_hex(train_caption.get_color()) == EXPOSED_COLOUR) == r.exposed
-        assert any(t.get_text() == f"recon #{r.recon_index}\nSSIM {r.exposure:.2f}" for t in texts)
+        assert any(t.get_text() == f"recon #{r.recon_index}\nSSIM {r.raw_exposure:.2f} ({r.exposure:+.2f})"
+                   for t in texts)
         assert any(t.get_text() == f"held-out #{r.heldout_index}\nSSIM {r.heldout_ssim:.2f}" for t in texts)
-    assert scored.gallery.rows[0].exposure == pytest.approx(1.0)  # an exact copy heads the gallery
-    assert f"{scored.exposure.exposed} of {len(bundle.train)} exposed" in fig.texts[0].get_text()
+        assert any(t.get_text() == f"population #{r.population_index}\nSSIM {r.population_ssim:.2f}" for t in texts)
+    assert scored.gallery.rows[0].raw_exposure == pytest.approx(1.0)  # an exact copy heads the gallery
+    title = fig.texts[0].get_text()
+    assert f"{scored.exposure.exposed} of {len(bundle.train)} exposed" in title
+    assert f"about {0.01 * len(bundle.train):.0f} expected by chance at 1% FPR" in title
     plt.close(fig)

@@ -17,10 +17,10 @@ from tldr_core.attack.output import AttackOutput
 from tldr_core.cli import audit
 from tldr_core.attack.kkt import KKTConfig
 from tldr_core.report.page import headline, render_report, reproduce_command, verdict_sentence, write_report
-from tldr_core.scoring import exposure, metrics, nearest, pipeline, ssim
+from tldr_core.scoring import exposure, exposure_score, metrics, nearest, pipeline, ssim
 from tldr_core.scoring.metrics import score_baselines
 from tldr_core.scoring.pipeline import heldout_nearest, score_attack, template_attack
-from tldr_core.scoring.risk import Risk, assess
+from tldr_core.scoring.risk import MEANING, Risk, assess
 
 sys.path.insert(0, str(Path(__file__).parent))
 from browser_check import INSTALL, check_page, find_chromium  # noqa: E402
@@ -28,24 +28,20 @@ from browser_check import INSTALL, check_page, find_chromium  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
-def test_headline_follows_the_level_and_the_criterion():
-    assert headline(Risk("HIGH", ["x"], criterion="gap")) == "this model gives away its training data"
-    assert "what its classes look like" in headline(Risk("MEDIUM", ["x"], criterion="class_level"))
-    assert "leaks a little" in headline(Risk("MEDIUM", ["x"], criterion="gap_significant"))
-    assert headline(Risk("LOW", ["x"])) == "no measurable leak of training images"
-    assert headline(Risk("HIGH", ["x"], criterion="exposure")) == "this model gives away its training data"
-    assert "leaks a little" in headline(Risk("MEDIUM", ["x"], criterion="exposure_significant"))
+def test_headline_says_what_leaked():
+    assert headline(Risk("HIGH", ["x"], criterion="exposure")) == MEANING["HIGH"]
+    assert "individual training images can be reconstructed" in headline(Risk("HIGH", ["x"], criterion="matches"))
+    assert "no individual training image" in headline(Risk("MEDIUM", ["x"], criterion="gap_significant"))
+    assert "statistics specific to its training set" in headline(Risk("MEDIUM", ["x"], criterion="raw_exposure"))
+    assert headline(Risk("LOW", ["x"])) == MEANING["LOW"]
 
 
-def test_verdict_sentence_reads_for_every_criterion():
-    """Exposure and coverage reasons are whole clauses; the gap's describe the reconstructions."""
-    assert verdict_sentence("generator", Risk("HIGH", ["individual training images come back: 40%"],
-                                              criterion="exposure")) == (
-        "With the generator reconstructions, individual training images come back: 40%.")
-    coverage = Risk("HIGH", ["12% of the training images have one"], criterion="coverage")
-    assert verdict_sentence("generator", coverage).startswith("With the generator reconstructions, 12%")
-    assert verdict_sentence("generator", Risk("HIGH", ["clearly closer"], criterion="gap")) == (
-        "The generator reconstructions are clearly closer.")
+def test_verdict_sentence_names_the_level_its_meaning_and_the_evidence():
+    r = Risk("HIGH", ["calibrated exposure: 40% of the training images above the threshold"], criterion="exposure")
+    assert verdict_sentence("generator", r) == (
+        "HIGH: individual training images can be reconstructed from this model. With the generator reconstructions: "
+        "calibrated exposure: 40% of the training images above the threshold.")
+    assert verdict_sentence("KKT", Risk("LOW", ["no closer"])).startswith("LOW: nothing recovered from this model")
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +72,7 @@ def test_report_computes_nothing(leaky_case, monkeypatch):
 
     for mod, name in ((ssim, "ssim_matrix"), (nearest, "ssim_matrix"), (metrics, "ssim_matrix"),
                       (metrics, "score_reconstructions"), (metrics, "baseline_sets"), (templates, "weight_templates"),
-                      (nearest.ReferenceIndex, "nearest"), (exposure, "ssim_matrix"), (exposure, "score_exposure"),
+                      (nearest.ReferenceIndex, "nearest"), (exposure, "ssim_matrix"), (exposure_score, "score_exposure"),
                       (pipeline, "ssim_matrix"), (pipeline, "exposure_gallery")):
         monkeypatch.setattr(mod, name, forbidden)
     html = render_report(b, baselines, **results)
@@ -88,18 +84,21 @@ def test_report_states_each_attacks_exposure_and_shows_its_gallery(leaky_case):
     b, baselines, results = leaky_case
     html = render_report(b, baselines, **results)
     section = html[html.index("<h2>Exposure: which training images"):html.index("<h2>Generator reconstructions")]
-    assert "Exposure</b> e(t) is the best SSIM" in section  # the one-line explanation
+    assert "Calibrated exposure</b> e_cal(t): how much closer" in section  # the one-line explanation
     for attack in (results["attack"], results["templates"]):
         m = attack.metrics
         for needle in (f"<td>{m['exposure_auc']:.3f}</td><td>{m['exposure_auc_lo']:.3f} &ndash; "
                        f"{m['exposure_auc_hi']:.3f}</td><td>0.5</td>",
                        f"<td>{m['exposure_tpr']:.1%}</td><td>{m['exposure_tpr_lo']:.1%} &ndash; "
                        f"{m['exposure_tpr_hi']:.1%}</td><td>1%</td>",
-                       f"{m['exposed_count']:.0f} of {len(b.train)} (e(t) &gt; {m['exposure_threshold']:.3f})",
-                       f"SSIM &ge; 0.4</th><td>{m['matched_train_040']:.0f} training images</td><td></td><td>"
-                       f"{m['matched_heldout_040']:.0f} unseen images",
-                       f"SSIM &ge; 0.6</th><td>{m['matched_train_060']:.0f} training images</td><td></td><td>"
-                       f"{m['matched_heldout_060']:.0f} unseen images"):
+                       f"{m['exposed_count']:.0f} of {len(b.train)} (e_cal(t) &gt; {m['exposure_threshold']:.3f}); "
+                       f"{m['exposed_distinct']:.0f} with a reconstruction of their own",
+                       f"about {m['exposed_by_chance']:.3g} expected by chance",
+                       f"<td>{m['raw_exposure_tpr']:.1%}</td><td>{m['raw_exposure_tpr_lo']:.1%} &ndash; ",
+                       f"SSIM &ge; 0.4</th><td>{m['matched_train_040']:.0f} training images</td><td>Fisher p = "
+                       f"{m['matched_p_040']:.2g}</td><td>{m['matched_heldout_040']:.0f} unseen images",
+                       f"SSIM &ge; 0.6</th><td>{m['matched_train_060']:.0f} training images</td><td>Fisher p = "
+                       f"{m['matched_p_060']:.2g}</td><td>{m['matched_heldout_060']:.0f} unseen images"):
             assert needle in section, needle
     # noisy copies of 30 training images: 30 exposed, and the gallery is embedded once per attack
     assert results["attack"].metrics["exposed_count"] >= 25
@@ -107,7 +106,7 @@ def test_report_states_each_attacks_exposure_and_shows_its_gallery(leaky_case):
     assert "the most exposed training images" in section
     # the verdict box names the exposure criterion in a sentence that reads
     r = assess(results["attack"].metrics, baselines)
-    sentence = f"With the generator (label, 0 steps) reconstructions, {r.reason}."
+    sentence = f"HIGH: {r.meaning}. With the generator (label, 0 steps) reconstructions: {r.reason}."
     assert r.criterion == "exposure" and escape(sentence) in html
 
 

@@ -1,5 +1,5 @@
-"""Tests of tldr_core.scoring.exposure: hand-computed AUC / TPR@FPR, bootstrap, matching, and
-"reconstructions" holding exact copies of known training images (CPU, tiny, ~1 s in all)."""
+"""Tests of tldr_core.scoring.exposure (per-image scans, calibration offsets, matching) and of the
+membership statistics it feeds (hand-computed AUC / TPR@FPR, bootstrap). CPU, tiny, ~1 s in all."""
 from __future__ import annotations
 
 import csv
@@ -9,18 +9,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from tldr_core.scoring.exposure import (
-    NO_RECON,
-    ExposureResult,
-    auc,
-    bootstrap_intervals,
-    exposure,
-    exposure_keys,
-    fpr_threshold,
-    max_matching,
-    score_exposure,
-    tpr_at_fpr,
-)
+from tldr_core.scoring.exposure import NO_RECON, calibrated_matching, exposure, max_matching, population_match, scan
+from tldr_core.scoring.membership import auc, bootstrap_intervals, fpr_threshold, tpr_at_fpr
 from tldr_core.scoring.ssim import ssim_matrix
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -185,89 +175,6 @@ def test_exposure_single_class():
     assert (e[[0, 1, 3, 4]] < 0.4).all()
 
 
-def _copies_setup():
-    """4 classes x 25 training and 30 held-out images (H' = first 25 per class). Reconstructions:
-    two exact copies each of training images 5 (class 0), 30 (class 1), 57 (class 2) plus 3 noise
-    images per class 0..2; class 3 has no reconstruction. Held-out images 0 and 1 (class 0) are
-    near-copies (SSIM ~0.95) of training image 5: an unseen image can look like a memorised one,
-    and they set the 1 % threshold (the 2nd largest held-out exposure) high above chance SSIMs."""
-    train = S(_textures(100, 10), torch.arange(4).repeat_interleave(25))
-    h_img, h_lab = _textures(120, 11), torch.arange(4).repeat_interleave(30)
-    g = torch.Generator().manual_seed(12)
-    h_img[:2] = (train.images[5] + 0.1 * torch.randn(2, 1, 16, 16, generator=g)).clamp(0, 1)
-    copied = [5, 30, 57]
-    recon = torch.cat([train.images[copied], torch.rand(9, 1, 16, 16, generator=g), train.images[copied]])
-    rl = torch.cat([torch.tensor([0, 1, 2]), torch.arange(3).repeat_interleave(3), torch.tensor([0, 1, 2])])
-    return recon, rl, train, S(h_img, h_lab), copied
-
-
-def test_exact_copies_flag_exactly_those_images(tmp_path):
-    recon, rl, train, heldout, copied = _copies_setup()
-    res = score_exposure(recon, rl, train, heldout, n_boot=200)
-    assert isinstance(res, ExposureResult)
-    assert res.e_train.shape == (100,) and res.e_heldout.shape == (100,)
-    assert torch.equal(res.heldout_index, torch.cat([torch.arange(c * 30, c * 30 + 25) for c in range(4)]))
-    # the copies reach SSIM 1, reached first by reconstructions 0, 1, 2 (their duplicates tie)
-    assert torch.allclose(res.e_train[copied], torch.ones(3, dtype=torch.float64), atol=1e-5)
-    assert res.best_recon_train[copied].tolist() == [0, 1, 2]
-    # threshold: 2nd largest held-out exposure = the lower of the two near-copies' SSIMs
-    near = ssim_matrix(heldout.images[:2], train.images[5:6]).double().squeeze(1)
-    assert res.threshold == pytest.approx(float(near.min()), abs=1e-6)
-    others = torch.ones(100, dtype=torch.bool)
-    others[copied] = False
-    assert res.e_train[others].max() < 0.4  # precondition: chance SSIMs stay far below the bar
-    assert sorted(res.exposed_index.tolist()) == copied and res.exposed == 3
-    assert res.tpr == pytest.approx(3 / 100)
-    assert (res.e_train[res.exposed_index].diff() <= 0).all()  # by exposure, descending
-    # class 3 (no reconstruction): the documented floor, never exposed
-    assert (res.e_train[75:] == NO_RECON).all() and (res.best_recon_train[75:] == -1).all()
-    assert (res.e_heldout[75:] == NO_RECON).all()
-    # one-to-one: each copied image counts once although it is copied twice; the two held-out
-    # near-copies pair with the two copies of image 5
-    assert res.matched == {0.4: {"train": 3, "heldout": 2}, 0.6: {"train": 3, "heldout": 2}}
-    assert res.auc == pytest.approx(auc(res.e_train, res.e_heldout))
-    assert res.auc_ci[0] <= res.auc <= res.auc_ci[1]
-
-
-def test_metrics_rows_and_csv(tmp_path):
-    recon, rl, train, heldout, copied = _copies_setup()
-    res = score_exposure(recon, rl, train, heldout, n_boot=50)
-    m = res.metrics()
-    assert tuple(m) == exposure_keys((0.4, 0.6))
-    assert {"matched_train_040", "matched_heldout_040", "matched_train_060", "matched_heldout_060"} <= set(m)
-    assert all(isinstance(v, float) for v in m.values())
-    assert m["exposed_count"] == 3.0 and m["matched_train_040"] == 3.0 and m["matched_heldout_060"] == 2.0
-    assert m["exposure_tpr"] == pytest.approx(0.03) and m["exposure_fpr"] == 0.01
-    assert m["exposure_mean_train"] == pytest.approx(float(res.e_train.mean()))
-    rows = res.rows()
-    assert len(rows) == 100 and [r["exposed"] for r in rows[:4]] == [True, True, True, False]
-    assert sorted(r["train_index"] for r in rows[:3]) == copied
-    assert sum(r["exposed"] for r in rows) == 3
-    assert rows[-1]["exposure"] == NO_RECON and rows[-1]["recon_index"] == -1 and rows[-1]["label"] == 3
-    path = res.write_csv(tmp_path / "out" / "exposure.csv")
-    with path.open() as f:
-        read = list(csv.DictReader(f))
-    assert list(read[0]) == ["train_index", "label", "exposure", "recon_index", "exposed"]
-    assert [int(r["train_index"]) for r in read] == [r["train_index"] for r in rows]
-    assert read[0]["exposed"] == "True" and float(read[0]["exposure"]) == pytest.approx(1.0, abs=1e-5)
-
-
-def test_score_exposure_validation():
-    recon, rl, train, heldout, _ = _copies_setup()
-    with pytest.raises(ValueError, match="no reconstructions"):
-        score_exposure(recon[:0], rl[:0], train, heldout)
-    with pytest.raises(ValueError, match="fpr"):
-        score_exposure(recon, rl, train, heldout, fpr=1.0)
-    with pytest.raises(ValueError, match="bars"):
-        score_exposure(recon, rl, train, heldout, bars=(1.5,))
-    with pytest.raises(ValueError, match="bars"):
-        score_exposure(recon, rl, train, heldout, bars=(0.4, 0.401))  # both would be named _040
-    with pytest.raises(ValueError, match="n_boot"):
-        score_exposure(recon, rl, train, heldout, n_boot=0)
-    with pytest.raises(ValueError, match="no held-out"):
-        score_exposure(recon, rl, train, S(heldout.images, heldout.labels + 10))
-
-
 def test_bootstrap_at_audit_scale():
     """5,000 vs 5,000 with 1,000 resamples (the audit's sizes) in one vectorised call; for
     N(0.5, 1) against N(0, 1) the true AUC is Phi(0.5 / sqrt 2) = 0.638."""
@@ -276,3 +183,45 @@ def test_bootstrap_at_audit_scale():
     (a_lo, a_hi), (t_lo, t_hi) = bootstrap_intervals(pos, neg, n_boot=1000, seed=0)
     assert a_lo < 0.638 < a_hi and a_hi - a_lo < 0.04
     assert t_lo < tpr_at_fpr(pos, neg)[0] < t_hi
+
+
+# ----------------------------------------------------------------------------- calibration pieces
+
+
+def test_population_match_and_recon_calibrated_scan_by_hand():
+    """scan(offset=...) subtracts each reconstruction's offset before the maximum: checked against the
+    full SSIM matrix minus the offsets, including a case where calibration picks another reconstruction."""
+    refs, recon = _textures(6, 20), _textures(4, 21)
+    recon[2] = refs[1]
+    recon[0] = 0.7 * refs[1] + 0.3 * recon[0]  # a looser likeness of ref 1, with no population twin
+    rl, fl = torch.tensor([0, 0, 0, 1]), torch.tensor([0, 0, 0, 1, 1, 0])
+    pop, pl = _textures(5, 22), torch.tensor([0, 0, 1, 1, 0])
+    pop[0] = refs[1]  # recon 2's population twin: its offset is 1
+    off, idx = population_match(recon, rl, pop, pl)
+    s = ssim_matrix(recon, pop).double()
+    s[rl[:, None] != pl[None, :]] = -math.inf
+    assert torch.allclose(off, s.max(dim=1).values, atol=1e-6) and torch.equal(idx, s.argmax(dim=1))
+    assert off[2] == pytest.approx(1.0, abs=1e-5) and idx[2] == 0
+    sc = scan(recon, rl, refs, fl, offset=off)
+    full = ssim_matrix(recon, refs).double()
+    full[rl[:, None] != fl[None, :]] = -math.inf
+    cal = full - off[:, None]
+    assert torch.allclose(sc.e, full.max(dim=0).values, atol=1e-6)
+    assert torch.allclose(sc.e_cal, cal.max(dim=0).values, atol=1e-6)
+    assert torch.equal(sc.best_cal, cal.argmax(dim=0))
+    assert sc.best[1] == 2 and sc.best_cal[1] == 0  # the raw best (a population twin) loses after calibration
+    with pytest.raises(ValueError, match="no image of class"):
+        population_match(recon, rl, pop[pl == 0], pl[pl == 0])
+
+
+def test_calibrated_matching_needs_a_reconstruction_per_image():
+    refs = _textures(3, 30)
+    one = refs.mean(dim=0, keepdim=True)  # one image close-ish to all three
+    sims = ssim_matrix(one, refs).double()[0]
+    thr = float(sims.min()) - 0.01  # every pair is above it: one reconstruction, three "exposed" images
+    assert calibrated_matching(one, torch.zeros(1), refs, torch.zeros(3), thr) == 1
+    assert calibrated_matching(refs, torch.zeros(3), refs, torch.zeros(3), 0.5) == 3  # copies: one each
+    off = torch.tensor([0.6, 0.0, 0.0], dtype=torch.float64)  # copy 0's calibrated score is 1 - 0.6 = 0.4
+    assert calibrated_matching(refs, torch.zeros(3), refs, torch.zeros(3), 0.5, recon_offset=off) == 2
+    assert calibrated_matching(refs, torch.zeros(3), refs, torch.zeros(3), 0.5,
+                               ref_offset=torch.tensor([0.0, 0.7, 0.0], dtype=torch.float64)) == 2

@@ -12,7 +12,7 @@ from tldr_core.attack.output import AttackOutput
 from tldr_core.attack.templates import weight_templates
 from tldr_core.attack.tldr import run_tldr
 from tldr_core.attack.train import generate, train_generator
-from tldr_core.scoring.exposure import score_exposure
+from tldr_core.scoring.exposure_score import score_exposure
 from tldr_core.scoring.metrics import baseline_sets, nn_ssim, score_reconstructions
 from tldr_core.scoring.pipeline import (attack_and_score, exposure_gallery, heldout_nearest, reference_index,
                                         score_attack, template_attack)
@@ -39,7 +39,7 @@ def test_score_attack_equals_the_metrics_and_nearest_images_by_hand(digits_case)
     scored = score_attack(out, clf, bundle, tau=0.4, seed=3, n_boot=50)
     want = score_reconstructions(out.images, out.labels, bundle.train, bundle.heldout, classifier=clf, tau=0.4,
                                  seed=3, n_boot=50)
-    exp = score_exposure(out.images, out.labels, bundle.train, bundle.heldout, seed=3, n_boot=50)
+    exp = score_exposure(out.images, out.labels, bundle.train, bundle.heldout, bundle.test, seed=3, n_boot=50)
     want.update(exp.metrics())  # one flat dict: the reconstruction metrics and the exposure summary
     near = nn_ssim(out.images, out.labels, bundle.train.images, bundle.train.labels)
     assert scored.metrics == want and scored.metrics["tau"] == 0.4
@@ -72,7 +72,7 @@ def test_heldout_nearest_and_template_attack_by_hand(digits_case):
     assert torch.equal(t.images, ref.images) and t.method == "linear"
     assert t.metrics == {**score_reconstructions(ref.images, ref.labels, bundle.train, bundle.heldout, classifier=clf,
                                                  seed=2),
-                         **score_exposure(ref.images, ref.labels, bundle.train, bundle.heldout, seed=2).metrics()}
+                         **score_exposure(ref.images, ref.labels, bundle.train, bundle.heldout, bundle.test, seed=2).metrics()}
     assert torch.equal(t.nearest_ssim, nn_ssim(ref.images, ref.labels, bundle.train.images,
                                                bundle.train.labels).values)
 
@@ -96,12 +96,21 @@ def test_exposure_gallery_rows_are_the_most_exposed_images_with_their_recon_and_
     assert len(gal.rows) == 16 and [r.exposed for r in gal.rows] == [True] * exp.exposed + [False] * (16 - exp.exposed)
     assert [r.train_index for r in gal.rows] == [row["train_index"] for row in exp.rows()[:16]]  # exposure.csv order
     assert gal.threshold == exp.threshold and gal.exposed == exp.exposed and gal.train_size == len(bundle.train)
+    assert gal.by_chance == pytest.approx(0.01 * len(bundle.train)) and gal.distinct == exp.exposed_distinct
     h_images, h_labels = bundle.heldout.images, bundle.heldout.labels
     for r in gal.rows:
         assert torch.equal(r.train_image, bundle.train.images[r.train_index]) and r.label == bundle.train.labels[
             r.train_index]
         assert torch.equal(r.recon_image, images[r.recon_index].clamp(0, 1)) and labels[r.recon_index] == r.label
-        assert float(ssim(r.train_image, r.recon_image)) == pytest.approx(r.exposure, abs=1e-5)  # e(t), by hand
+        raw = float(ssim(r.train_image, r.recon_image))
+        assert raw == pytest.approx(r.raw_exposure, abs=1e-5)  # the recon's SSIM to it, by hand
+        # the best population match of THIS reconstruction, by brute force; e_cal(t) = raw - that SSIM
+        pool_p = (bundle.test.labels == r.label).nonzero().flatten()
+        brute_p = torch.stack([ssim(r.recon_image, bundle.test.images[int(j)])[0] for j in pool_p])
+        assert r.population_index == int(pool_p[int(brute_p.argmax())])
+        assert r.population_ssim == pytest.approx(float(brute_p.max()), abs=1e-5)
+        assert torch.equal(r.population_image, bundle.test.images[r.population_index])
+        assert r.exposure == pytest.approx(raw - float(brute_p.max()), abs=1e-5)
         assert r.exposed == (r.exposure > exp.threshold)
         # the best H' match of THIS reconstruction, by brute force over H' images of its class
         pool = exp.heldout_index[h_labels[exp.heldout_index] == r.label]

@@ -22,7 +22,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,6 +48,7 @@ from tldr_core.report.artifacts import checkpoint_name, write_artifacts
 from tldr_core.report.page import render_report
 from tldr_core.scoring.metrics import score_baselines
 from tldr_core.scoring.pipeline import Scored, heldout_nearest, reference_index, score_attack, template_attack
+from tldr_core.scoring.references import score_references
 from tldr_core.scoring.risk import LEVELS, Risk, assess, worst
 
 OUTPUT_FILES = ("metrics.json", "reconstructions.npz", "grid.png", "nearest.png", "exposure.csv", "exposure.png",
@@ -70,6 +71,7 @@ class AuditResults:
     baselines: dict[str, dict[str, float]]  # score_baselines' dict
     heldout: Scored                       # real unseen images beside their nearest training images
     templates: TemplateResult | None = None  # the weight-template attack, when the first layer is fully connected
+    references: dict[str, Scored] = field(default_factory=dict)  # model-free references (scoring.references)
 
     def risks(self) -> dict[str, Risk]:
         """The risk rule's verdict per attack ("tldr" or "kkt", then "templates"), as the report states it."""
@@ -109,7 +111,9 @@ def run_audit(classifier: nn.Module, bundle: DatasetBundle, cfg: AttackConfig | 
     templates = (template_attack(classifier, bundle, tau=tau, seed=cfg.seed, index=index)
                  if templates_apply(classifier) else None)
     heldout = heldout_nearest(bundle, per_class, seed=cfg.seed, index=index)
-    return AuditResults(attack, baselines, heldout, templates)
+    say("scoring the model-free references (class mean of T, class mean of P) with the same rule")
+    references = score_references(classifier, bundle, tau=tau, seed=cfg.seed, index=index)
+    return AuditResults(attack, baselines, heldout, templates, references)
 
 
 def risk_fields(risk: Risk) -> dict[str, Any]:
@@ -130,6 +134,7 @@ def audit_record(bundle: DatasetBundle, res: AuditResults, classifier_info: dict
         "attack": out.kind,
         "dataset": {"name": bundle.name, "source": bundle.source, "train_size": len(bundle.train),
                     "heldout_size": len(bundle.heldout), "test_size": len(bundle.test),
+                    "population_size": len(bundle.test), "population": "the test split (disjoint from T and H')",
                     "image_shape": list(bundle.image_shape), "num_classes": bundle.num_classes},
         "classifier": classifier_info,
         "settings": out.settings,
@@ -145,6 +150,8 @@ def audit_record(bundle: DatasetBundle, res: AuditResults, classifier_info: dict
     }
     if res.templates is not None:
         record["template_attack"] = res.templates.summary()
+    record["references"] = {name: {**risk_fields(assess(r.metrics, res.baselines)), "metrics": r.metrics}
+                            for name, r in res.references.items()}
     return record
 
 
@@ -157,7 +164,7 @@ def write_outputs(target: StagedOutput, bundle: DatasetBundle, res: AuditResults
     write_artifacts(stage, bundle, res.attack, meta={"classifier": classifier_info.get("path")})
     record = audit_record(bundle, res, classifier_info)
     html = render_report(bundle, res.baselines, attack=res.attack, templates=res.templates, heldout=res.heldout,
-                         spec=spec, record=record)
+                         spec=spec, record=record, references=res.references)
     (stage / "report.html").write_text(html, encoding="utf-8")
     (stage / "metrics.json").write_text(json.dumps(record, indent=2, default=float))
     return target.commit() / "metrics.json"
@@ -298,10 +305,15 @@ def summary_lines(res: AuditResults, tau: float) -> list[str]:
              f"coverage@{tau} {m['coverage']:.3f}  label agreement {m['label_agreement']:.2f}  "
              f"diversity {m['diversity']:.3f}"]
     if "exposure_auc" in m:
-        lines.append(f"exposure AUC {m['exposure_auc']:.3f} [{m['exposure_auc_lo']:.3f}, {m['exposure_auc_hi']:.3f}]"
-                     f"  TPR@{m['exposure_fpr']:.0%}FPR {m['exposure_tpr']:.3f} [{m['exposure_tpr_lo']:.3f}, "
-                     f"{m['exposure_tpr_hi']:.3f}]  exposed {m['exposed_count']:.0f}")
-    lines += [f"risk ({kind}): {r.level}" for kind, r in res.risks().items()]
+        lines.append(f"calibrated exposure AUC {m['exposure_auc']:.3f} [{m['exposure_auc_lo']:.3f}, "
+                     f"{m['exposure_auc_hi']:.3f}]  TPR@{m['exposure_fpr']:.0%}FPR {m['exposure_tpr']:.3f} "
+                     f"[{m['exposure_tpr_lo']:.3f}, {m['exposure_tpr_hi']:.3f}]  exposed {m['exposed_count']:.0f} "
+                     f"(about {m['exposed_by_chance']:.0f} by chance; {m['exposed_distinct']:.0f} with a "
+                     f"reconstruction of their own; population {m['population_size']:.0f} images)")
+        lines.append(f"raw exposure AUC {m['raw_exposure_auc']:.3f}  TPR {m['raw_exposure_tpr']:.3f} "
+                     f"[{m['raw_exposure_tpr_lo']:.3f}, {m['raw_exposure_tpr_hi']:.3f}]  matched@0.6 "
+                     f"{m['matched_train_060']:.0f} T / {m['matched_heldout_060']:.0f} H' (p {m['matched_p_060']:.2g})")
+    lines += [f"risk ({kind}): {r.level}: {r.meaning}" for kind, r in res.risks().items()]
     return lines
 
 
@@ -351,6 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, DatasetNotFoundError, CheckpointError, NonFiniteLossError, OutputError,
             RuntimeError, OSError) as exc:
         return flags.print_error(exc)  # one line, credentials in URIs redacted
+    except MemoryError as exc:  # what the bounds let through but this machine cannot hold: a refusal too
+        return flags.print_error(f"not enough memory for this audit ({str(exc) or 'MemoryError'}); use smaller inputs")
+    except KeyboardInterrupt:
+        print("error: interrupted; --out holds the earlier output unless this audit had finished writing it",
+              file=sys.stderr)
+        return 130
     for line in summary_lines(res, args.tau):
         log(line)
     log(f"wrote {path.parent}/ ({', '.join(output_files(res.attack.kind))})")

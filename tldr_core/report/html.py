@@ -116,21 +116,29 @@ def _ci(m: dict[str, Any], key: str, spec: str) -> tuple[str, str]:
 
 
 def exposure_table(m: dict[str, Any], train_size: int) -> str:
-    """The exposure summary of one attack's metrics (exposure keys of scoring.exposure): AUC and TPR at
-    the FPR with their 95% intervals and chance levels, the exposed count, the one-to-one matches of
-    reconstructions to training images (T) and to as many unseen images (H') at each SSIM bar."""
+    """The exposure summary of one attack's metrics (the keys of scoring.exposure_score): the calibrated
+    exposure's AUC and TPR at the FPR with their 95% intervals and chance levels, the exposed count with
+    how many are expected by chance, the raw exposure's line, the one-to-one matches of reconstructions
+    to training images (T) and to as many unseen images (H') at each SSIM bar with Fisher's p-value."""
     fpr = float(m.get("exposure_fpr", 0.01))
     auc, auc_ci = _ci(m, "exposure_auc", "{:.3f}")
     tpr, tpr_ci = _ci(m, "exposure_tpr", "{:.1%}")
-    rows = [("exposure AUC, training vs unseen images", auc, auc_ci, "0.5"),
+    chance = m.get("exposed_by_chance", fpr * train_size)
+    rows = [("calibrated exposure AUC, training vs unseen images", auc, auc_ci, "0.5"),
             (f"TPR at {fpr:.0%} FPR (training images exposed)", tpr, tpr_ci, f"{fpr:.0%}"),
-            ("exposed training images", f"{m['exposed_count']:.0f} of {train_size} (e(t) &gt; "
-             f"{m['exposure_threshold']:.3f})", "", f"~{fpr * train_size:.3g}")]
+            ("exposed training images", f"{m['exposed_count']:.0f} of {train_size} (e_cal(t) &gt; "
+             f"{m['exposure_threshold']:.3f}); {m.get('exposed_distinct', math.nan):.0f} with a reconstruction of "
+             "their own", "", f"about {chance:.3g} expected by chance")]
+    if "raw_exposure_auc" in m:
+        r_auc, r_auc_ci = _ci(m, "raw_exposure_auc", "{:.3f}")
+        r_tpr, r_tpr_ci = _ci(m, "raw_exposure_tpr", "{:.1%}")
+        rows.append((f"raw exposure (best SSIM, uncalibrated): AUC {r_auc} [{r_auc_ci}], TPR", r_tpr, r_tpr_ci,
+                     f"{m['raw_exposed_count']:.0f} exposed"))
     for key in sorted(k for k in m if k.startswith("matched_train_")):
         tag = key[len("matched_train_"):]
-        held = m.get(f"matched_heldout_{tag}", math.nan)
+        held, p = m.get(f"matched_heldout_{tag}", math.nan), m.get(f"matched_p_{tag}", math.nan)
         rows.append((f"one-to-one matches at SSIM &ge; {int(tag) / 100:.1f}", f"{m[key]:.0f} training images",
-                     "", f"{held:.0f} unseen images"))
+                     f"Fisher p = {p:.2g}", f"{held:.0f} unseen images"))
     body = "".join(f"<tr><th>{name}</th><td>{v}</td><td>{ci}</td><td>{chance}</td></tr>"
                    for name, v, ci, chance in rows)
     return ('<table class="metrics exposure"><tr><th></th><th>value</th><th>95% CI</th><th>chance / unseen</th></tr>'

@@ -21,11 +21,11 @@ import torch
 from tldr_core.attack.classifier import ClassifierSettings
 from tldr_core.attack.config import AttackConfig, LossWeights
 from tldr_core.attack.kkt import KKTConfig
+from tldr_core.report.evidence import references_section
 from tldr_core.report.html import (esc, exposure_table, fig_uri, figure_html, grid_html, kv_table, metrics_table, page,
                                    pairs_html, verdict_html)
 from tldr_core.report.pictures import exposure_gallery_figure
-from tldr_core.scoring.risk import (HIGH_COVERAGE, HIGH_GAP_CI_LOW, HIGH_TPR_CI_LOW, MEDIUM_GAP_CI_LOW,
-                                    MEDIUM_TPR_CI_LOW, Risk, assess, worst)
+from tldr_core.scoring.risk import THRESHOLDS, Risk, assess, worst
 
 if TYPE_CHECKING:
     from tldr_core.attack.data import DatasetBundle
@@ -36,31 +36,28 @@ __all__ = ["headline", "thresholds_html", "reproduce_command", "describe_model",
 
 
 def headline(risk: Risk) -> str:
-    """The verdict box's headline for a risk."""
-    if risk.level == "HIGH":
-        return "this model gives away its training data"
-    if risk.level == "MEDIUM":
-        return ("this model gives away what its classes look like" if risk.criterion == "class_level"
-                else "this model leaks a little about its training images")
-    return "no measurable leak of training images"
+    """The verdict box's headline for a risk: what leaked, in words (tldr_core.scoring.risk.MEANING)."""
+    return risk.meaning
 
 
 def thresholds_html(tau: float) -> str:
     """The risk rule of tldr_core.scoring.risk in words (its criteria are checked in this order)."""
+    th = THRESHOLDS
     return ('<ul class="th">'
-            f"<li><b>HIGH</b>: exposure: the 95% CI lower bound of the TPR at 1% FPR is above {HIGH_TPR_CI_LOW:.0%} "
-            "and the exposure AUC's lower bound is above 0.5 (at least one training image in ten comes back "
-            f"recognisably, which unseen images do not); or the memorisation gap's 95% CI lower bound is above "
-            f"{HIGH_GAP_CI_LOW}; or coverage@{tau:g} is above {HIGH_COVERAGE} while the gap is significant.</li>"
-            f"<li><b>MEDIUM</b>: exposure above chance: the TPR's CI lower bound is above {MEDIUM_TPR_CI_LOW:.0%} (the "
-            "FPR itself: a model that never saw its training images sits there) and the AUC's lower bound is above "
-            f"0.5; or the gap is significant: its CI lower bound is above {MEDIUM_GAP_CI_LOW} (the gap's "
-            "run-to-run noise; the bootstrap CI alone covers only the choice of reconstructions); or the "
-            "reconstructions' quality reaches "
-            "the class-mean baseline's (they resemble the training images as much as each class's average training "
-            "image does: a class-level leak, serious when a class is a person).</li>"
-            "<li><b>LOW</b>: none of these. They are checked in this order and the first that holds sets the level; "
-            "the page's verdict is the worst attack's level.</li></ul>"
+            "<li><b>HIGH</b> = individual training images recovered (per-image evidence only): the calibrated "
+            f"exposure's TPR at 1% FPR has its 95% CI lower bound above {th['high_tpr_ci_low']:.0%} and its AUC's "
+            f"above 0.5, and at least {th['high_distinct_fraction']:.0%} of the training images (and at least "
+            f"{th['high_min_images']:g}) are exposed each by a reconstruction of its own; or at least "
+            f"{th['high_min_images']:g} training images are matched one-to-one at SSIM &ge; 0.6, significantly more "
+            f"than unseen images (Fisher's exact test, p &lt; {th['high_match_p']:g}).</li>"
+            "<li><b>MEDIUM</b> = a signal specific to this training set without per-image evidence: the calibrated "
+            f"or the raw exposure's TPR lower bound above {th['medium_tpr_ci_low']:.0%} (chance: the FPR itself) "
+            "with the AUC's lower bound above 0.5, or a memorisation gap whose CI lower bound is above "
+            f"{th['medium_gap_ci_low']} (the gap's run-to-run noise).</li>"
+            "<li><b>LOW</b>: none of these. Reconstructions that only look like the classes (as close to the "
+            "training images as a class's average image, no closer than to unseen images) are class statistics "
+            "and stay LOW. The gap alone never makes HIGH. The criteria are checked in this order and the first "
+            "that holds sets the level; the page's verdict is the worst attack's level.</li></ul>"
             '<p class="note"><b>quality</b>: mean SSIM of each reconstruction to its most similar training image of '
             "the "
             "same class (1 = identical). <b>quality vs H'</b>: the same against an equally large set of images the "
@@ -170,16 +167,9 @@ def _attacks(attack, templates, record: dict[str, Any]) -> list[tuple[str, Any]]
     return attacks
 
 
-#: Criteria whose reason reads as a description of the reconstructions ("The ... reconstructions are <reason>");
-#: the others' reasons are whole clauses ("individual training images come back: ...").
-_DESCRIBES_RECONSTRUCTIONS = ("gap", "gap_significant", "class_level", "none")
-
-
 def verdict_sentence(name: str, risk: Risk) -> str:
-    """The verdict box's sentence for one attack's risk."""
-    if risk.criterion in _DESCRIBES_RECONSTRUCTIONS:
-        return f"The {name} reconstructions are {risk.reason}."
-    return f"With the {name} reconstructions, {risk.reason}."
+    """The verdict box's sentence for one attack's risk: the level's meaning, then the evidence."""
+    return f"{risk.level}: {risk.meaning}. With the {name} reconstructions: {risk.reason}."
 
 
 def _verdict(attacks: list[tuple[str, Any]], risks: list[Risk]) -> str:
@@ -214,9 +204,12 @@ def _metrics_section(attacks, risks, baselines) -> list[str]:
     return ["<h2>Reconstructions against baselines</h2>", metrics_table(rows)]
 
 
-EXPOSURE_NOTE = ("<b>Exposure</b> e(t) is the best SSIM any reconstruction of its class reaches to training image t, "
-                 "compared with the same for as many images the model never saw (H'): an AUC above 0.5 and a TPR at "
-                 "1% FPR above 1% mean the reconstructions single out this model's training images.")
+EXPOSURE_NOTE = ("<b>Calibrated exposure</b> e_cal(t): how much closer the best reconstruction of its class comes to "
+                 "training image t than to any image of the population P (images neither in T nor in H'); the same "
+                 "is computed for as many images the model never saw (H'). An AUC above 0.5 and a TPR at 1% FPR above "
+                 "1% mean the reconstructions single out this model's training images, not just typical images of "
+                 "the class. At 1% FPR about 1% of the training images are above the threshold by chance. The raw "
+                 "exposure (best SSIM, not calibrated) is the secondary line.")
 
 
 def _exposure_section(bundle, attacks) -> list[str]:
@@ -232,7 +225,8 @@ def _exposure_section(bundle, attacks) -> list[str]:
         if gallery is not None and gallery.rows:
             fig = exposure_gallery_figure(gallery, bundle.class_names)
             b.append(figure_html(fig_uri(fig), f"{name}: the most exposed training images, each beside the "
-                                               "reconstruction reaching it and its best unseen match"))
+                                               "reconstruction reaching it, its best unseen match and its best "
+                                               "population match"))
     return b
 
 
@@ -295,7 +289,8 @@ def _identity_sections(bundle, spec, record: dict[str, Any], templates, command:
 def render_report(bundle: DatasetBundle, baselines: dict[str, dict[str, float]], *, attack: Scored | None = None,
                   templates: TemplateResult | None = None, heldout: Scored | None = None,
                   spec: dict[str, Any] | None = None, record: dict[str, Any] | None = None,
-                  command: str | None = None, title: str | None = None) -> str:
+                  command: str | None = None, title: str | None = None,
+                  references: dict[str, Scored] | None = None) -> str:
     """The audit report as an HTML string, from results computed by the caller.
 
     bundle: the DatasetBundle audited; baselines: score_baselines' dict; attack: the generator's
@@ -303,7 +298,8 @@ def render_report(bundle: DatasetBundle, baselines: dict[str, dict[str, float]],
     at least one of the two); heldout: `pipeline.heldout_nearest`'s real unseen images beside their
     nearest training images (optional: its sections are left out without it); spec: the classifier's
     `spec()` (architecture line); record: metrics.json's dict (identity and settings shown); command:
-    the line that reproduces it (default: derived from `record`).
+    the line that reproduces it (default: derived from `record`); references: the model-free references
+    (tldr_core.scoring.references.score_references), judged by the same rule beside the attacks.
     """
     record = dict(record or {})
     attacks = _attacks(attack, templates, record)
@@ -319,6 +315,8 @@ def render_report(bundle: DatasetBundle, baselines: dict[str, dict[str, float]],
          _verdict(attacks, risks)]
     b += _top_section(bundle, attacks, heldout)
     b += _metrics_section(attacks, risks, baselines)
+    if references:
+        b += references_section(attacks, risks, {n: (r, assess(r.metrics, baselines)) for n, r in references.items()})
     b += _exposure_section(bundle, attacks)
     b += _image_sections(bundle, attack, templates, heldout)
     b += ["<h2>How the risk level is decided</h2>", thresholds_html(tau)]

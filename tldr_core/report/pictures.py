@@ -10,6 +10,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 import matplotlib
 
 matplotlib.use("Agg")  # headless: CI, clusters, Ray workers
+# Text drawn here holds class names from data (folder names, an npz's class_names): "$x$" must stay text,
+# never mathtext, which would fail on it after the whole attack ran. No picture of tldr uses mathtext.
+matplotlib.rcParams["text.parse_math"] = False
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 import numpy as np  # noqa: E402
@@ -118,24 +121,30 @@ def _rgb(img: torch.Tensor | None, shape: tuple[int, int]) -> np.ndarray:
 
 def gallery_title(gallery: ExposureGallery) -> str:
     shown = sum(r.exposed for r in gallery.rows)
-    return (f"The {len(gallery.rows)} most exposed training images ({shown} shown above the threshold "
-            f"{gallery.threshold:.2f} at {gallery.fpr:.0%} FPR; {gallery.exposed} of {gallery.train_size} exposed "
-            "in all)\ntraining image | the reconstruction reaching it | that reconstruction's best match among "
-            "unseen images of the class")
+    chance = gallery.by_chance if not math.isnan(gallery.by_chance) else gallery.fpr * gallery.train_size
+    verdict = (f"{gallery.distinct} of them with a reconstruction of their own" if gallery.above_chance
+               else "within chance (TPR interval reaches the FPR): not a sign of leakage")
+    return (f"The {len(gallery.rows)} most exposed training images: {gallery.exposed} of {gallery.train_size} exposed "
+            f"(calibrated exposure above {gallery.threshold:.2f}); about {chance:.0f} expected by chance at "
+            f"{gallery.fpr:.0%} FPR, {verdict}; {shown} shown\ntraining image | the reconstruction reaching it | "
+            "its best match among unseen images of the class | its best match in the population")
 
 
-def _captions(row: Any, class_names: Sequence[str]) -> tuple[str, str, str]:
+def _captions(row: Any, class_names: Sequence[str]) -> tuple[str, str, str, str]:
     cls = str(class_names[row.label]) if row.label < len(class_names) else str(row.label)
     held = (f"held-out #{row.heldout_index}\nSSIM {row.heldout_ssim:.2f}" if row.heldout_index >= 0
             else "no held-out\nimage of class")
+    pop = (f"population #{row.population_index}\nSSIM {row.population_ssim:.2f}" if row.population_index >= 0
+           else "no population\nimage of class")
     return (f"train #{row.train_index}\nclass {cls}{', exposed' if row.exposed else ''}",
-            f"recon #{row.recon_index}\nSSIM {row.exposure:.2f}", held)
+            f"recon #{row.recon_index}\nSSIM {row.raw_exposure:.2f} ({row.exposure:+.2f})", held, pop)
 
 
-def exposure_gallery_figure(gallery: ExposureGallery, class_names: Sequence[str], *, per_row: int = 4,
+def exposure_gallery_figure(gallery: ExposureGallery, class_names: Sequence[str], *, per_row: int = 3,
                             title: str | None = None) -> Any:
-    """A matplotlib figure of ``gallery``: per training image three columns (training image |
-    reconstruction | best held-out match), ``per_row`` triples a row, SSIMs in the captions; exposed
+    """A matplotlib figure of ``gallery``: per training image four columns (training image |
+    reconstruction | its best held-out match | its best population match), ``per_row`` groups a row,
+    SSIMs in the captions (the reconstruction's also its calibrated exposure in brackets); exposed
     training images framed in red. The caller saves and closes it (:func:`save_exposure_gallery`).
 
     Drawn as ONE image (a mosaic with caption bands) in one axes: a subplot per image cost ~0.1 s each."""
@@ -144,13 +153,13 @@ def exposure_gallery_figure(gallery: ExposureGallery, class_names: Sequence[str]
     per_row = max(1, min(per_row, len(rows) or 1))
     nrow = max(1, math.ceil(len(rows) / per_row))
     gap, sep, band = max(1, w // 8), max(2, w // 2), max(3, round(h * 0.35))  # pixels
-    tw, th = 3 * w + 2 * gap, band + h + gap  # one triple's width, one row's height
+    tw, th = 4 * w + 3 * gap, band + h + gap  # one group's width, one row's height
     canvas = np.ones((nrow * th, per_row * tw + (per_row - 1) * sep, 3))
     spots = []  # (x, y) of each image's top-left pixel, with its row
     for k, row in enumerate(rows):
         r, q = divmod(k, per_row)
         y0, x0 = r * th + band, q * (tw + sep)
-        for i, img in enumerate((row.train_image, row.recon_image, row.heldout_image)):
+        for i, img in enumerate((row.train_image, row.recon_image, row.heldout_image, row.population_image)):
             x = x0 + i * (w + gap)
             canvas[y0 : y0 + h, x : x + w] = _rgb(img, (h, w))
             spots.append((x, y0, row, i))
@@ -173,7 +182,7 @@ def exposure_gallery_figure(gallery: ExposureGallery, class_names: Sequence[str]
 
 
 def save_exposure_gallery(path: str | Path, gallery: ExposureGallery, class_names: Sequence[str], *,
-                          per_row: int = 4, title: str | None = None) -> Path:
+                          per_row: int = 3, title: str | None = None) -> Path:
     """Draw :func:`exposure_gallery_figure` into ``path`` (PNG)."""
     fig = exposure_gallery_figure(gallery, class_names, per_row=per_row, title=title)
     path = Path(path)

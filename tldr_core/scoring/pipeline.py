@@ -26,7 +26,7 @@ from tldr_core.attack.output import AttackOutput
 from tldr_core.attack.templates import RENDERINGS, TemplateResult, weight_templates
 from tldr_core.attack.tldr import run_tldr
 from tldr_core.attack.train import Callback
-from tldr_core.scoring.exposure import ExposureResult, score_exposure
+from tldr_core.scoring.exposure_score import ExposureResult, score_exposure
 from tldr_core.scoring.metrics import baseline_sets, score_reconstructions
 from tldr_core.scoring.nearest import ReferenceIndex, SearchStats
 from tldr_core.scoring.ssim import ssim_matrix
@@ -39,15 +39,18 @@ class GalleryRow:
     """One training image of the exposure gallery (docs/method.md §7).
 
     train_index, label: the training image (index into ``bundle.train``) and its class;
-    exposure: e(t), the SSIM of ``recon_image`` to ``train_image``; exposed: e(t) > the threshold;
-    recon_index: the reconstruction reaching e(t); heldout_index: index into ``bundle.heldout`` of that
-    reconstruction's most similar image of the same class in H' (-1: H' has none), heldout_ssim its
-    SSIM (NaN: none). Images are (C, H, W) float32 in [0, 1] (the reconstruction clamped, as scored).
+    exposure: its calibrated exposure e_cal(t); raw_exposure: the SSIM of ``recon_image`` to
+    ``train_image``; exposed: e_cal(t) > the threshold; recon_index: the reconstruction reaching
+    e_cal(t); heldout_index: index into ``bundle.heldout`` of that reconstruction's most similar image
+    of the same class in H' (-1: none), heldout_ssim its SSIM (NaN: none); population_index: index into
+    the population (``bundle.test``) of its most similar population image, population_ssim its SSIM.
+    Images are (C, H, W) float32 in [0, 1] (the reconstruction clamped, as scored).
     """
 
     train_index: int
     label: int
     exposure: float
+    raw_exposure: float
     exposed: bool
     train_image: Tensor
     recon_index: int
@@ -55,19 +58,25 @@ class GalleryRow:
     heldout_index: int
     heldout_image: Tensor | None
     heldout_ssim: float
+    population_index: int = -1
+    population_image: Tensor | None = None
+    population_ssim: float = math.nan
 
 
 @dataclass(frozen=True)
 class ExposureGallery:
-    """The ``top`` most exposed training images, by e(t) descending (ties: by index); rows below the
-    threshold are included (exposed False) when fewer than ``top`` are exposed. threshold, fpr and
-    exposed (the count over all of T) are ExposureResult's."""
+    """The ``top`` most exposed training images, by e_cal(t) descending (ties: by index); rows below the
+    threshold are included (exposed False) when fewer than ``top`` are exposed. threshold, fpr,
+    exposed (the count over all of T) and by_chance (fpr x |T|) are ExposureResult's."""
 
     rows: list[GalleryRow]
     threshold: float
     fpr: float
     exposed: int
     train_size: int
+    by_chance: float = math.nan
+    distinct: int = -1
+    above_chance: bool = False  # the TPR interval's lower end is above the FPR
 
 
 @dataclass
@@ -131,7 +140,7 @@ def score_images(images: Tensor, labels: Tensor, classifier: nn.Module | None, b
         classifier = classifier.cpu()
     metrics = score_reconstructions(images, labels, index, bundle.heldout, classifier=classifier, tau=tau,
                                     seed=seed, n_boot=n_boot, method=method, stats=stats)
-    exp = score_exposure(images, labels, bundle.train, bundle.heldout, seed=seed, n_boot=n_boot)
+    exp = score_exposure(images, labels, bundle.train, bundle.heldout, population(bundle), seed=seed, n_boot=n_boot)
     return {**metrics, **exp.metrics()}, exp
 
 
@@ -161,12 +170,14 @@ def template_attack(model: nn.Module, bundle: Any, *, tau: float = 0.5, seed: in
 
 
 def exposure_gallery(exp: ExposureResult, images: Tensor, bundle: Any, *, top: int = GALLERY_SIZE) -> ExposureGallery:
-    """The ``top`` most exposed training images (by e(t) descending, ties by index, as exposure.csv),
-    each with the reconstruction that reached it and that reconstruction's best same-class match in H'.
+    """The ``top`` most exposed training images (by e_cal(t) descending, ties by index, as exposure.csv),
+    each with the reconstruction that reached it, that reconstruction's best same-class match in H' and
+    its best match in the population.
 
     exp: score_exposure's result for ``images`` (the reconstructions it scored, (R, C, H, W)) against
-    ``bundle.train`` and ``bundle.heldout``. Training images whose class has no reconstruction are left
-    out (nothing reached them). The H' match answers "would an unseen image have matched as well?".
+    ``bundle.train``, ``bundle.heldout`` and the population ``bundle.test``. Training images whose class
+    has no reconstruction are left out (nothing reached them). The H' and population matches answer
+    "would an unseen image have matched as well?".
     """
     if top < 1:
         raise ValueError(f"top must be >= 1, got {top}")
@@ -175,23 +186,42 @@ def exposure_gallery(exp: ExposureResult, images: Tensor, bundle: Any, *, top: i
     recon_idx = exp.best_recon_train[order]
     recons = images[recon_idx].detach().cpu().float().clamp(0.0, 1.0)  # scored clamped (score_exposure)
     labels = exp.train_labels[order]
-    h_idx = exp.heldout_index
-    h_lab = bundle.heldout.labels[h_idx].cpu()
-    best = torch.full((len(order),), -1, dtype=torch.int64)
-    best_ssim = torch.full((len(order),), math.nan, dtype=torch.float64)
-    for c in torch.unique(labels).tolist():  # one SSIM block per class: these recons x H' of the class
+    best, best_ssim = _heldout_matches(recons, labels, exp.heldout_index, bundle.heldout)
+    pop = population(bundle)
+    out = []
+    for k, t in enumerate(order.tolist()):
+        r, p = int(recon_idx[k]), int(exp.recon_population_index[recon_idx[k]])
+        out.append(GalleryRow(
+            train_index=int(t), label=int(labels[k]), exposure=float(exp.e_train[t]),
+            raw_exposure=float(ssim_matrix(recons[k:k + 1], bundle.train.images[t:t + 1].cpu().float())[0, 0]),
+            exposed=bool(exp.e_train[t] > exp.threshold), train_image=bundle.train.images[t].cpu().float(),
+            recon_index=r, recon_image=recons[k], heldout_index=int(best[k]),
+            heldout_image=bundle.heldout.images[best[k]].cpu().float() if best[k] >= 0 else None,
+            heldout_ssim=float(best_ssim[k]), population_index=p, population_image=pop.images[p].cpu().float(),
+            population_ssim=float(exp.recon_population[r])))
+    return ExposureGallery(out, float(exp.threshold), float(exp.fpr), int(exp.exposed), int(exp.e_train.numel()),
+                           by_chance=exp.by_chance, distinct=exp.exposed_distinct,
+                           above_chance=exp.tpr_ci[0] > exp.fpr)
+
+
+def _heldout_matches(recons: Tensor, labels: Tensor, h_idx: Tensor, heldout: Any) -> tuple[Tensor, Tensor]:
+    """Each reconstruction's best same-class image of H' (``h_idx`` into ``heldout``): (index, SSIM), -1 / NaN
+    where H' has none of the class. One SSIM block per class; the lowest H' index wins ties."""
+    h_lab = heldout.labels[h_idx].cpu()
+    best = torch.full((len(labels),), -1, dtype=torch.int64)
+    best_ssim = torch.full((len(labels),), math.nan, dtype=torch.float64)
+    for c in torch.unique(labels).tolist():
         rows, cand = (labels == c).nonzero(as_tuple=True)[0], h_idx[h_lab == c]
         if cand.numel():
-            s = ssim_matrix(recons[rows], bundle.heldout.images[cand].cpu().float()).to(torch.float64)
-            top_s, j = s.max(dim=1)  # first maximum: the lowest H' index among ties
+            s = ssim_matrix(recons[rows], heldout.images[cand].cpu().float()).to(torch.float64)
+            top_s, j = s.max(dim=1)
             best[rows], best_ssim[rows] = cand[j], top_s
-    out = [GalleryRow(train_index=int(t), label=int(labels[k]), exposure=float(exp.e_train[t]),
-                      exposed=bool(exp.e_train[t] > exp.threshold), train_image=bundle.train.images[t].cpu().float(),
-                      recon_index=int(recon_idx[k]), recon_image=recons[k], heldout_index=int(best[k]),
-                      heldout_image=bundle.heldout.images[best[k]].cpu().float() if best[k] >= 0 else None,
-                      heldout_ssim=float(best_ssim[k]))
-           for k, t in enumerate(order.tolist())]
-    return ExposureGallery(out, float(exp.threshold), float(exp.fpr), int(exp.exposed), int(exp.e_train.numel()))
+    return best, best_ssim
+
+
+def population(bundle: Any) -> Any:
+    """The audit's population set P (docs/method.md §7): the test split, disjoint from T and H'."""
+    return bundle.test
 
 
 def heldout_nearest(bundle: Any, per_class: int, *, seed: int = 0, index: ReferenceIndex | None = None) -> Scored:
