@@ -4,7 +4,6 @@ flags (same name, default and help in every command), every default shown in --h
 from __future__ import annotations
 
 import argparse
-import socket
 import subprocess
 import sys
 import tomllib
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from local_servers import free_port
 from tldr_core.cli import main as tldr
 from tldr_core.platform import cli_flags
 
@@ -42,12 +42,6 @@ def options_without_default(p: argparse.ArgumentParser, prefix: str = "") -> lis
             if "default" not in (text % {"default": action.default} if "%(default)" in text else text).lower():
                 out.append(prefix + action.option_strings[-1])
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_tldr(*args: str, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:

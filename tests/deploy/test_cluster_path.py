@@ -19,31 +19,21 @@ import os
 import secrets
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import requests
+
+from local_servers import command_lines, free_ports, stop_process_group, wait_until_answers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import k8s_checks as kc  # noqa: E402
 
 pytestmark = pytest.mark.slow
 SHRINK = ["--smoke-test", "--steps", "8", "--train-size", "100", "--per-class", "3"]
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def substitute(tokens: list[str], values: dict[str, str], extra: list[str]) -> list[str]:
@@ -60,22 +50,13 @@ def substitute(tokens: list[str], values: dict[str, str], extra: list[str]) -> l
 
 def stop_head(proc: subprocess.Popen, temp: Path) -> None:
     """Stop the head's process group, then anything else still running from its temp folder."""
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if str(temp).encode() in cmdline.read_bytes():
-                os.kill(int(cmdline.parent.name), signal.SIGKILL)
-        except (OSError, ValueError):
-            pass
+    stop_process_group(proc, ((signal.SIGTERM, 30), (signal.SIGKILL, 10)))
+    for pid, args in command_lines():
+        if any(str(temp).encode() in a for a in args):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
     subprocess.run(["rm", "-rf", str(temp)], check=False)
 
 
@@ -98,28 +79,14 @@ def head(tmp_path_factory):
                              "--temp-dir", str(temp), "--disable-usage-stats"],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
+    jobs = {"url": f"{url}/api/jobs/", "headers": {"Authorization": f"Bearer {token}"}, "timeout": 10}
     try:
-        _wait_for_jobs_api(url, token, proc, log)
+        wait_until_answers(proc, lambda: requests.get(**jobs).status_code == 200,
+                           "ray start --head (the Jobs API)", 600, log, every=2)
         yield url, env, work
     finally:
         stop_head(proc, temp)
         log.close()
-
-
-def _wait_for_jobs_api(url: str, token: str, proc: subprocess.Popen, log) -> None:
-    t0 = time.time()
-    while time.time() - t0 < 600:
-        if proc.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"ray start --head exited {proc.returncode}:\n{log.read()[-4000:]}")
-        try:
-            r = requests.get(f"{url}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=10)
-            if r.status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(2)
-    pytest.fail("the Ray head's Jobs API did not answer within 600 s")
 
 
 def submit(url: str, env: dict, entrypoint: list[str], timeout: float = 1200) -> subprocess.CompletedProcess:

@@ -10,48 +10,28 @@ this machine) and a free --port; MLFLOW_ARTIFACTS_DESTINATION a folder on the /t
 S3; PATH starts with this venv's bin (the image has mlflow and python on its PATH)."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import secrets
-import socket
 import stat
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import requests
 
+from local_servers import free_port, postgres_cluster, stop_process_group, wait_until_answers
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import k8s_checks as kc  # noqa: E402
 import pod_sandbox as sb  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def postgres():
-    spec = importlib.util.spec_from_file_location("postgres_server_for_k8s", kc.REPO / "mlflow" / "postgres_server.py")
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
-    tmp = Path(tempfile.mkdtemp(prefix="tldr-k8s-pg-"))
-    os.chmod(tmp, 0o755)
-    cluster = m.Cluster(m.pg_bindir(), tmp / "data", free_port())
-    try:
-        cluster.start()
-    except m.SetupError as exc:
-        pytest.fail(f"PostgreSQL did not start: {exc}", pytrace=False)
-    yield cluster
-    cluster.stop()
-    subprocess.run(["rm", "-rf", str(tmp)], check=False)
+    with postgres_cluster("tldr-k8s-pg-") as (_script, cluster):
+        yield cluster
 
 
 @pytest.fixture(scope="module")
@@ -80,27 +60,12 @@ def server(postgres, tmp_path_factory):
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_health(url, proc, log)
+        wait_until_answers(proc, lambda: requests.get(f"{url}/health", timeout=5).status_code == 200,
+                           "the manifest's MLflow command (/health)", 300, log)
         yield url, creds, volume, proc, log
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=60)
+        stop_process_group(proc)
         log.close()
-
-
-def _wait_health(url: str, proc: subprocess.Popen, log) -> None:
-    t0 = time.time()
-    while time.time() - t0 < 300:
-        if proc.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"the manifest's MLflow command exited {proc.returncode}:\n{log.read()[-4000:]}")
-        try:
-            if requests.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(1)
-    pytest.fail("the manifest's MLflow command did not answer /health within 300 s")
 
 
 def _get(url: str, path: str, auth=None) -> requests.Response:

@@ -7,68 +7,36 @@ PostgreSQL (initdb, pg_ctl) and psycopg2-binary must be installed (CI's .ci/run 
 the script itself never installs system packages): otherwise these tests FAIL with its message."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import queue
 import re
 import signal
-import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-SERVER = REPO / "mlflow" / "postgres_server.py"
+from local_servers import POSTGRES_SERVER as SERVER
+from local_servers import REPO, command_lines, free_port, load_postgres_script, postgres_cluster
+
 TINY = ["--smoke-test", "--trials", "1", "--steps", "8", "--train-size", "100", "--per-class", "3", "--quiet"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def load_script():
-    """mlflow/postgres_server.py as a module (mlflow/ is not a package, by design)."""
-    spec = importlib.util.spec_from_file_location("postgres_server_script", SERVER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def processes_whose_command_line_has(text: str) -> list[str]:
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            args = cmdline.read_bytes().split(b"\0")
-        except OSError:
-            continue  # the process ended meanwhile
-        if any(text.encode() in a for a in args):
-            found.append(b" ".join(args).decode(errors="replace")[:200])
-    return found
+    return [b" ".join(args).decode(errors="replace")[:200] for _pid, args in command_lines()
+            if any(text.encode() in a for a in args)]
 
 
 @pytest.fixture
 def cluster():
     """A bare cluster (no MLflow) in a temp folder the postgres user can reach when run as root."""
-    m = load_script()
-    tmp = Path(tempfile.mkdtemp(prefix="tldr-pgtest-"))
-    os.chmod(tmp, 0o755)
-    c = m.Cluster(m.pg_bindir(), tmp / "data", free_port())
-    try:
-        c.start()
-    except m.SetupError as exc:
-        pytest.fail(f"PostgreSQL did not start: {exc}", pytrace=False)
-    yield m, c
-    c.stop()
-    subprocess.run(["rm", "-rf", str(tmp)], check=False)
+    with postgres_cluster("tldr-pgtest-") as (m, c):
+        yield m, c
 
 
 @pytest.mark.slow
@@ -138,7 +106,7 @@ def test_kept_cluster_reuses_its_passwords_and_refuses_a_readable_credentials_fi
 
 
 def test_missing_postgresql_is_one_error_and_nothing_is_installed(monkeypatch, tmp_path, capsys):
-    m = load_script()
+    m = load_postgres_script()
     calls: list = []
     monkeypatch.setattr(m.glob, "glob", lambda pattern: [])
     monkeypatch.setattr(m.shutil, "which", lambda name: None)

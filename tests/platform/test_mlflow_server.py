@@ -3,27 +3,18 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import requests
 
+from local_servers import REPO, free_port, stop_process_group, wait_until_answers
 from tldr_core.attack.config import LossWeights
 from tldr_core.platform.tracking import store as tr
 from tldr_core.platform.tracking.trial_runs import TrialRun
 
-REPO = Path(__file__).resolve().parents[2]
 SERVE = REPO / "mlflow" / "serve.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_mlflow_folder_is_not_a_package():
@@ -63,16 +54,8 @@ def test_server_serves_the_search_runs_over_rest(tmp_path):
                             start_new_session=True, env={**os.environ, "TLDR_RUNS": str(tmp_path)})
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.time() < deadline, "the MLflow server did not answer /health within 120 s"
-            time.sleep(1)
+        wait_until_answers(proc, lambda: requests.get(f"{base}/health", timeout=2).status_code == 200,
+                           "the MLflow server (/health)", 120)
         api = f"{base}/api/2.0/mlflow"
         r = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": "tldr-server-test"}, timeout=30)
         assert r.status_code == 200 and r.json()["experiment"]["experiment_id"] == exp
@@ -91,10 +74,5 @@ def test_server_serves_the_search_runs_over_rest(tmp_path):
         art = requests.get(f"{base}/get-artifact", params={"path": "grid.png", "run_uuid": t["info"]["run_id"]},
                            timeout=30)
         assert art.status_code == 200 and art.content == b"\x89PNG fake"
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGINT)  # the server stops on SIGINT (it ignores SIGTERM for a while)
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+    finally:  # the server stops on SIGINT (it ignores SIGTERM for a while)
+        stop_process_group(proc, ((signal.SIGINT, 20), (signal.SIGKILL, 10)))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from tldr_core.platform.search.spaces.tldr_space import switch_name
 from tldr_core.platform.tracking import store as tr
 from tldr_core.platform.tracking.trial_runs import trial_runs
 
+from local_servers import free_port
 from search_helpers import REPO, SEARCH, TINY, client_of, done_counts, run_search, searches_of  # noqa: E402 - this folder
 
 
@@ -30,12 +30,6 @@ def load_search_module():
     sys.modules[spec.name] = mod  # dataclasses look their module up while the file executes
     spec.loader.exec_module(mod)
     return mod
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------ the space

@@ -6,6 +6,7 @@ import socket
 
 import pytest
 
+from local_servers import free_port
 from tldr_core.platform.probe import tcp_reachable
 from tldr_core.platform.tracking import store as tr
 
@@ -76,14 +77,8 @@ def test_params_and_tags_never_store_a_password(tmp_path):
 
 def test_check_tracking_uri_error_carries_no_password():
     with pytest.raises(tr.TrackingError) as err:
-        tr.check_tracking_uri(f"http://bob:pa55w0rd@127.0.0.1:{_free_port()}", timeout=2)
+        tr.check_tracking_uri(f"http://bob:pa55w0rd@127.0.0.1:{free_port()}", timeout=2)
     assert "pa55w0rd" not in str(err.value) and "bob:***@127.0.0.1" in str(err.value)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------ a fresh sqlite store (issue 14 #6)
