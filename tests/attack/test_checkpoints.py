@@ -95,7 +95,8 @@ def test_kkt_candidates_round_trip(tmp_path):
     assert isinstance(cand, KKTCandidates) and meta == {"dataset": "toy", "steps": 3}
     assert torch.equal(cand.x, out.module.x) and torch.equal(cand.lam, out.module.lam)
     assert torch.equal(cand.labels, torch.tensor([0, 0, 1, 1, 2, 2])) and cand.labels.dtype == torch.int64
-    assert cand.spec() == {"count": 6, "image_shape": [1, 4, 4], "num_classes": 3}
+    assert cand.spec() == {"count": 6, "image_shape": [1, 4, 4], "num_classes": 3, "resumable": True}
+    assert int(cand.step) == 3 and torch.equal(cand.adam_x_sq, out.module.adam_x_sq)
     assert LOADERS[KKT_FORMAT] is load_kkt_candidates
     again, _ = load_module(p, out.checkpoint_format)
     assert torch.equal(again.x, out.module.x)

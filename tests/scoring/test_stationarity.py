@@ -54,7 +54,7 @@ def test_exact_stationary_point_has_residual_near_zero_and_init_of_order_one():
     assert res.residual < 1e-6 and res.cosine > 1 - 1e-9
     assert set(res.per_layer) == {"out"} and set(res.per_tensor) == {"out.weight", "out.bias"}
     assert res.metrics()["stationarity_residual_out"] < 1e-6 and res.explained > 1 - 1e-12
-    assert "holds to 100.0 %" in res.sentence()
+    assert "holds to 100.00 %" in res.sentence()
     assert wd_residual(model, data.images, data.labels, wd) == pytest.approx(res.residual, abs=1e-12)
 
 

@@ -26,7 +26,14 @@ form of Buzaglo et al. 2023 for losses whose derivative changes sign (e.g. squar
 
 Smoothed ReLU. ∇θ m depends on the candidate through ReLU gates whose derivative is a step, so the
 candidate would get almost no gradient through them; during extraction only, ReLU's (LeakyReLU's)
-backward uses sigmoid(α·x) (slope + (1 − slope)·sigmoid(α·x)) while its forward value is unchanged.
+backward uses sigmoid(α·x) (slope + (1 − slope)·sigmoid(α·x)) while its forward value is unchanged
+(`kkt_loss`); smooth activations are left as they are.
+
+Running to convergence. A run continues from its kkt.pt (`resume`: the candidates carry Adam's
+moments and the step reached, `kkt_state`), so 2 × N steps resumed equal one run of 2N steps; it can
+stop when the residual's relative improvement over `plateau_window` steps falls below `plateau_tol`
+(off by default), and follow a cosine learning-rate schedule (off by default). `compile` runs the
+step as torch.func transforms through torch.compile (same numbers to rounding).
 
 BatchNorm and dropout: the classifier runs in eval mode, so BatchNorm is a fixed affine map with its
 running statistics (its weight and bias are ordinary parameters of the stationarity equation with
@@ -35,26 +42,30 @@ training-mode objective, so the equation holds only approximately there.
 """
 from __future__ import annotations
 
-import contextlib
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from tldr_core.attack.config import ConfigError
+from tldr_core.attack.kkt_loss import (LAYERS, SmoothReLU, StraightThroughSmoothReLU, functional_step,  # noqa: F401
+                                       margins, range_prior, residual, residual_backward, smooth_relu,
+                                       stationarity_loss, stationarity_parameters, weighted_margin_grad)
+from tldr_core.attack.kkt_state import (KKTCandidates, KKTResume, build_candidates, check_resume,  # noqa: F401
+                                        init_candidates, plateau_ref_of, project_lambdas, restore_optimizer,
+                                        save_optimizer)
 from tldr_core.attack.output import AttackOutput
 from tldr_core.attack.train import NonFiniteLossError, resolve_device
 
 KKT_FORMAT = "tldr-kkt-candidates/1"
-LAYERS = ("all", "first", "fc")
 LAMBDA_SIGNS = ("positive", "free")
-_INT_FIELDS = ("per_class", "steps", "batch", "seed", "log_every")
-_UNTUNED = ("batch", "seed", "device", "log_every")  # change speed or bookkeeping, not the result
+LR_SCHEDULES = ("constant", "cosine")
+_INT_FIELDS = ("per_class", "steps", "batch", "seed", "log_every", "plateau_window")
+_UNTUNED = ("batch", "seed", "device", "log_every", "compile")  # change speed or bookkeeping, not the result
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,11 @@ class KKTConfig:
     seed: int = 0
     device: str = "cpu"
     log_every: int = 100
+    lr_schedule: str = "constant"  # constant, or cosine: from lr down to lr * lr_floor at step `steps`
+    lr_floor: float = 0.01
+    plateau_window: int = 0        # > 0: stop once the residual improved by less than plateau_tol
+    plateau_tol: float = 1e-3      # (relative) over the last plateau_window steps; window 0 = off
+    compile: bool = False          # the step as torch.func transforms through torch.compile
 
     def __post_init__(self) -> None:
         def check(cond: bool, msg: str) -> None:
@@ -92,7 +108,8 @@ class KKTConfig:
             v = getattr(self, name)
             check(is_int(v) and v >= 1, f"{name} must be an integer >= 1, got {v!r}")
         check(is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
-        for name in ("lr", "init_scale", "lambda_init", "lambda_min", "alpha", "prior"):
+        for name in ("lr", "init_scale", "lambda_init", "lambda_min", "alpha", "prior", "lr_floor",
+                     "plateau_tol"):
             v = getattr(self, name)
             check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
                   f"{name} must be a finite number, got {v!r}")
@@ -106,10 +123,21 @@ class KKTConfig:
         check(self.layers in LAYERS, f"unknown layers {self.layers!r}; choose one of {LAYERS}")
         check(self.lambda_sign in LAMBDA_SIGNS, f"unknown lambda_sign {self.lambda_sign!r}; choose one of {LAMBDA_SIGNS}")
         check(isinstance(self.weight_decay_form, bool), f"weight_decay_form must be true or false, got {self.weight_decay_form!r}")
+        self._check_convergence(check, is_int)
         check(self.lambda_sign == "free" or self.lambda_init >= self.lambda_min,
               f"lambda_init ({self.lambda_init}) must be >= lambda_min ({self.lambda_min})")
         check(isinstance(self.device, str) and (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")),
               f"device must be auto, cpu or cuda, got {self.device!r}")
+
+    def _check_convergence(self, check: Callable[[bool, str], None], is_int: Callable[[Any], bool]) -> None:
+        """The schedule, plateau-stop and compile settings."""
+        check(self.lr_schedule in LR_SCHEDULES,
+              f"unknown lr_schedule {self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
+        check(0 < self.lr_floor <= 1, f"lr_floor must be in (0, 1], got {self.lr_floor}")
+        check(is_int(self.plateau_window) and self.plateau_window >= 0,
+              f"plateau_window must be an integer >= 0, got {self.plateau_window!r}")
+        check(self.plateau_tol >= 0, f"plateau_tol must be >= 0, got {self.plateau_tol}")
+        check(isinstance(self.compile, bool), f"compile must be true or false, got {self.compile!r}")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -133,248 +161,121 @@ class KKTConfig:
         return replace(base or cls(), **vals)
 
 
-# ---- smoothed ReLU ------------------------------------------------------------------------------
-
-class _SmoothReLU(torch.autograd.Function):
-    """Forward: exact (leaky) ReLU. Backward: slope + (1 − slope)·sigmoid(α·x).
-
-    The backward is written in differentiable torch ops on the saved input, so autograd can
-    differentiate it again (double backward: the loss is a function of a gradient).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, alpha: float, slope: float) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        ctx.alpha, ctx.slope = alpha, slope
-        return F.leaky_relu(x, slope) if slope else F.relu(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        x, = ctx.saved_tensors
-        gate = torch.sigmoid(ctx.alpha * x)
-        if ctx.slope:
-            gate = ctx.slope + (1 - ctx.slope) * gate
-        return grad_out * gate, None, None
-
-
-class SmoothReLU(nn.Module):
-    """Drop-in for nn.ReLU / nn.LeakyReLU with the smoothed backward of `_SmoothReLU`."""
-
-    def __init__(self, alpha: float, slope: float = 0.0) -> None:
-        super().__init__()
-        self.alpha, self.slope = float(alpha), float(slope)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _SmoothReLU.apply(x, self.alpha, self.slope)
-
-
-@contextlib.contextmanager
-def smooth_relu(model: nn.Module, alpha: float) -> Iterator[nn.Module]:
-    """Within the block, every nn.ReLU / nn.LeakyReLU submodule of `model` is a `SmoothReLU`.
-
-    The original modules are put back on exit (also on error). ReLUs called functionally
-    (F.relu inside a forward) are not affected; the classifiers of `attack.models` use modules.
-    """
-    swapped: list[tuple[nn.Module, str, nn.Module]] = []
-    try:
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, (nn.ReLU, nn.LeakyReLU)):
-                    slope = child.negative_slope if isinstance(child, nn.LeakyReLU) else 0.0
-                    setattr(parent, name, SmoothReLU(alpha, slope))
-                    swapped.append((parent, name, child))
-        yield model
-    finally:
-        for parent, name, child in reversed(swapped):
-            setattr(parent, name, child)
-
-
-# ---- the stationarity loss ------------------------------------------------------------------------
-
-def stationarity_parameters(classifier: nn.Module, layers: str = "all") -> dict[str, torch.Tensor]:
-    """The real parameters θ entering the equation, detached, by their `named_parameters` names.
-
-    all: every parameter; first: the first Linear or Conv layer; fc: every Linear layer. All-zero
-    tensors are left out: they cannot be normalised by their norm and say nothing about the data.
-    """
-    if layers not in LAYERS:
-        raise ConfigError(f"kkt: unknown layers {layers!r}; choose one of {LAYERS}")
-    if layers == "all":
-        chosen = dict(classifier.named_parameters())
-    else:
-        kinds = (nn.Linear,) if layers == "fc" else (nn.Linear, nn.modules.conv._ConvNd)
-        mods = [(n, m) for n, m in classifier.named_modules() if isinstance(m, kinds)]
-        mods = mods[:1] if layers == "first" else mods
-        chosen = {f"{n}.{p}": t for n, m in mods for p, t in m.named_parameters(recurse=False)}
-    out = {k: t.detach() for k, t in chosen.items() if t.detach().ne(0).any()}
-    if not out:
-        raise ConfigError(f"kkt: layers={layers!r} selects no non-zero parameters of {type(classifier).__name__}")
-    return out
-
-
-def margins(logits: torch.Tensor, labels: torch.Tensor, soft: bool = False) -> torch.Tensor:
-    """(B, N) logits, (B,) labels -> (B,) margin f_y − max_{k≠y} f_k (soft: − logsumexp_{k≠y} f_k)."""
-    own = logits.gather(1, labels[:, None]).squeeze(1)
-    others = logits.scatter(1, labels[:, None], float("-inf"))
-    return own - (torch.logsumexp(others, dim=1) if soft else others.amax(dim=1))
-
-
-def weighted_margin_grad(classifier: nn.Module, at: dict[str, torch.Tensor], x: torch.Tensor, labels: torch.Tensor,
-                         lam: torch.Tensor, *, soft: bool = False, create_graph: bool = True) -> dict[str, torch.Tensor]:
-    """Σⱼ λⱼ ∇θ mⱼ(xⱼ) evaluated at θ = `at`: one forward and ONE backward over the weighted sum.
-
-    at: name -> tensor for the parameters to differentiate (the rest are the module's own);
-    x (B, C, H, W), labels (B,), lam (B,). Returns name -> tensor shaped like at[name];
-    with create_graph the result is differentiable w.r.t. x and lam.
-    """
-    at = {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in at.items()}
-    logits = functional_call(classifier, at, (x,), strict=False)
-    total = (lam * margins(logits, labels, soft)).sum()
-    grads = torch.autograd.grad(total, list(at.values()), create_graph=create_graph)
-    return dict(zip(at, grads))
-
-
-def residual(theta: dict[str, torch.Tensor], g: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Scalar mean over tensors p of ‖θ_p − g_p‖² / ‖θ_p‖² (1 when g = 0)."""
-    return torch.stack([(theta[k] - g[k]).pow(2).sum() / theta[k].pow(2).sum() for k in theta]).mean()
-
-
-def stationarity_loss(classifier: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, labels: torch.Tensor,
-                      lam: torch.Tensor, *, at: dict[str, torch.Tensor] | None = None, soft: bool = False
-                      ) -> torch.Tensor:
-    """Scalar normalised residual of θ = (1/m) Σⱼ λⱼ ∇θ mⱼ(xⱼ).
-
-    params: name -> target tensor θ (e.g. `stationarity_parameters`); x (m, C, H, W); labels (m,)
-    int64; lam (m,). Gradients are taken at `at` (default: at `params` themselves), so a test can
-    build a target from gradients at another point. Differentiable w.r.t. x and lam. The classifier
-    should be in eval mode.
-    """
-    g = weighted_margin_grad(classifier, at if at is not None else params, x, labels, lam, soft=soft)
-    return residual(params, {k: v / len(x) for k, v in g.items()})
-
-
-def range_prior(x: torch.Tensor) -> torch.Tensor:
-    """Scalar mean over pixels of relu(−x) + relu(x − 1): zero inside [0, 1]."""
-    return (F.relu(-x) + F.relu(x - 1)).mean()
-
-
-def residual_backward(classifier: nn.Module, theta: dict[str, torch.Tensor], x: torch.Tensor, labels: torch.Tensor,
-                      lam: torch.Tensor, *, soft: bool = False, batch: int | None = None) -> torch.Tensor:
-    """Backpropagate `stationarity_loss` into x.grad and lam.grad; return its value (detached).
-
-    With `batch` the candidates go through in chunks and memory holds one chunk's graph: a first
-    pass sums g without graphs; then d residual / d g_p = −2 (θ_p − g_p) / (P ‖θ_p‖²) is fixed, and
-    each chunk backpropagates ⟨that, g_chunk⟩ / m: exactly the full gradient, as g is a sum of chunks.
-    """
-    m = len(x)
-    if batch is None or batch >= m:
-        res = stationarity_loss(classifier, theta, x, labels, lam, soft=soft)
-        res.backward()
-        return res.detach()
-    chunks = [slice(s, s + batch) for s in range(0, m, batch)]
-    g = {k: torch.zeros_like(v) for k, v in theta.items()}
-    for s in chunks:
-        for k, v in weighted_margin_grad(classifier, theta, x[s].detach(), labels[s], lam[s].detach(),
-                                         soft=soft, create_graph=False).items():
-            g[k] += v / m
-    res = residual(theta, g)
-    coef = {k: -2 * (theta[k] - g[k]) / (len(theta) * theta[k].pow(2).sum() * m) for k in theta}
-    for s in chunks:
-        gc = weighted_margin_grad(classifier, theta, x[s], labels[s], lam[s], soft=soft)
-        sum((coef[k] * gc[k]).sum() for k in theta).backward()
-    return res
-
-
-# ---- candidates and the attack ---------------------------------------------------------------------
-
-class KKTCandidates(nn.Module):
-    """The attack's trained state: candidate images x (m, C, H, W), coefficients lam (m,), labels (m,)."""
-
-    def __init__(self, count: int, image_shape: tuple[int, int, int], num_classes: int) -> None:
-        super().__init__()
-        self.image_shape, self.num_classes = tuple(image_shape), int(num_classes)
-        self.x = nn.Parameter(torch.zeros(count, *image_shape))
-        self.lam = nn.Parameter(torch.ones(count))
-        self.register_buffer("labels", torch.zeros(count, dtype=torch.long))
-
-    def spec(self) -> dict[str, Any]:
-        return {"count": len(self.lam), "image_shape": list(self.image_shape), "num_classes": self.num_classes}
-
-
-def build_candidates(spec: dict[str, Any]) -> KKTCandidates:
-    """Rebuild empty candidates from `KKTCandidates.spec()` (load the state dict afterwards)."""
-    return KKTCandidates(int(spec["count"]), tuple(spec["image_shape"]), int(spec["num_classes"]))
-
-
-def init_candidates(num_classes: int, per_class: int, image_shape: tuple[int, int, int], cfg: KKTConfig
-                    ) -> KKTCandidates:
-    """Class-balanced labels (class order), x = init_scale·N(0, 1), λ = lambda_init (free sign: ·N(0, 1))."""
-    g = torch.Generator().manual_seed(cfg.seed)
-    cand = KKTCandidates(num_classes * per_class, image_shape, num_classes)
-    with torch.no_grad():
-        cand.labels.copy_(torch.arange(num_classes).repeat_interleave(per_class))
-        cand.x.copy_(cfg.init_scale * torch.randn(cand.x.shape, generator=g))
-        lam = torch.randn(len(cand.lam), generator=g) if cfg.lambda_sign == "free" else torch.ones(len(cand.lam))
-        cand.lam.copy_(cfg.lambda_init * lam)
-    return cand
-
-
-@torch.no_grad()
-def project_lambdas(lam: torch.Tensor, cfg: KKTConfig) -> None:
-    """In place: λ >= lambda_min for the positive form; the free form is unconstrained."""
-    if cfg.lambda_sign == "positive":
-        lam.clamp_(min=cfg.lambda_min)
-
+# ---- the attack ----------------------------------------------------------------------------------
 
 # callback(step, record, candidates) -> True to stop early (as `train.train_generator`'s)
 Callback = Callable[[int, dict[str, float], KKTCandidates], "bool | None"]
 
 
-def run_kkt(classifier: nn.Module, num_classes: int, image_shape: tuple[int, int, int], cfg: KKTConfig, *,
-            train_per_class: int, callback: Callback | None = None,
-            log: Callable[[str], None] | None = print) -> AttackOutput:
-    """Optimise candidates and coefficients for `cfg.steps` Adam steps; return them as an AttackOutput.
+def learning_rate(cfg: KKTConfig, step: int) -> float:
+    """The learning rate of (1-based) `step`: lr, or with the cosine schedule lr · (floor + (1 − floor) ·
+    (1 + cos(π (step − 1) / (steps − 1))) / 2), from lr at step 1 to lr · lr_floor at step `steps`."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    t = min(step - 1, cfg.steps - 1) / max(cfg.steps - 1, 1)
+    return cfg.lr * (cfg.lr_floor + (1 - cfg.lr_floor) * 0.5 * (1 + math.cos(math.pi * t)))
 
-    Every step runs on `cfg.device`; losses are read back (and checked for NaN/inf) only at logged
-    steps (every `cfg.log_every`, the first and the last).
+
+def plateaued(cfg: KKTConfig, step: int, res: torch.Tensor, ref: float | None) -> tuple[bool, float | None]:
+    """At every plateau_window-th step: (the residual improved by less than plateau_tol × the previous
+    check's value, this check's value); in between (False, ref). Reads the residual only at checks."""
+    if not cfg.plateau_window or step % cfg.plateau_window:
+        return False, ref
+    value = float(res)
+    return ref is not None and ref - value < cfg.plateau_tol * ref, value
+
+
+def _stepper(classifier: nn.Module, theta: dict[str, torch.Tensor], cand: KKTCandidates, cfg: KKTConfig
+             ) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """step() -> (residual, prior), with the loss's gradient in cand.x.grad and cand.lam.grad."""
+    fn = functional_step(classifier, theta, cand.labels, soft=cfg.weight_decay_form, batch=cfg.batch,
+                         compile=True) if cfg.compile else None
+
+    def step() -> tuple[torch.Tensor, torch.Tensor]:
+        if fn is not None:
+            res, cand.x.grad, cand.lam.grad = fn(cand.x, cand.lam)
+        else:
+            res = residual_backward(classifier, theta, cand.x, cand.labels, cand.lam, soft=cfg.weight_decay_form,
+                                    batch=cfg.batch)
+        prior = range_prior(cand.x)
+        if cfg.prior:
+            (cfg.prior * prior).backward()
+        return res, prior
+    return step
+
+
+def _record(cfg: KKTConfig, step: int, res: torch.Tensor, prior: torch.Tensor, seconds: float) -> dict[str, Any]:
+    """One history record (reads the losses back from the device); NonFiniteLossError on NaN / inf."""
+    record = {"step": step, "loss": (res + cfg.prior * prior).item(), "loss_residual": res.item(),
+              "loss_prior": prior.item(), "seconds": seconds}
+    if cfg.lr_schedule != "constant":
+        record["lr"] = learning_rate(cfg, step)
+    if not math.isfinite(record["loss"]):
+        raise NonFiniteLossError(f"kkt loss became non-finite by step {step} ({record}); lower lr "
+                                 f"(now {cfg.lr}) or alpha (now {cfg.alpha})")
+    return record
+
+
+def run_kkt(classifier: nn.Module, num_classes: int, image_shape: tuple[int, int, int], cfg: KKTConfig, *,
+            train_per_class: int, callback: Callback | None = None, log: Callable[[str], None] | None = print,
+            resume: KKTResume | None = None) -> AttackOutput:
+    """Optimise candidates and coefficients up to step `cfg.steps` (Adam); return them as an AttackOutput.
+
+    resume: continue a run (its kkt.pt, `kkt_resume.load_resume`) from the step it reached; `steps`
+    counts from the first run's start. Every step runs on `cfg.device`; losses are read back (and
+    checked for NaN/inf) only at logged steps (every `cfg.log_every`, the first and the last) and at
+    plateau checks. The last history record and extra["stop_reason"] say why it stopped: steps,
+    plateau or callback.
     """
     if not isinstance(train_per_class, int) or train_per_class < 1:
         raise ConfigError(f"kkt: train_per_class must be a positive integer, got {train_per_class!r}")
     device = resolve_device(cfg.device)
     per_class = cfg.per_class or 2 * train_per_class
+    if resume is not None:
+        check_resume(resume, cfg, num_classes, per_class, image_shape)
     classifier = classifier.to(device).eval().requires_grad_(False)
     theta = stationarity_parameters(classifier, cfg.layers)
-    cand = init_candidates(num_classes, per_class, image_shape, cfg).to(device)
+    cand = (copy.deepcopy(resume.candidates) if resume is not None
+            else init_candidates(num_classes, per_class, image_shape, cfg)).to(device)
     opt = torch.optim.Adam([cand.x, cand.lam], lr=cfg.lr)
-    history: list[dict[str, float]] = []
-    t0, step = time.time(), 0
-    with smooth_relu(classifier, cfg.alpha):
-        for step in range(1, cfg.steps + 1):
+    if resume is not None:
+        restore_optimizer(cand, opt)
+    start, ref, stop = int(cand.step), plateau_ref_of(cand), "steps"
+    history: list[dict[str, Any]] = []
+    t0, step = time.time() - float(cand.seconds), int(cand.step)
+    with smooth_relu(classifier, cfg.alpha, functional=cfg.compile):
+        one_step = _stepper(classifier, theta, cand, cfg)
+        for step in range(start + 1, cfg.steps + 1):
+            if cfg.lr_schedule != "constant":
+                opt.param_groups[0]["lr"] = learning_rate(cfg, step)
             opt.zero_grad(set_to_none=True)
-            res = residual_backward(classifier, theta, cand.x, cand.labels, cand.lam,
-                                    soft=cfg.weight_decay_form, batch=cfg.batch)
-            prior = range_prior(cand.x)
-            if cfg.prior:
-                (cfg.prior * prior).backward()
+            res, prior = one_step()
             opt.step()
             project_lambdas(cand.lam, cfg)
-            if step % cfg.log_every and step not in (1, cfg.steps):
+            flat, ref = plateaued(cfg, step, res, ref)
+            if step % cfg.log_every and step not in (start + 1, cfg.steps) and not flat:
                 continue
-            seconds = time.time() - t0
-            record = {"step": step, "loss": (res + cfg.prior * prior).item(), "loss_residual": res.item(),
-                      "loss_prior": prior.item(), "seconds": seconds}
-            if not math.isfinite(record["loss"]):
-                raise NonFiniteLossError(f"kkt loss became non-finite by step {step} ({record}); lower lr "
-                                         f"(now {cfg.lr}) or alpha (now {cfg.alpha})")
+            record = _record(cfg, step, res, prior, time.time() - t0)
             history.append(record)
             if log:
                 log(f"  kkt step {step:5d}/{cfg.steps}  loss {record['loss']:.5f}  residual {record['loss_residual']:.5f}"
-                    f"  prior {record['loss_prior']:.5f}  ({step / max(seconds, 1e-9):.1f} steps/s)")
-            if callback and callback(step, record, cand):
+                    f"  prior {record['loss_prior']:.5f}  ({step / max(record['seconds'], 1e-9):.1f} steps/s)")
+            stop = "plateau" if flat else "callback" if callback and callback(step, record, cand) else stop
+            if stop != "steps":
                 break
-    seconds = time.time() - t0
+    return _output(cand, opt, cfg, per_class, train_per_class, history, step, start, ref, stop, time.time() - t0)
+
+
+def _output(cand: KKTCandidates, opt: torch.optim.Adam, cfg: KKTConfig, per_class: int, train_per_class: int,
+            history: list[dict[str, Any]], step: int, start: int, ref: float | None, stop: str,
+            seconds: float) -> AttackOutput:
+    """The run as an AttackOutput: resumable candidates on the CPU (Adam's state saved in them)."""
+    save_optimizer(cand, opt, step, ref, seconds)
+    if history:
+        history[-1] = {**history[-1], "stop": stop}
     cand = cand.cpu().eval()
     return AttackOutput(kind="kkt", images=cand.x.detach().clamp(0, 1).float(), labels=cand.labels.clone(),
                         module=cand, checkpoint_format=KKT_FORMAT, settings={**cfg.flat(), "per_class": per_class},
                         history=history, steps=step, seconds=seconds,
-                        extra={"lambdas": cand.lam.detach().clone(), "train_per_class": train_per_class})
+                        extra={"lambdas": cand.lam.detach().clone(), "train_per_class": train_per_class,
+                               "stop_reason": stop, "resumed_from": start})

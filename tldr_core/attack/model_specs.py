@@ -136,9 +136,14 @@ def check_generator_spec(spec: Any) -> dict[str, Any]:
 
 def check_candidates_spec(spec: Any) -> dict[str, Any]:
     """The spec of KKT candidates within LIMITS (a clean copy), else SpecError."""
-    _keys(spec, {"count", "image_shape", "num_classes"}, "KKT candidates")
-    return {"count": _int(spec, "count", 1, LIMITS["count"]), "image_shape": _shape(spec, "image_shape"),
-            "num_classes": _int(spec, "num_classes", 1, LIMITS["num_classes"])}
+    _keys(spec, {"count", "image_shape", "num_classes", "resumable"}, "KKT candidates")
+    out = {"count": _int(spec, "count", 1, LIMITS["count"]), "image_shape": _shape(spec, "image_shape"),
+           "num_classes": _int(spec, "num_classes", 1, LIMITS["num_classes"])}
+    if "resumable" in spec:  # with Adam's state (kkt_state.KKTCandidates)
+        if not isinstance(spec["resumable"], bool):
+            raise SpecError(f"spec 'resumable' must be true or false, got {spec['resumable']!r}")
+        out["resumable"] = spec["resumable"]
+    return out
 
 
 def expected_state(build: Callable[[dict], nn.Module], spec: dict[str, Any]) -> dict[str, tuple[int, ...]]:

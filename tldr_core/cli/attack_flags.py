@@ -1,7 +1,7 @@
 """The audit's attack flags beyond the TLDR basics: the image priors (``--bn --jitter --flip``) and one
 ``--kkt-<name>`` flag per field of :class:`~tldr_core.attack.kkt.KKTConfig`, generated from the
 dataclass so a new KKT setting gets its flag without touching this file (its help line says so until
-:data:`KKT_HELP` describes it).
+:data:`KKT_HELP` describes it), and ``--kkt-resume PATH`` (a run to continue, not a setting).
 
 Values are parsed by type here (a malformed number is argparse's error, exit 2) and range-checked by
 the config classes (ConfigError, also exit 2), before any work is done.
@@ -15,7 +15,9 @@ from dataclasses import fields
 from typing import Any, Callable
 
 from tldr_core.attack.config import AttackConfig, ConfigError, LossWeights
-from tldr_core.attack.kkt import LAMBDA_SIGNS, LAYERS, KKTConfig
+from tldr_core.attack.kkt import LAMBDA_SIGNS, LAYERS, LR_SCHEDULES, KKTConfig
+from tldr_core.attack.kkt_resume import load_resume
+from tldr_core.attack.kkt_state import KKTResume
 
 ATTACKS = ("tldr", "kkt")
 #: KKTConfig fields with no --kkt- flag: the audit's --device serves both attacks.
@@ -36,11 +38,20 @@ KKT_HELP = {
     "batch": "candidates per gradient chunk, bounds memory",
     "seed": "seed of the candidates' initialisation",
     "log_every": "log the losses every this many steps",
+    "lr_schedule": "learning-rate schedule over the steps: constant, or cosine down to lr x lr_floor",
+    "lr_floor": "cosine schedule: the last step's learning rate as a fraction of lr",
+    "plateau_window": "stop once the residual improved by less than plateau_tol (relative) over this many steps; "
+                      "0 = never",
+    "plateau_tol": "relative improvement of the residual per plateau_window below which the run stops",
+    "compile": "run the step as torch.func transforms through torch.compile (same numbers to rounding)",
 }
 #: Defaults that KKTConfig spells as None or the audit fills in.
 KKT_DEFAULT_TEXT = {"per_class": "2 x the training images per class", "batch": "all at once",
                     "seed": "--seed, else 0"}
-_CHOICES = {"layers": LAYERS, "lambda_sign": LAMBDA_SIGNS}
+#: --kkt-resume's help, shared by the audit and the controls command.
+KKT_RESUME_HELP = ("continue the run saved in this kkt.pt (its candidates and optimiser state) up to --kkt-steps, "
+                   "counted from that run's start; the settings of the equation must be the same (default: a new run)")
+_CHOICES = {"layers": LAYERS, "lambda_sign": LAMBDA_SIGNS, "lr_schedule": LR_SCHEDULES}
 #: TLDR-only audit options (dest names) that make no sense with --attack kkt.
 TLDR_ONLY = ("config", "variant", "mode", "steps", "batch_size", "lr", "epsilon", "perturbation", "grad_mode",
              "grad_scope", "per_class", "bn", "jitter", "flip") + tuple(f"w_{n}" for n in LossWeights.names())
@@ -89,6 +100,13 @@ def add_kkt_flags(p: argparse.ArgumentParser) -> None:
         g.add_argument(kkt_flag(f.name), dest=f"kkt_{f.name}", type=kind, default=None, metavar=metavar,
                        choices=_CHOICES.get(f.name),
                        help=f"{KKT_HELP.get(f.name, f'KKTConfig.{f.name}')} (default {default})")
+    g.add_argument("--kkt-resume", dest="kkt_resume", default=None, metavar="PATH", help=KKT_RESUME_HELP)
+
+
+def kkt_resume_from_args(args: argparse.Namespace) -> KKTResume | None:
+    """The run --kkt-resume names (weights-only load; CheckpointError for a file that is not one), or None."""
+    path = getattr(args, "kkt_resume", None)
+    return None if path is None else load_resume(path)
 
 
 def add_prior_flags(g: argparse._ArgumentGroup) -> None:
@@ -113,6 +131,7 @@ def check_attack_flags(args: argparse.Namespace) -> None:
                               "flags; --seed and --device serve both)")
     else:
         given = [kkt_flag(f.name) for f in fields(KKTConfig) if getattr(args, f"kkt_{f.name}", None) is not None]
+        given += ["--kkt-resume"] if getattr(args, "kkt_resume", None) is not None else []
         if given:
             raise ConfigError(f"{', '.join(given)}: only used with --attack kkt")
 

@@ -76,7 +76,7 @@ class Stationarity:
         worst = max(self.per_layer, key=self.per_layer.get)
         what = ("‖∇L + wd·θ‖/‖wd·θ‖" if self.form == "weight_decay"
                 else "‖θ − Σ λᵢ∇θmᵢ‖/‖θ‖ with the best λ ≥ 0 (no weight decay)")
-        return (f"The KKT attack's premise holds to {self.holds_percent:.1f} % on T: {what} = {self.residual:.3g} "
+        return (f"The KKT attack's premise holds to {self.holds_percent:.2f} % on T: {what} = {self.residual:.3g} "
                 f"(worst layer {worst}: {self.per_layer[worst]:.3g}).")
 
 
