@@ -153,3 +153,20 @@ def test_lbfgs_polish_reaches_the_target_on_a_float32_model():
     assert info["polish_residual"] <= 1e-4 and 0 < info["polish_steps"] <= 200
     assert model.out.weight.dtype == torch.float32
     assert stationarity(model, data, weight_decay=wd).residual == pytest.approx(info["polish_residual"], rel=1e-9)
+
+
+def test_margin_gram_on_a_cnn_matches_plain_autograd(tiny_cnn):
+    """BatchNorm (eval) and dropout under vmap: the Gram matrix's entries are the dot products of
+    per-image hard-margin gradients computed one image at a time by plain autograd."""
+    data = _split(n=4, k=3, side=12, seed=2)
+    gram, b = margin_gram(tiny_cnn, data.images, data.labels, memory_bytes=1 << 16)  # several chunks
+    model = tiny_cnn.double().requires_grad_(True)
+    rows = []
+    for i in range(4):
+        logits = model(data.images[i:i + 1].double())[0]
+        y = int(data.labels[i])
+        m = logits[y] - torch.cat([logits[:y], logits[y + 1:]]).max()
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(m, list(model.parameters()))]))
+    j = torch.stack(rows)
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert torch.allclose(gram, j @ j.T, rtol=1e-10) and torch.allclose(b, j @ theta, rtol=1e-10)

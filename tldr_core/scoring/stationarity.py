@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import torch
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, grad, vmap
 
 from tldr_core.attack.full_batch import ce_gradient
 from tldr_core.attack.kkt import margins
@@ -156,13 +156,13 @@ def _weight_decay_form(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, 
 
 def _example_grads(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
                    ) -> torch.Tensor:
-    """(len(x), P) float64: row i = ∇θ m(xᵢ) flattened in `params` order, exact (autograd) gradients."""
-    rows = []
-    for i in range(len(x)):
-        logits = functional_call(model, params, (x[i:i + 1],), strict=False)
-        g = torch.autograd.grad(margins(logits, y[i:i + 1]).sum(), list(params.values()))
-        rows.append(torch.cat([t.reshape(-1) for t in g]))
-    return torch.stack(rows)
+    """(len(x), P): row i = ∇θ m(xᵢ) flattened in `params` order, exact gradients (torch.func: vmap of
+    grad over the images, the model in eval mode)."""
+    def one(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        return margins(functional_call(model, p, (xi[None],), strict=False), yi[None]).sum()
+
+    g = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
+    return torch.cat([g[k].reshape(len(x), -1) for k in params], 1)
 
 
 def margin_gram(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, memory_bytes: int = 1 << 30,
@@ -173,7 +173,7 @@ def margin_gram(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, memory_by
     recompute the second chunk, so the cost is about (k + 1)/2 · n backward passes for k chunks.
     """
     dev = next(model.parameters()).device
-    params = {k: v.detach().double().requires_grad_(True) for k, v in model.named_parameters()}
+    params = {k: v.detach().double() for k, v in model.named_parameters()}
     n, p = len(x), sum(v.numel() for v in params.values())
     if n > MAX_N or n * p > max_np:
         raise StationarityError(f"the margin form needs per-example gradients of {n} images x {p:,} parameters "
