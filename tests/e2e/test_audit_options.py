@@ -17,7 +17,7 @@ from tldr_core.attack.config import AttackConfig
 from tldr_core.attack.data import load_dataset
 from tldr_core.attack.kkt import KKT_FORMAT, KKTConfig
 from tldr_core.attack.models import MLP
-from tldr_core.cli import audit
+from tldr_core.cli import audit, audit_parts
 from tldr_core.cli.attack_flags import KKT_HELP, KKT_SHARED
 from tldr_core.scoring.risk import THRESHOLDS, assess
 
@@ -79,7 +79,7 @@ def test_fail_on_exits_3_only_when_the_verdict_reaches_it_after_writing_everythi
 
     out = tmp_path / "medium"  # the leaky model's templates: MEDIUM, at --fail-on medium
     code, stdout, err = _run([*TINY, *TLDR_TINY, "--classifier", leaky, "--out", out, "--fail-on", "medium"], capsys)
-    assert code == audit.FAIL_STATUS == 3
+    assert code == audit_parts.FAIL_STATUS == 3
     assert "fail-on: the verdict MEDIUM is at or above --fail-on medium: exit status 3" in err
     assert sorted(p.name for p in out.iterdir()) == sorted(audit.OUTPUT_FILES)  # everything written first
     record = json.loads((out / "metrics.json").read_text())
@@ -92,22 +92,39 @@ def test_fail_on_exits_3_only_when_the_verdict_reaches_it_after_writing_everythi
     assert refs["class-mean of T"]["risk"] in ("LOW", "MEDIUM")
 
 
-@pytest.mark.parametrize("level,fail_on,status", [("LOW", "medium", 0), ("MEDIUM", "medium", 3), ("MEDIUM", "high", 0),
-                                                  ("HIGH", "high", 3), ("HIGH", "medium", 3), ("HIGH", None, 0)])
-def test_fail_on_status_is_3_at_or_above_the_level(monkeypatch, capsys, level, fail_on, status):
-    levels = {"tldr": "LOW", "templates": level}  # the worst attack decides
-    monkeypatch.setattr(audit, "assess", lambda m, b: SimpleNamespace(level=levels[m["kind"]]))
-    res = audit.AuditResults(SimpleNamespace(kind="tldr", metrics={"kind": "tldr"}), {}, None,
-                             SimpleNamespace(metrics={"kind": "templates"}))
-    assert audit.fail_on_status(res, fail_on) == status
+@pytest.mark.parametrize("levels,fail_on,status,says", [
+    (("LOW", "HIGH"), ["medium"], 0, None),  # a bare level gates the reconstruction axis only
+    (("MEDIUM", "LOW"), ["medium"], 3, "the verdict MEDIUM is at or above --fail-on medium"),
+    (("MEDIUM", "LOW"), ["high"], 0, None),
+    (("HIGH", "LOW"), ["high"], 3, "the verdict HIGH is at or above --fail-on high"),
+    (("LOW", "MEDIUM"), ["membership:medium"], 3, "the membership verdict MEDIUM is at or above --fail-on membership:medium"),
+    (("HIGH", "MEDIUM"), ["membership:high"], 0, None),
+    (("LOW", "HIGH"), ["any:high"], 3, "the membership verdict HIGH is at or above --fail-on any:high"),
+    (("LOW", "not run"), ["membership:medium"], 0, None),  # membership skipped: nothing to gate on
+    (("HIGH", "HIGH"), [], 0, None)])
+def test_fail_on_status_per_axis(monkeypatch, capsys, levels, fail_on, status, says):
+    monkeypatch.setattr(audit_parts, "axis_levels", lambda res: dict(zip(("reconstruction", "membership"), levels)))
+    assert audit_parts.fail_on_status(None, audit_parts.parse_fail_on(fail_on)) == status
     err = capsys.readouterr().err
-    assert (f"verdict {level} is at or above --fail-on {fail_on}" in err) == (status == 3)
+    assert (says in err) if says else err == ""
 
 
-def test_a_bad_fail_on_value_is_an_argparse_error(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exc:
-        audit.main(["--fail-on", "low", "--out", str(tmp_path / "o")])
-    assert exc.value.code == 2 and "--fail-on: invalid choice: 'low'" in capsys.readouterr().err
+def test_a_bad_fail_on_value_is_one_error_line(tmp_path, capsys):
+    for bad in ("low", "membership:low", "privacy:high"):
+        assert audit.main(["--fail-on", bad, "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --fail-on expects [AXIS:]LEVEL") and bad in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_membership_flags_are_one_error_line(tmp_path, capsys):
+    for argv, says in ((["--membership-refs", "1"], "0 (loss and margin only) or >= 2"),
+                       (["--membership-refs", "-2"], "0 (loss and margin only) or >= 2"),
+                       (["--membership-refs", "1000"], "more than the 256"),
+                       (["--ref-set", "epochs"], "NAME=VALUE"),
+                       (["--ref-set", "colour=red"], "unknown classifier setting")):
+        assert audit.main([*argv, "--out", str(tmp_path / "o")]) == 2
+        assert says in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -151,7 +168,7 @@ def test_every_kkt_setting_has_a_documented_flag(capsys):
         flag = "--kkt-" + f.name.replace("_", "-")
         assert (flag in text) == (f.name not in KKT_SHARED), flag
         assert f.name in KKT_HELP or f.name in KKT_SHARED, f"{f.name}: describe it in attack_flags.KKT_HELP"
-    for flag in ("--attack {tldr,kkt}", "--fail-on {medium,high}", "--bn W", "--jitter PIXELS", "--flip {0,1}",
+    for flag in ("--attack {tldr,kkt}", "--fail-on [AXIS:]LEVEL", "--membership-refs K", "--bn W", "--jitter PIXELS", "--flip {0,1}",
                  "training set's size"):
         assert flag in " ".join(text.split()), flag
 

@@ -13,7 +13,9 @@ from typing import Any
 
 from tldr_core.report.html import COLOURS, esc, kv_table, page, verdict_html
 from tldr_core.report.page import thresholds_html
-from tldr_core.scoring.risk import LEVELS, MEDIUM_GAP_CI_LOW
+from tldr_core.scoring.risk import LEVELS, THRESHOLDS
+
+MEDIUM_GAP_CI_LOW = THRESHOLDS["medium_gap_ci_low"]
 
 ATTACK_LABEL = {"templates": "weight templates", "generator": "generator"}
 

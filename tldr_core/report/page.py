@@ -21,11 +21,13 @@ import torch
 from tldr_core.attack.classifier import ClassifierSettings
 from tldr_core.attack.config import AttackConfig, LossWeights
 from tldr_core.attack.kkt import KKTConfig
-from tldr_core.report.evidence import references_section
+from tldr_core.report.evidence import membership_section, references_section, stationarity_section
 from tldr_core.report.html import (esc, exposure_table, fig_uri, figure_html, grid_html, kv_table, metrics_table, page,
                                    pairs_html, verdict_html)
 from tldr_core.report.pictures import exposure_gallery_figure
-from tldr_core.scoring.risk import THRESHOLDS, Risk, assess, worst
+from tldr_core.scoring.audit import combined_sentence
+from tldr_core.scoring.membership_risk import assess_membership
+from tldr_core.scoring.risk import LEVELS, THRESHOLDS, Risk, assess, worst
 
 if TYPE_CHECKING:
     from tldr_core.attack.data import DatasetBundle
@@ -172,13 +174,20 @@ def verdict_sentence(name: str, risk: Risk) -> str:
     return f"{risk.level}: {risk.meaning}. With the {name} reconstructions: {risk.reason}."
 
 
-def _verdict(attacks: list[tuple[str, Any]], risks: list[Risk]) -> str:
+def _verdict(attacks: list[tuple[str, Any]], risks: list[Risk], membership: Risk | None = None) -> str:
+    """The box: the reconstruction axis (the worst attack) with its evidence, the other attacks' levels,
+    then the membership axis and what the two mean together."""
     w = worst(risks)
     sentence = verdict_sentence(attacks[w][0], risks[w])
     for (name, _), r in zip(attacks, risks):
         if name != attacks[w][0]:
             sentence += f" The {name}: {r.level}."
-    return verdict_html(risks[w].level, headline(risks[w]), sentence)
+    if membership is None:
+        return verdict_html(risks[w].level, headline(risks[w]), sentence)
+    level = max(risks[w].level, membership.level, key=LEVELS.index)  # the box's colour: the worse axis
+    return verdict_html(level, f"reconstruction {risks[w].level}, membership {membership.level}. "
+                               f"{combined_sentence(risks[w], membership)}",
+                        sentence, [f"Membership {membership.level}: {membership.reason}."])
 
 
 def _top_section(bundle, attacks, heldout) -> list[str]:
@@ -290,7 +299,8 @@ def render_report(bundle: DatasetBundle, baselines: dict[str, dict[str, float]],
                   templates: TemplateResult | None = None, heldout: Scored | None = None,
                   spec: dict[str, Any] | None = None, record: dict[str, Any] | None = None,
                   command: str | None = None, title: str | None = None,
-                  references: dict[str, Scored] | None = None) -> str:
+                  references: dict[str, Scored] | None = None, membership: Any = None,
+                  stationarity: Any = None) -> str:
     """The audit report as an HTML string, from results computed by the caller.
 
     bundle: the DatasetBundle audited; baselines: score_baselines' dict; attack: the generator's
@@ -299,12 +309,15 @@ def render_report(bundle: DatasetBundle, baselines: dict[str, dict[str, float]],
     nearest training images (optional: its sections are left out without it); spec: the classifier's
     `spec()` (architecture line); record: metrics.json's dict (identity and settings shown); command:
     the line that reproduces it (default: derived from `record`); references: the model-free references
-    (tldr_core.scoring.references.score_references), judged by the same rule beside the attacks.
+    (tldr_core.scoring.references.score_references), judged by the same rule beside the attacks;
+    membership: a tldr_core.scoring.mia.MembershipResult (the verdict's second axis); stationarity: the
+    KKT premise on T (tldr_core.scoring.stationarity; its note from ``record["stationarity"]`` when None).
     """
     record = dict(record or {})
     attacks = _attacks(attack, templates, record)
     tau = float(attacks[0][1].metrics["tau"])
     risks = [assess(a.metrics, baselines) for _, a in attacks]
+    mrisk = assess_membership(membership.metrics()) if membership is not None else None
     cl = record.get("classifier", {})
     acc = f", test accuracy {cl['test_accuracy']:.3f}" if "test_accuracy" in cl else ""
     title = title or f"TLDR audit: {bundle.name}, {(spec or cl.get('settings') or {}).get('arch', 'model')}"
@@ -312,12 +325,16 @@ def render_report(bundle: DatasetBundle, baselines: dict[str, dict[str, float]],
          f"<p class='idline'><b>Model</b> {esc(describe_model(spec, cl.get('settings')))}{esc(acc)}. <b>Data</b> "
          f"{esc(bundle.name)}: trained on {len(bundle.train)} images, compared with {len(bundle.heldout)} it never "
          "saw.</p>",
-         _verdict(attacks, risks)]
+         _verdict(attacks, risks, mrisk)]
     b += _top_section(bundle, attacks, heldout)
     b += _metrics_section(attacks, risks, baselines)
     if references:
         b += references_section(attacks, risks, {n: (r, assess(r.metrics, baselines)) for n, r in references.items()})
+    if membership is not None:
+        b += membership_section(membership, mrisk)
     b += _exposure_section(bundle, attacks)
+    if stationarity is not None or "stationarity" in record:
+        b += stationarity_section(stationarity, (record.get("stationarity") or {}).get("note", ""))
     b += _image_sections(bundle, attack, templates, heldout)
     b += ["<h2>How the risk level is decided</h2>", thresholds_html(tau)]
     b += _identity_sections(bundle, spec, record, templates, command)
