@@ -149,3 +149,16 @@ def test_a_folder_too_large_for_memory_is_refused_before_decoding(tmp_path, monk
     monkeypatch.setattr(im, "_decode", lambda *a: pytest.fail("nothing may be decoded"))
     with pytest.raises(DataError, match="4 images of 6x5 would take .* pass a smaller --image-size"):
         read_image_folder(tmp_path)
+
+
+def test_the_size_trained_at_is_at_most_max_side(tmp_path):
+    """issue 24 #3: larger images need --image-size; an --image-size above the bound is refused too."""
+    from tldr_core.attack.bounds import MAX_SIDE
+
+    two_classes(tmp_path)
+    with pytest.raises(DataError, match=f"--image-size {MAX_SIDE + 1}x4: each side must be at most {MAX_SIDE}"):
+        read_image_folder(tmp_path, (MAX_SIDE + 1, 4))
+    for f in tmp_path.rglob("*.png"):
+        f.write_bytes(png_header(MAX_SIDE + 1, 5))  # headers only: refused before decoding
+    with pytest.raises(DataError, match=f"are 5x{MAX_SIDE + 1}, larger than the {MAX_SIDE} pixels a side"):
+        read_image_folder(tmp_path)

@@ -103,3 +103,33 @@ def test_missing_or_non_npz_file(tmp_path):
     junk.write_bytes(b"not a zip at all")
     with pytest.raises(DataError, match="not a readable .npz"):
         load_dataset("npz", 10, data_root=junk)
+
+
+# ---- issue 24: bounds from the headers, labels, classes, NaN
+
+def test_the_decompressed_size_is_checked_from_the_headers_before_reading(tmp_path, monkeypatch):
+    import tldr_core.attack.npz_data as nd
+
+    path = _save(tmp_path, x_train=np.zeros((40, 8, 8), np.uint8), y_train=np.arange(40) % 2)
+    monkeypatch.setattr(nd, "MAX_NPZ_BYTES", 40 * 64 + 40 * 8 - 1)  # one byte short of x_train + y_train
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", lambda *a: pytest.fail("no array may be read"))
+    with pytest.raises(DataError, match="once decompressed .*refused before reading"):
+        load_dataset("npz", 10, data_root=path)
+
+
+@pytest.mark.parametrize("labels, needle", [
+    (np.array([0, 1] * 19 + [10 ** 9, 1]), "label 1,000,000,000, outside 0..99,999"),
+    (np.array([0, 1] * 19 + [2 ** 63 + 5, 1], np.uint64), "label 9,223,372,036,854,775,813, outside"),
+    (np.zeros(40, np.int64), "name 1 class"),
+    (np.arange(40) % 2 * 3, r"2 of 4 classes have no image in y_train \(1, 2\)"),
+])
+def test_labels_are_bounded_before_class_names_are_made(tmp_path, labels, needle):
+    with pytest.raises(DataError, match=needle):
+        load_dataset("npz", 10, data_root=_save(tmp_path, x_train=np.zeros((40, 8, 8), np.uint8), y_train=labels))
+
+
+def test_nan_pixels_are_named_as_nan(tmp_path):
+    x = np.full((40, 8, 8), 0.5, np.float32)
+    x[3, 2, 1] = np.nan
+    with pytest.raises(DataError, match="holds NaN or infinite values"):
+        load_dataset("npz", 10, data_root=_save(tmp_path, x_train=x, y_train=np.arange(40) % 2))

@@ -130,7 +130,7 @@ PROBES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("image-too-many-pixels", images(png_header(5000, 5000)), "is 5000x5000 pixels"),
     ("image-mixed-sizes", images(png_bytes(np.zeros((900, 1200), np.uint8))), "differ in size"),
     ("image-size-malformed", images(None, "--image-size", "64x"), "--image-size must be HxW"),
-    ("image-size-too-large", images(None, "--image-size", "100000"), "each side must be within 1..4096"),
+    ("image-size-too-large", images(None, "--image-size", "100000"), "each side must be within 1..256"),
     ("image-size-on-digits", flags(*DIGITS, "--image-size", "8"), "applies to --dataset image-folder only"),
     # checkpoints (finding 1, 10)
     ("ckpt-oversized-hidden", checkpoint(put(spec={"hidden": 2_000_000})), "'hidden' = 2000000 is outside"),

@@ -110,6 +110,10 @@ def _build(path: str | Path, payload: dict[str, Any], build: Callable[[dict], nn
         check_state_dict(payload.get("state_dict"), expected_state(build, spec))
     except SpecError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
+    broken = [k for k, v in payload["state_dict"].items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if broken:  # a model trained into NaN: every loss built on it is NaN, whatever the attack's settings
+        raise CheckpointError(f"{path}: its weights hold NaN or infinite values ({', '.join(broken[:3])}"
+                              f"{', ...' if len(broken) > 3 else ''}); such a model cannot be audited")
     try:
         module = build(spec)
     except Exception as exc:

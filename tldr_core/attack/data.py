@@ -358,16 +358,12 @@ def _load_npz(name: str, root: Path | None, train_size: int | None, test_size: i
     if not root.is_file():
         raise DatasetNotFoundError(f"{name}: {root} is not a file. Pass --data-root pointing at an .npz file with "
                                    "x_train, y_train (and optionally x_test, y_test, class_names).")
-    try:
-        a = read_npz(root)
+    try:  # labels, class names and every size are checked there (sizes before reading)
+        a = read_npz(root, default_names=list(_CIFAR10) if name == "cifar10" else None)
     except NpzFormatError as e:
         raise DataError(str(e)) from e
-    ys = [a.y_train] + ([a.y_test] if a.y_test is not None else [])
-    names = a.class_names or (list(_CIFAR10) if name == "cifar10" else
-                              [str(i) for i in range(int(max(int(y.max()) for y in ys)) + 1)])
+    names = a.class_names
     C = len(names)
-    if any(int(y.min()) < 0 or int(y.max()) >= C for y in ys):
-        raise DataError(f"{name}: labels in {root} lie outside 0..{C - 1} ({C} class names)")
     ytr = torch.from_numpy(a.y_train)
     if a.x_test is None:  # one pool, split like an image folder
         tr, he, te = _split_pool(ytr, C, train_size, test_size, seed, name)

@@ -6,7 +6,8 @@ Image files are untrusted input, so reading is careful about what Pillow would o
   /65535, float ``F`` clipped to [0, 1]); ``convert("L")`` would clip a 16-bit image to almost white.
 - **sizes**: every image must have the same size, or ``image_size`` (``--image-size HxW``) names the
   one size to resize them to (bilinear with antialiasing), with a warning saying how many were resized.
-  Without it, mixed sizes are an error naming two files and their sizes.
+  Without it, mixed sizes are an error naming two files and their sizes. Either way the size trained
+  at is at most ``bounds.MAX_SIDE`` a side.
 - **bad files**: undecodable or truncated files, decompression bombs (Pillow's warning is an error
   here) and images above :data:`MAX_IMAGE_PIXELS` are a :class:`DataError` naming the file, checked
   from the headers before anything large is decoded; so is a folder whose tensor would exceed
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tldr_core.attack.bounds import MAX_SIDE
 from tldr_core.attack.data_errors import DataError
 from tldr_core.attack.model_specs import LIMITS
 
@@ -35,13 +37,14 @@ GRAY_MODES = {"1", "L", "LA", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
 
 
 def parse_image_size(text: str) -> tuple[int, int]:
-    """"HxW" or one number N (N x N) -> (H, W), each within 1..LIMITS["side"]; DataError otherwise."""
+    """"HxW" or one number N (N x N) -> (H, W), each within 1..MAX_SIDE; DataError otherwise."""
     m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", str(text))
     if not m:
         raise DataError(f"--image-size must be HxW (e.g. 64x48) or one number for a square, got {text!r}")
     h, w = int(m.group(1)), int(m.group(2) or m.group(1))
-    if not (1 <= h <= LIMITS["side"] and 1 <= w <= LIMITS["side"]):
-        raise DataError(f"--image-size {h}x{w}: each side must be within 1..{LIMITS['side']}")
+    if not (1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE):
+        raise DataError(f"--image-size {h}x{w}: each side must be within 1..{MAX_SIDE} (the largest size an audit "
+                        "trains at; docs/security.md)")
     return h, w
 
 
@@ -118,6 +121,8 @@ def _target_size(sizes: dict[Path, tuple[int, int]], image_size: tuple[int, int]
                  root: Path) -> tuple[int, int]:
     """``image_size``, else the one size every image has; mixed sizes without it are an error."""
     if image_size is not None:
+        if max(image_size) > MAX_SIDE:
+            raise DataError(f"--image-size {image_size[0]}x{image_size[1]}: each side must be at most {MAX_SIDE}")
         return image_size
     first = next(iter(sizes))
     other = next((f for f, s in sizes.items() if s != sizes[first]), None)
@@ -126,7 +131,11 @@ def _target_size(sizes: dict[Path, tuple[int, int]], image_size: tuple[int, int]
         raise DataError(f"image-folder: images in {root} differ in size, e.g. {first.relative_to(root)} is "
                         f"{h1}x{w1} and {other.relative_to(root)} is {h2}x{w2} (HxW); pass --image-size HxW to "
                         "resize them all to one size")
-    return sizes[first]
+    h, w = sizes[first]
+    if max(h, w) > MAX_SIDE:
+        raise DataError(f"image-folder: the images in {root} are {h}x{w}, larger than the {MAX_SIDE} pixels a side an "
+                        f"audit trains at; pass --image-size HxW (each side at most {MAX_SIDE}) to resize them")
+    return h, w
 
 
 def read_image_folder(root: str | Path, image_size: tuple[int, int] | None = None

@@ -51,6 +51,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from tldr_core.attack.bounds import MAX_KKT_COUNT, check_kkt_candidates
 from tldr_core.attack.config import ConfigError
 from tldr_core.attack.kkt_loss import (LAYERS, SmoothReLU, StraightThroughSmoothReLU, functional_step,  # noqa: F401
                                        margins, range_prior, residual, residual_backward, smooth_relu,
@@ -104,6 +105,8 @@ class KKTConfig:
         for name in ("per_class", "batch"):
             v = getattr(self, name)
             check(v is None or (is_int(v) and v > 0), f"{name} must be a positive integer or None, got {v!r}")
+        check(self.per_class is None or self.per_class <= MAX_KKT_COUNT,  # the data-dependent bound: run_kkt
+              f"per_class must be at most {MAX_KKT_COUNT:,}, got {self.per_class!r}")
         for name in ("steps", "log_every"):
             v = getattr(self, name)
             check(is_int(v) and v >= 1, f"{name} must be an integer >= 1, got {v!r}")
@@ -231,6 +234,7 @@ def run_kkt(classifier: nn.Module, num_classes: int, image_shape: tuple[int, int
         raise ConfigError(f"kkt: train_per_class must be a positive integer, got {train_per_class!r}")
     device = resolve_device(cfg.device)
     per_class = cfg.per_class or 2 * train_per_class
+    check_kkt_candidates(per_class, train_per_class, num_classes, image_shape)  # before allocating them
     if resume is not None:
         check_resume(resume, cfg, num_classes, per_class, image_shape)
     classifier = classifier.to(device).eval().requires_grad_(False)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tldr_core.attack.config import ConfigError
+
 LEAK = 0.2
 
 
@@ -39,11 +41,15 @@ class PaperCNN(nn.Module):
     """
 
     arch = "cnn"
+    MIN_SIDE = 4  # as model_specs checks it
 
     def __init__(self, in_shape: tuple[int, int, int], num_classes: int, dropout: float = 0.25,
                  width: int = 32, hidden: int = 128) -> None:
         super().__init__()
         c, h, w = in_shape
+        if min(h, w) < self.MIN_SIDE:  # two 2x2 poolings; a 1x1 input fails inside BatchNorm
+            raise ConfigError(f"the cnn classifier needs images of at least {self.MIN_SIDE}x{self.MIN_SIDE}, got "
+                              f"{h}x{w}: resize them (--image-size) or use --arch mlp")
         self.in_shape, self.num_classes, self.dropout, self.width, self.hidden = tuple(in_shape), num_classes, dropout, width, hidden
 
         def block(cin: int, cout: int) -> list[nn.Module]:

@@ -75,7 +75,13 @@ def train_generator(classifier: nn.Module, num_classes: int, image_shape: tuple[
         # Reading the loss on the host waits for the device; on CUDA only the logged steps pay that.
         if (log_now or device.type == "cpu") and not torch.isfinite(total):
             bad = {k: t.item() for k, t in terms.items()}
-            when = "at" if device.type == "cpu" or step == 1 else "by"
+            if step == 1:  # no update yet: the learning rate played no part
+                why = ("the loss weights are too large (every term is finite, their weighted sum is not)"
+                       if all(math.isfinite(v) for v in bad.values()) else
+                       "the classifier's outputs on the generator's images are not finite")
+                raise NonFiniteLossError(f"generator loss is non-finite at step 1, before any update (terms: {bad}): "
+                                         f"{why}")
+            when = "at" if device.type == "cpu" else "by"
             raise NonFiniteLossError(f"generator loss became non-finite {when} step {step} (terms: {bad}); "
                                      f"lower the learning rate (now {cfg.lr}) or the largest loss weights")
         opt.zero_grad(set_to_none=True)
