@@ -127,3 +127,57 @@ def test_leftovers_of_a_killed_run_are_cleaned_or_restored(tmp_path):
     with StagedOutput(tmp_path / "o", overwrite=True, names=NAMES) as target:
         assert contents(tmp_path / "o") == {"metrics.json": "old"}
         assert leftovers(tmp_path) == [target.stage.name]
+
+
+# ------------------------------------------------------------------------------ in place (issue 24 #5)
+
+def test_in_place_writes_into_out_as_it_goes_and_refuses_a_used_folder(tmp_path):
+    out = tmp_path / "o"
+    with of.InPlaceOutput(out, names=NAMES, tool="controls run") as target:
+        assert target.stage == out and out.is_dir()
+        (out / "metrics.json").write_text("cell 1")  # visible at once: an interruption keeps it
+        with pytest.raises(OutputError, match="another controls run is writing to"):
+            of.InPlaceOutput(out, names=NAMES, tool="controls run").open()
+        target.commit()
+    with pytest.raises(OutputError, match="already holds 1 file"):
+        of.InPlaceOutput(out, names=NAMES).open()
+    assert contents(out) == {"metrics.json": "cell 1"} and leftovers(tmp_path) == []
+
+
+def test_in_place_failure_keeps_what_was_written(tmp_path):
+    out = tmp_path / "o"
+    with pytest.raises(KeyboardInterrupt):
+        with of.InPlaceOutput(out, names=NAMES):
+            (out / "metrics.json").write_text("cell 1")
+            raise KeyboardInterrupt
+    assert contents(out) == {"metrics.json": "cell 1"}
+    with pytest.raises(RuntimeError):
+        with of.InPlaceOutput(tmp_path / "fresh", names=NAMES):
+            raise RuntimeError("no data")
+    assert not (tmp_path / "fresh").exists()  # a folder this run created and left empty is removed
+
+
+@pytest.mark.parametrize("writes", [True, False])
+def test_in_place_overwrite_puts_the_earlier_output_back_only_when_nothing_was_written(tmp_path, writes):
+    out = previous(tmp_path)
+    with pytest.raises(RuntimeError):
+        with of.InPlaceOutput(out, overwrite=True, names=NAMES) as target:
+            assert contents(out) == {} and leftovers(tmp_path) == [target.aside.name]  # aside, not deleted
+            if writes:
+                (out / "grid.png").write_text("new")
+            raise RuntimeError("failed")
+    assert contents(out) == ({"grid.png": "new"} if writes else {"metrics.json": "old", "grid.png": "old"})
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("writes", [True, False])
+def test_in_place_overwrite_killed_is_settled_by_the_next_run(tmp_path, writes):
+    out = previous(tmp_path)
+    killed = of.InPlaceOutput(out, overwrite=True, names=NAMES).open()
+    if writes:
+        (out / "grid.png").write_text("new")
+    killed.lock.release()  # kill -9: the kernel drops the lock and nothing else runs
+    with pytest.raises(OutputError, match=f"already holds {1 if writes else 2} file"):
+        of.InPlaceOutput(out, names=NAMES).open()  # refused, after settling the killed run's leftovers
+    assert contents(out) == ({"grid.png": "new"} if writes else {"metrics.json": "old", "grid.png": "old"})
+    assert leftovers(tmp_path) == []

@@ -10,7 +10,10 @@ runs against the cached control classifier, is scored with the audit's pipeline 
 exposure) and judged by the audit's risk rule; its files go to ``<out>/<control>/<attack>/``
 (reconstructions.npz, grid.png, nearest.png, exposure.csv, exposure.png, a checkpoint) and one row
 to ``<out>/controls.json`` (rewritten after every cell, so an interrupted run keeps what it
-finished) and ``<out>/controls.md`` (the table docs/controls.md is copied from).
+finished) and ``<out>/controls.md`` (the table docs/controls.md is copied from). ``--out`` has the
+audit's guarantees but is written in place (cli/output_folder.py, InPlaceOutput): a used folder is
+refused unless ``--overwrite``, a second run into it is refused while one runs. ``--smoke-test``
+shrinks what is not given: flags given explicitly keep their values.
 
 Attacks: ``tldr`` (the generator, default loss weights), ``templates`` (weight templates, only
 where the first layer is fully connected), ``kkt`` (stationarity reconstruction). On a control
@@ -28,14 +31,17 @@ from typing import Any, Callable
 
 from torch import nn
 
+from tldr_core.attack.bounds import check_kkt_candidates
+from tldr_core.attack.checkpoints import CheckpointError
 from tldr_core.attack.classifier import ClassifierSettings, load_or_train
-from tldr_core.attack.config import AttackConfig
+from tldr_core.attack.config import AttackConfig, ConfigError
 from tldr_core.attack.data import DataError, DatasetBundle, DatasetNotFoundError, load_dataset
 from tldr_core.attack.kkt import KKTConfig, run_kkt
 from tldr_core.attack.output import AttackOutput
 from tldr_core.attack.templates import applies as templates_apply
-from tldr_core.attack.train import resolve_device
+from tldr_core.attack.train import NonFiniteLossError, resolve_device
 from tldr_core.attack.zoo import CONTROLS, Control, control_bundles
+from tldr_core.cli.output_folder import InPlaceOutput, OutputError
 from tldr_core.paths import runs_dir
 from tldr_core.platform import cli_flags as flags
 from tldr_core.report.artifacts import write_artifacts
@@ -182,7 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma list of {', '.join(ATTACKS)}")
     p.add_argument("--dataset", default="mnist-bundled", help="data set the controls are built from")
     flags.add_data_root(p)
-    p.add_argument("--out", default=None, help="output folder (default runs/controls)")
+    p.add_argument("--out", default=None, help="output folder (default runs/controls under the runs folder); must "
+                   "be empty or absent unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier controls output in --out (it is put back if the run writes nothing)")
     p.add_argument("--tldr-steps", type=int, default=AttackConfig.steps, help="generator steps (default 1200)")
     p.add_argument("--per-class", type=int, default=20, help="TLDR reconstructions per class (default 20)")
     p.add_argument("--kkt-steps", type=int, default=KKTConfig.steps, help="KKT steps")
@@ -208,29 +217,86 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.kkt = kkt_overrides(args.kkt_set)
     except (ValueError, TypeError) as exc:
         p.error(f"--kkt-set: {exc}")
-    if args.smoke_test:
-        args.dataset, args.tldr_steps, args.kkt_steps, args.per_class = "digits-8x8", 20, 30, 4
-        args.data_root = None
+    if args.smoke_test:  # shrinks only what was not given: an explicit flag is never replaced silently
+        given = _given_flags(argv)
+        for dest, value in SMOKE.items():
+            if dest not in given:
+                setattr(args, dest, value)
     return args
+
+
+#: What --smoke-test sets when the flag is not given (with data_root: digits-8x8 needs none).
+SMOKE = {"dataset": "digits-8x8", "data_root": None, "tldr_steps": 20, "kkt_steps": 30, "per_class": 4}
+#: What --overwrite may replace: the files and folders a controls run writes (".partial": a table being written).
+OUTPUT_NAMES = frozenset({"controls.json", "controls.md", ".controls.json.partial", ".controls.md.partial",
+                          *CONTROLS})
+
+
+def _given_flags(argv: list[str] | None) -> set[str]:
+    """The dests given on the command line (the parser again, every default suppressed)."""
+    q = build_parser()
+    for action in q._actions:  # noqa: SLF001 - argparse has no public way to ask what was given
+        action.default = argparse.SUPPRESS
+    return set(vars(q.parse_args(argv)))
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The value checks that need no data (ConfigError), before --out is touched or anything is loaded."""
+    for name in ("tldr_steps", "per_class", "kkt_steps", "kkt_per_class"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:  # 0 would read as "not given"
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    KKTConfig.from_flat({**args.kkt, "steps": args.kkt_steps,
+                         "per_class": args.kkt_per_class or args.kkt.get("per_class")})
+
+
+def check_kkt_bound(control: Control, data: DatasetBundle, args: argparse.Namespace) -> None:
+    """The KKT candidates asked for, against this control's data, before its classifier is trained."""
+    if "kkt" not in args.attacks:
+        return
+    scored = control_bundles(control, data)[1]
+    train_per_class = len(scored.train) // scored.num_classes
+    per_class = args.kkt_per_class or args.kkt.get("per_class") or 2 * train_per_class
+    check_kkt_candidates(per_class, train_per_class, scored.num_classes, tuple(scored.image_shape))
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Written beside and renamed: a kill never leaves a half-written table."""
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def run_controls(args: argparse.Namespace, out: Path, log: Log) -> list[dict[str, Any]]:
+    """Every (control, attack) cell into ``out``; the tables rewritten after every control."""
+    rows: list[dict[str, Any]] = []
+    for name in args.controls:
+        control = shrink(CONTROLS[name]) if args.smoke_test else CONTROLS[name]
+        data = load_dataset(args.dataset, control.train_size, seed=0, data_root=args.data_root)
+        check_kkt_bound(control, data, args)
+        rows += run_control(control, data, args, out, log=log)
+        meta = {"dataset": args.dataset, "tldr_steps": args.tldr_steps, "kkt_steps": args.kkt_steps,
+                "kkt": args.kkt, "controls": {c: asdict(CONTROLS[c]) for c in args.controls}}
+        _write_text(out / "controls.json", json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
+        _write_text(out / "controls.md", render_controls(rows, meta))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    out = Path(args.out) if args.out else runs_dir() / "controls"
-    out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
-    for name in args.controls:
-        control = shrink(CONTROLS[name]) if args.smoke_test else CONTROLS[name]
-        try:
-            data = load_dataset(args.dataset, control.train_size, seed=0, data_root=args.data_root)
-        except (DataError, DatasetNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        rows += run_control(control, data, args, out, log=print)
-        meta = {"dataset": args.dataset, "tldr_steps": args.tldr_steps, "kkt_steps": args.kkt_steps,
-                "kkt": args.kkt, "controls": {c: asdict(CONTROLS[c]) for c in args.controls}}
-        (out / "controls.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
-        (out / "controls.md").write_text(render_controls(rows, meta))
+    target = InPlaceOutput(args.out or runs_dir() / "controls", overwrite=args.overwrite, names=OUTPUT_NAMES,
+                           tool="controls run")
+    try:
+        check_args(args)
+        with target:
+            rows = run_controls(args, target.out, log=lambda s: print(s, flush=True))
+            target.commit()
+    except (ConfigError, DataError, DatasetNotFoundError, CheckpointError, NonFiniteLossError, OutputError,
+            RuntimeError, OSError, MemoryError) as exc:
+        return flags.print_error(exc)  # one line; cells finished before it stay in --out
+    except KeyboardInterrupt:
+        print(f"error: interrupted; the cells finished so far are in {target.out}", file=sys.stderr)
+        return 130
+    out = target.out
     wrong = [f"{r['control']} x {r['attack']}" for r in rows if r["as_expected"] is False]
     print(f"wrote {out / 'controls.md'}; {len(rows)} cells, {len(wrong)} not as expected"
           + (f": {', '.join(wrong)}" if wrong else ""))

@@ -14,6 +14,11 @@ folder), and no other process is writing it: a non-blocking ``flock`` on ``.<nam
 ``renameat2(RENAME_EXCHANGE)`` where the kernel has it, else two renames with the old folder put
 back on failure; the previous output stays whole until the new one is complete. Leftover staging
 folders of killed runs are removed the next time the lock is taken.
+
+:class:`InPlaceOutput` is the same contract for a long run that saves its results as it goes (the
+controls): same checks and lock, but written in ``--out`` itself, so an interrupted run keeps what it
+finished; with ``overwrite`` the earlier output is moved aside when it opens, put back if the run ends
+having written nothing, else deleted (after a kill, by the next run that takes the lock).
 """
 from __future__ import annotations
 
@@ -53,9 +58,10 @@ def _exchange(a: Path, b: Path) -> bool:
 class StagedOutput:
     """``--out`` written through a staging folder beside it and swapped in at the end, under a lock."""
 
-    def __init__(self, out: str | Path, *, overwrite: bool = False, names: Iterable[str] = ()) -> None:
+    def __init__(self, out: str | Path, *, overwrite: bool = False, names: Iterable[str] = (),
+                 tool: str = "audit") -> None:
         self.out = Path(os.path.abspath(os.fspath(out)))
-        self.overwrite, self.names = overwrite, frozenset(names)
+        self.overwrite, self.names, self.tool = overwrite, frozenset(names), tool
         self.lock = FileLock(self.out.parent / f".{self.out.name}.lock")
         self.stage: Path | None = None
 
@@ -75,14 +81,14 @@ class StagedOutput:
             out.parent.mkdir(parents=True, exist_ok=True)
             self.lock.acquire(timeout=0)
         except LockBusy:
-            raise OutputError(f"another audit is writing to {out} right now (lock {self.lock.path}); wait for it "
+            raise OutputError(f"another {self.tool} is writing to {out} right now (lock {self.lock.path}); wait for it "
                               "to finish or choose another --out") from None
         except OSError as exc:
             raise OutputError(f"--out {out} cannot be written: {exc.strerror or exc} ({exc.filename or out.parent})") from None
         try:
             self._recover()
             self._check_contents()
-            self.stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+            self._prepare()
         except OSError as exc:
             self.lock.release()
             raise OutputError(f"--out {out} cannot be written: {exc.strerror or exc} ({exc.filename or out.parent})") from None
@@ -90,6 +96,9 @@ class StagedOutput:
             self.lock.release()
             raise
         return self
+
+    def _prepare(self) -> None:
+        self.stage = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.staging-", dir=self.out.parent))
 
     def _leftovers(self, kind: str) -> list[Path]:
         prefix = f".{self.out.name}.{kind}-"  # not glob: a folder name may hold [ or *
@@ -100,8 +109,8 @@ class StagedOutput:
         """Under the lock, nothing else uses our leftovers: put back an old output a crash left aside
         (only possible between the two renames of the fallback swap), delete stale staging folders."""
         old = self._leftovers("old")
-        if old and not self.out.exists():
-            os.rename(old.pop(), self.out)
+        if old and (not self.out.exists() or (self.out.is_dir() and not any(self.out.iterdir()))):
+            os.rename(old.pop(), self.out)  # onto an empty folder too: nothing newer was written there
         for p in old + self._leftovers("staging"):
             shutil.rmtree(p, ignore_errors=True)
 
@@ -153,3 +162,39 @@ class StagedOutput:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class InPlaceOutput(StagedOutput):
+    """``--out`` under :class:`StagedOutput`'s checks and lock, written in place (``stage`` is ``out``)."""
+
+    aside: Path | None = None  # the earlier output, moved aside by overwrite until this run writes
+    created = False  # --out did not exist before this run
+
+    def _prepare(self) -> None:
+        self.created = not self.out.exists()
+        if self.overwrite and self.out.is_dir() and any(self.out.iterdir()):
+            self.aside = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
+            os.rename(self.out, self.aside)  # replaces the empty placeholder
+        self.out.mkdir(exist_ok=True)
+        self.stage = self.out
+
+    def commit(self) -> Path:
+        if self.stage is None:
+            raise OutputError("commit() before open()")
+        self.stage = None
+        return self.out
+
+    def close(self) -> None:
+        """The earlier output goes back when this run wrote nothing, else it is deleted (a folder this run
+        created and left empty is removed); the lock is released."""
+        empty = self.stage is not None and self.out.is_dir() and not any(self.out.iterdir())
+        if self.aside is not None:
+            if empty:
+                os.rename(self.aside, self.out)
+            else:
+                shutil.rmtree(self.aside, ignore_errors=True)
+            self.aside = None
+        elif empty and self.created:
+            self.out.rmdir()
+        self.stage = None
+        self.lock.release()
