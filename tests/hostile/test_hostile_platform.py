@@ -5,6 +5,8 @@ traceback (probe_runner.py); URI errors never show the password."""
 from __future__ import annotations
 
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -77,6 +79,9 @@ URIS: list[tuple[str, str, bool, str]] = [
      "no PostgreSQL driver is installed"),
     ("http-unreachable", "http://127.0.0.1:1", False, "is unreachable"),
     ("sqlite-under-proc", "sqlite:////proc/tldr-store/mlflow.db", False, "cannot create the folder"),
+    # issue 24 #4: a closed database port took MLflow's retries, 106 s; its port is probed first
+    ("postgresql-closed-port", "postgresql://mlflow:s3cret@127.0.0.1:1/mlflow", False,
+     "is unreachable: nothing answers at 127.0.0.1:1"),
 ]
 
 
@@ -87,3 +92,62 @@ def test_a_bad_tracking_uri_is_one_error_line_without_the_password(tmp_path, nam
     res = run_cli(cmd, cwd=tmp_path)
     check_refused(res, needle)
     assert "s3cret" not in res.stdout + res.stderr
+    assert res.seconds < 40  # no retries against a store that is not there (an import is 3-10 s of it)
+
+
+# ------------------------------------------------------------------------------ issue 24 #12
+
+class BrokenMlflow(BaseHTTPRequestHandler):
+    """/health answers "OK"; the API answers invalid JSON, except (when ``search_ok``) the experiments search."""
+
+    search_ok = False
+
+    def _answer(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        ok_search = type(self).search_ok and self.path.startswith("/api/2.0/mlflow/experiments/search")
+        body = b"OK" if self.path == "/health" else b'{"experiments": []}' if ok_search else b"<html>not json"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain" if self.path == "/health" else "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PATCH = _answer
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+
+@pytest.fixture
+def broken_server():
+    def start(search_ok: bool) -> str:
+        handler = type("Handler", (BrokenMlflow,), {"search_ok": search_ok})
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    servers: list[ThreadingHTTPServer] = []
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+AUDIT_TINY = ["-m", "tldr_core.cli.audit", "--dataset", "digits-8x8", "--train-size", "100", "--device", "cpu",
+              "--steps", "3", "--per-class", "2", "--batch-size", "8", "--classifier-epochs", "1"]
+
+
+def test_an_audit_to_a_server_whose_api_is_broken_is_refused_before_any_work(tmp_path, broken_server):
+    res = run_cli([*AUDIT_TINY, "--tracking-uri", broken_server(False), "--out", tmp_path / "out"], cwd=tmp_path)
+    check_refused(res, "answers /health but not its API")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_audit_whose_store_fails_after_the_files_are_written_is_one_line(tmp_path, broken_server):
+    """The API breaks after the start-up check: the audit's files stay, the failure is one error line."""
+    res = run_cli([*AUDIT_TINY, "--no-membership", "--tracking-uri", broken_server(True), "--out", tmp_path / "out"],
+                  cwd=tmp_path)
+    assert res.code == 2 and len(res.errors) == 1, res.stderr[-3000:]
+    assert f"the audit is written in {tmp_path / 'out'}, but logging it to MLflow" in res.errors[0]
+    assert "Traceback" not in res.stderr + res.stdout
+    assert (tmp_path / "out" / "metrics.json").is_file() and (tmp_path / "out" / "report.html").is_file()

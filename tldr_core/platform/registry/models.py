@@ -125,15 +125,40 @@ class ClassifierRef:
         return f"models:/{self.name}/{self.version}"
 
 
+def _same_file(c, name: str, sha: str, acc: float | None) -> ClassifierRef | None:
+    """The oldest version of ``name`` holding the file ``sha``, or None."""
+    same = sorted((mv for mv in model_versions(c, name) if mv.tags.get("sha256") == sha), key=lambda mv: int(mv.version))
+    if not same:
+        return None
+    mv = same[0]
+    return ClassifierRef(name, str(mv.version), sha, float(mv.tags["test_accuracy"]) if "test_accuracy" in mv.tags
+                         else acc, reused=True)
+
+
 def register_classifier(c, run_id: str, checkpoint: str | Path, dataset: str, meta: dict[str, Any]) -> ClassifierRef:
-    """Register the audited classifier (logged in `run_id`), or reuse the version holding the same file."""
+    """Register the audited classifier (logged in `run_id`), or reuse the version holding the same file.
+
+    Idempotent under concurrency: on a local store the look-up and the registration happen under the
+    store's registry lock (two searches started together register one version); a remote store has no
+    shared lock, so after registering, a version of the same file registered first wins and ours is
+    deleted (both racers then name the oldest)."""
+    from tldr_core.platform.registry.champion import promotion_lock
+
     name = classifier_model_name(dataset)
     sha = sha256_file(checkpoint)
+    with promotion_lock(c.tracking_uri):
+        ref = _same_file(c, name, sha, meta.get("test_accuracy")) or _register(c, run_id, checkpoint, name, sha,
+                                                                              dataset, meta)
+    first = _same_file(c, name, sha, ref.test_accuracy)
+    if not ref.reused and first is not None and first.version != ref.version:
+        tr.retry(lambda: c.delete_model_version(name, ref.version))
+        return first
+    return ref
+
+
+def _register(c, run_id: str, checkpoint: str | Path, name: str, sha: str, dataset: str, meta: dict[str, Any]
+              ) -> ClassifierRef:
     acc = meta.get("test_accuracy")
-    for mv in model_versions(c, name):
-        if mv.tags.get("sha256") == sha:
-            return ClassifierRef(name, str(mv.version), sha, float(mv.tags["test_accuracy"])
-                                 if "test_accuracy" in mv.tags else acc, reused=True)
     info = log_checkpoint_model(c, run_id, checkpoint, "classifier")
     ensure_registered_model(c, name, f"Classifier under audit on {dataset} (tldr weights-only checkpoint).")
     tags = {"sha256": sha, "dataset": dataset, "format": "tldr-classifier/1"}

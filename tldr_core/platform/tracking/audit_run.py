@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from tldr_core.platform.tracking import store as tr
 
@@ -45,6 +46,12 @@ def check_target(uri: str | None, classifier: str | None) -> None:
     if uri is None:
         return
     tr.check_tracking_uri(uri)
+    if urlsplit(uri).scheme in ("http", "https"):  # /health answered; does the API (read-only call)?
+        try:
+            tr.client(uri).search_experiments(max_results=1)
+        except Exception as exc:  # noqa: BLE001 - MlflowException, invalid JSON, ...: unusable either way
+            raise tr.TrackingError(tr.redact(f"MLflow tracking server {uri} answers /health but not its API "
+                                             f"({type(exc).__name__}: {_first_line(exc)})")) from None
     if (classifier or "").startswith("models:/"):
         from tldr_core.platform.registry.names import parse_models_uri
 
@@ -87,9 +94,24 @@ def _metrics(record: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:300]
+
+
 def log_audit(uri: str, out_dir: Path, record: dict[str, Any], bundle: Any,
               say: Callable[[str], None] = print) -> str:
-    """Record a written audit (`out_dir`, its metrics.json `record`) as one MLflow run; returns its id."""
+    """Record a written audit (`out_dir`, its metrics.json `record`) as one MLflow run; returns its id.
+    A store that fails now (after the audit's files are written) is a TrackingError saying so: one line."""
+    try:
+        return _log_audit(uri, out_dir, record, bundle, say)
+    except tr.TrackingError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - MlflowException, HTTP errors, invalid JSON
+        raise tr.TrackingError(tr.redact(f"the audit is written in {out_dir}, but logging it to MLflow at {uri} "
+                                         f"failed ({type(exc).__name__}: {_first_line(exc)})")) from None
+
+
+def _log_audit(uri: str, out_dir: Path, record: dict[str, Any], bundle: Any, say: Callable[[str], None]) -> str:
     c = tr.client(uri)
     experiment = f"tldr-{record['dataset']['name']}"
     exp = tr.ensure_experiment(c, experiment, tr.runs_dir() / "mlartifacts")
