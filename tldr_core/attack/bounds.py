@@ -13,8 +13,9 @@ from tldr_core.attack.config import ConfigError
 from tldr_core.attack.model_specs import LIMITS
 
 #: Largest image side an audit trains and attacks at. The default CNN's forward pass keeps ~82 MB of
-#: activations per 256x256 RGB image and the generator's ~43 MB, so one TLDR step at batch 64
-#: (generator, classifier, their backward passes) needs ~16-20 GB: one large GPU. At 512 it is 4x that.
+#: activations per 256x256 RGB image and the generator's ~43 MB (layer outputs counted on the meta
+#: device), so one TLDR step at batch 64 (generator, classifier, their backward passes) needs an
+#: estimated 16-20 GB: one large GPU. At 512 it is 4x that.
 MAX_SIDE = 256
 #: KKT candidates per class, at most this multiple of the training images per class (the attacker's
 #: assumed knowledge; the literature and our default use 2x).
