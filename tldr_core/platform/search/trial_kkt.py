@@ -6,12 +6,15 @@ trial adapts `train_generator` (`trial._progress_callback`).
 (`log_every`, which divides `eval_every`, the first and the last step); every `eval_every` steps the
 trial scores *all* current candidates (`candidates.x` clamped to [0, 1], their fixed labels) with
 `pipeline.score_images` and reports them (`trial_inputs.report_progress`): the same images the final score
-uses, so ASHA compares the quantity the search maximises. The final scoring, artifacts and the
+uses, so ASHA compares the quantity the search maximises. Before each report it saves them as the run
+artifact `candidates/evaluated.npz`: a trial ASHA stops there still leaves candidates for the search's
+pooled result (`pooled`). The final scoring, artifacts and the
 candidates' checkpoint (`kkt.pt`, weights-only) are `trial._finish`'s.
 """
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 from tldr_core.platform.search.trial_inputs import (TrialInputs, report_progress, run_params, trial_classifier,
@@ -42,6 +45,19 @@ def prepare_kkt(config: dict[str, Any], inputs: TrialInputs, run: TrialRun, tria
     return cfg, trial_classifier(inputs), tpc
 
 
+def save_evaluated(run: TrialRun, images, labels, step: int) -> None:
+    """The candidates about to be reported, as the run artifact `pooled.EVALUATED_NPZ` (rewritten at each
+    evaluation): what the search pools from a trial ASHA stops inside that report (`pooled`)."""
+    import tempfile
+    from pathlib import Path
+
+    from tldr_core.platform.search.pooled import EVALUATED_NPZ, save_candidates
+
+    folder, name = EVALUATED_NPZ.rsplit("/", 1)
+    with tempfile.TemporaryDirectory(prefix="kkt-eval-", dir=os.environ.get("TMPDIR") or None) as tmp:
+        run.log_artifact(save_candidates(Path(tmp) / name, images, labels, step), folder)
+
+
 def kkt_progress_callback(inputs: TrialInputs, run: TrialRun, cfg, scorer, state: dict[str, Any]):
     """run_kkt's callback: record the losses; every eval_every steps (not the last: `_finish` scores it)
     score the candidates and report. Never stops the attack itself (ASHA does, inside tune.report)."""
@@ -51,8 +67,9 @@ def kkt_progress_callback(inputs: TrialInputs, run: TrialRun, cfg, scorer, state
         state["pending"].append(record)
         state["last"].update(record)
         if step % eval_every == 0 and step < cfg.steps:
-            images = cand.x.detach().clamp(0, 1).float().cpu()
-            report_progress(inputs, run, state, step, record, images, cand.labels.detach().cpu(), scorer, cfg.seed)
+            images, labels = cand.x.detach().clamp(0, 1).float().cpu(), cand.labels.detach().cpu()
+            save_evaluated(run, images, labels, step)
+            report_progress(inputs, run, state, step, record, images, labels, scorer, cfg.seed)
         return False
 
     return callback
