@@ -261,3 +261,55 @@ def test_kkt_candidates_are_an_artifact_and_nothing_is_registered(kkt_search, tm
     assert search.data.tags["tldr.promotion"].startswith("nothing registered: a kkt search")
     assert best in search.data.tags["tldr.promotion"] and "registry: nothing registered" in proc.stdout
     assert not c.search_registered_models("name = 'tldr-generator-digits-8x8'")
+
+
+@pytest.mark.slow
+def test_kkt_search_logs_the_pooled_row_once(kkt_search, tmp_path):
+    """The union of both trials' candidates (2 x 200) scored as one set on the search run: per training
+    image the better of the two trials' exposures, H' against the same union; re-scoring it (what the
+    re-audit does) gives the logged numbers."""
+    import csv
+
+    from tldr_core.attack.checkpoints import load_classifier
+    from tldr_core.attack.data import load_dataset
+    from tldr_core.platform.search.pooled import (EVALUATED_NPZ, pooled_candidates, pooled_result, read_candidates,
+                                                  read_pooled)
+    from tldr_core.scoring.risk import LEVELS
+
+    c, exp, search, proc = kkt_search
+    sid, m, tags = search.info.run_id, search.data.metrics, search.data.tags
+    assert (m["pooled/candidates"], m["pooled/trials"], m["pooled/trials_excluded"]) == (400, 2, 0)
+    assert {"pooled/exposure_auc", "pooled/exposure_tpr", "pooled/matched_train_060", "pooled/quality",
+            "pooled/seconds"} <= set(m) and len(c.get_metric_history(sid, "pooled/exposure_auc")) == 1
+    assert tags["tldr.pooled_risk"] in LEVELS and tags["tldr.pooled_trials"] == "1,2"
+    assert "tldr.pooled_error" not in tags
+    assert {"pooled/exposure.csv", "pooled/exposure.png", "pooled/reconstructions.npz", "pooled/pooled.json"} <= {
+        a.path for a in c.list_artifacts(sid, "pooled")}
+    line = next(s for s in proc.stdout.splitlines() if s.startswith("pooled: "))
+    assert line.startswith("pooled: 400 candidates of 2 trials (0 stopped early): exposure AUC ")
+    assert re.search(rf"verdict {tags['tldr.pooled_risk']} \(\w+\); \d+\.\d s$", line), line
+    # per training image: the better of the two trials' calibrated exposures (their exposure.csv files)
+    def exposures(run_id: str, path: str) -> dict[int, float]:
+        with open(c.download_artifacts(run_id, path, str(tmp_path / run_id))) as f:
+            return {int(r["train_index"]): float(r["exposure"]) for r in csv.DictReader(f)}
+    trials = sorted(trial_runs(c, exp, sid), key=lambda t: int(t.data.tags[tr.TRIAL_NUMBER]))
+    per_trial = [exposures(t.info.run_id, "exposure.csv") for t in trials]
+    pooled = exposures(sid, "pooled/exposure.csv")
+    assert sorted(pooled) == list(range(100))
+    assert all(pooled[i] == pytest.approx(max(e[i] for e in per_trial), abs=1e-6) for i in pooled)
+    for t in trials:  # the candidates a trial stopped at its last evaluation would have left
+        x, y, step = read_candidates(c.download_artifacts(t.info.run_id, EVALUATED_NPZ, str(tmp_path / "ev")))
+        assert x.shape == (200, 1, 8, 8) and step == 6 and torch.equal(torch.bincount(y), torch.full((10,), 20))
+    # the re-audit's way in: the logged union, the same union read again from the trials, re-scored
+    logged, used, left = pooled_candidates(c, sid)
+    again, _used, _left = pooled_candidates(c, sid, logged=False)
+    assert torch.equal(logged.images, again.images) and torch.equal(logged.extra["trial"], again.extra["trial"])
+    assert [u.number for u in used] == [1, 2] and [u.state for u in used] == ["finished"] * 2 and not left
+    summary = read_pooled(c, sid)
+    assert summary["risk"] == tags["tldr.pooled_risk"] and summary["metrics"]["candidates"] == 400
+    classifier, _meta = load_classifier(search.data.params["classifier"])
+    bundle = load_dataset("digits-8x8", 100, seed=0, test_size=500)  # the smoke test's data
+    res = pooled_result(c, sid, classifier, bundle)
+    for k in ("exposure_auc", "exposure_tpr", "quality", "gap", "matched_train_060"):
+        assert res.metrics[k] == pytest.approx(m[f"pooled/{k}"], abs=1e-9), k
+    assert res.risk.level == tags["tldr.pooled_risk"]

@@ -10,5 +10,6 @@
     trial_inputs  TrialInputs and the steps both trials share (device, classifier, progress reports)
     trial_status  the driver's Ray callback: how each trial's run ends, one line per trial
     summary       the search's summary: best trial, plots, parameter importances
+    pooled        a KKT search's pooled result: every trial's candidates scored as one set (pooled_result)
     spaces/       the YAML search spaces (packaged: spaces/*.yaml)
 """

@@ -8,6 +8,7 @@ space, behind a concurrency limit, with ASHA stopping weak trials early on gener
 trial is a nested MLflow run of the search's run; the best finished generator is registered as
 tldr-generator-<dataset> and gets the alias `champion` only if it beats the champion for the same
 classifier on the same objective (`registry.promotion.promote`; a KKT search registers nothing and says so).
+A KKT search also scores the union of its trials' candidates as one set on its run (`pooled`).
 
     from tldr_core.platform.search.driver import make_settings, run
     run_id = run(make_settings("mnist-bundled", trials=8))
@@ -103,11 +104,22 @@ def _finish(st: SearchSettings, search: SearchRun, report: Say) -> None:
     summary = write_summary(search.c, search.experiment_id, search.run_id, st.objective, search.space,
                             tr.runs_dir() / "tmp" / st.search_name)
     promo = promote(search.c, search.run_id, log=None)
+    pooled = _pool(st, search) if st.attack == "kkt" else None
     tr.set_tags(search.c, search.run_id, {tr.STATE: "finished"})
     if summary.get("best"):  # the classifier version now has an audit: re-audit --dry-run says so
         record_search_audit(search.c, search.run_id, search.clf_ref.name, search.clf_ref.version)
-    for line in summary_lines(st, search, summary, promo.reason):
+    for line in summary_lines(st, search, summary, promo.reason, pooled):
         report(line)
+
+
+def _pool(st: SearchSettings, search: SearchRun) -> str:
+    """A KKT search's pooled result (`pooled`): every trial's candidates scored as one set, logged once on
+    the search run; returns its output line (with the seconds it took, or why it is missing)."""
+    from tldr_core.platform.search.pooled import pool_search
+
+    search.say("pooling: scoring every trial's candidates as one set")
+    return pool_search(search.c, search.run_id, search.model, search.bundle, search.baselines, tau=st.tau,
+                       seed=st.seed, work=tr.runs_dir() / "tmp" / st.search_name)
 
 
 def _on_ctrl_c(search: SearchRun) -> None:
@@ -168,8 +180,10 @@ def _attach_run_id(exc: BaseException, run_id: str | None) -> None:
             pass
 
 
-def summary_lines(st: SearchSettings, search: SearchRun, summary: dict[str, Any], promotion: str) -> list[str]:
-    """The final summary: trial counts, the best trial against the baselines, importances, where to look."""
+def summary_lines(st: SearchSettings, search: SearchRun, summary: dict[str, Any], promotion: str,
+                  pooled: str | None = None) -> list[str]:
+    """The final summary: trial counts, the best trial against the baselines, importances, the pooled
+    result's line (KKT), where to look."""
     from tldr_core.attack.config import LossWeights
 
     o, b = st.objective, search.baselines
@@ -190,7 +204,8 @@ def summary_lines(st: SearchSettings, search: SearchRun, summary: dict[str, Any]
     elif summary.get("importance_trials", 0) < MIN_IMPORTANCE_TRIALS:
         lines.append(f"parameter importances: not computed ({summary.get('importance_trials', 0)} trials with a "
                      f"value; they need at least {MIN_IMPORTANCE_TRIALS})")
-    return lines + [f"registry: {promotion}"] + _where_lines(st, search.experiment_id, search.run_id)
+    return lines + ([pooled] if pooled else []) + [f"registry: {promotion}"] + _where_lines(
+        st, search.experiment_id, search.run_id)
 
 
 def _where_lines(st: SearchSettings, experiment_id: str, run_id: str) -> list[str]:
