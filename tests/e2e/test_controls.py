@@ -23,21 +23,32 @@ def test_shrunk_leaky_and_clean_controls_end_to_end(tmp_path, tmp_cache):
                         "--kkt-steps", "8", "--kkt-per-class", "2", "--out", str(out)])
     assert rc == 0
     rows = json.loads((out / "controls.json").read_text())["rows"]
-    # templates apply to the fully connected control only; every control has its class-mean reference row
-    ref = controls.REFERENCE
-    assert [(r["control"], r["attack"]) for r in rows] == [("leaky-fc", ref), ("leaky-fc", "templates"),
-                                                           ("leaky-fc", "kkt"), ("never-saw-t", ref),
-                                                           ("never-saw-t", "kkt")]
+    # templates apply to the fully connected control only; every control has the model-free reference rows
+    t, p = "class-mean of T", "class-mean of P"
+    assert [(r["control"], r["attack"]) for r in rows] == [("leaky-fc", t), ("leaky-fc", p), ("leaky-fc", "templates"),
+                                                           ("leaky-fc", "kkt"), ("never-saw-t", t),
+                                                           ("never-saw-t", p), ("never-saw-t", "kkt")]
+    levels = ("LOW", "MEDIUM", "HIGH")
     for r in rows:
-        assert r["risk"] in ("LOW", "MEDIUM", "HIGH")
-        want = None if r["attack"] == ref else (r["risk"] != "LOW") == CONTROLS[r["control"]].leaky
-        assert r["as_expected"] == want
+        assert r["risk"] in levels
+        # the control's membership axis on every row: the smoke test runs the margin attack (no references)
+        assert r["membership"]["attack"] == "margin" and r["membership"]["risk"] in levels
+        assert r["membership"]["metrics"]["mia_margin_auc"] == rows[0]["membership"]["metrics"]["mia_margin_auc"] or \
+            r["control"] != rows[0]["control"]
+        if r["attack"] == t:  # judged against its bound, not the control's expectation
+            assert r["reference"] and r["expected"] == "at most MEDIUM" and r["as_expected"] == (r["risk"] != "HIGH")
+        elif r["attack"] == p:
+            assert r["reference"] and r["expected"] == "LOW" and r["as_expected"] == (r["risk"] == "LOW")
+        else:
+            assert not r["reference"] and r["as_expected"] == ((r["risk"] != "LOW") == CONTROLS[r["control"]].leaky)
         assert 0.0 <= r["metrics"]["exposure_tpr"] <= 1.0 and r["classifier"]["train_accuracy"] > 0.5
     csv = (out / "leaky-fc" / "kkt" / "exposure.csv").read_text().splitlines()
     assert csv[0].startswith("train_index") and len(csv) == 1 + 100  # one row per training image
     assert (out / "leaky-fc" / "kkt" / "kkt.pt").exists()
     md = (out / "controls.md").read_text()
-    assert md.count("\n| leaky-fc |") == 3 and "| never-saw-t | kkt |" in md and "high_tpr_ci_low" in md
+    assert md.count("\n| leaky-fc |") == 4 and "| never-saw-t | kkt |" in md and "high_tpr_ci_low" in md
+    assert "calibrated TPR@1%FPR [95% CI] | raw TPR@1%FPR [95% CI]" in md and "model-free reference cells" in md
+    assert "| membership |" in md and "(margin)" in md
 
 
 def test_exact_copies_of_training_images_are_high_on_a_leaky_control_and_flagged_on_a_clean_one():
@@ -54,7 +65,8 @@ def test_exact_copies_of_training_images_are_high_on_a_leaky_control_and_flagged
     assert clean["risk"] == "HIGH" and not clean["as_expected"]  # a false positive would be shown as one
     # canaries: the first two training images were copied, so they are exposed (e = 1) and ranked first
     stats = controls.canary_stats(res, torch.tensor([0, 1]))
-    assert stats["canaries_exposed"] == 1 + int(bool((pick == 1).any())) and stats["canary_exposure"][0] == 1.0
+    assert stats["canaries_exposed"] == 1 + int(bool((pick == 1).any()))
+    assert stats["canary_exposure"][0] == pytest.approx(1.0 - float(res.exposure.recon_population[0]), abs=1e-4)
 
 
 def test_bad_controls_and_kkt_settings_are_clear_errors(capsys):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, replace
@@ -37,24 +38,26 @@ from tldr_core.attack.classifier import ClassifierSettings, load_or_train
 from tldr_core.attack.config import AttackConfig, ConfigError
 from tldr_core.attack.data import DataError, DatasetBundle, DatasetNotFoundError, load_dataset
 from tldr_core.attack.kkt import KKTConfig, run_kkt
-from tldr_core.attack.output import AttackOutput
+from tldr_core.attack.kkt_resume import load_resume
 from tldr_core.attack.templates import applies as templates_apply
 from tldr_core.attack.train import NonFiniteLossError, resolve_device
 from tldr_core.attack.zoo import CONTROLS, Control, control_bundles
+from tldr_core.cli.attack_flags import KKT_RESUME_HELP
 from tldr_core.cli.output_folder import InPlaceOutput, OutputError
 from tldr_core.paths import runs_dir
 from tldr_core.platform import cli_flags as flags
+from tldr_core.platform.references import DEFAULT_K, train_references
 from tldr_core.report.artifacts import write_artifacts
 from tldr_core.report.controls import render_controls
-from tldr_core.scoring.metrics import baseline_sets, score_baselines
+from tldr_core.scoring.metrics import score_baselines
 from tldr_core.scoring.pipeline import Scored, attack_and_score, reference_index, score_attack, template_attack
+from tldr_core.scoring.membership_risk import assess_membership
+from tldr_core.scoring.mia import score_membership
+from tldr_core.scoring.references import REFERENCES, score_references, within_bound
 from tldr_core.scoring.risk import assess
+from tldr_core.scoring.stationarity import StationarityError, stationarity
 
 ATTACKS = ("tldr", "templates", "kkt")
-#: Not an attack: each class's mean training image, scored like reconstructions. On a small T the
-#: class mean is itself closer to T than to H' (it is a statistic of T), so it marks how much
-#: exposure an attack shows without recovering any individual image.
-REFERENCE = "class-mean of T"
 Log = Callable[[str], None]
 
 
@@ -71,8 +74,28 @@ def prepare(control: Control, data: DatasetBundle, device: str, log: Log
     """(the control classifier, the bundle attacks are scored against, its meta, canary indices)."""
     trained_on, scored, canaries = control_bundles(control, data)
     model, meta, path = load_or_train(trained_on, control.settings, device=device, log=log)
-    meta = {**meta, "path": str(path)}
+    meta = {**meta, "path": str(path), **control_stationarity(model, trained_on, meta, log)}
     return model, scored, meta, canaries
+
+
+#: The classifier's fields each row carries: accuracies, training cost, the stationarity diagnostic.
+CLASSIFIER_FIELDS = ("train_accuracy", "test_accuracy", "train_size", "path", "train_seconds", "train_epochs",
+                     "train_stop", "polish_steps", "stationarity_residual", "stationarity_form", "stationarity",
+                     "stationarity_sentence")
+
+
+def control_stationarity(model: nn.Module, trained_on: DatasetBundle, meta: dict[str, Any], log: Log
+                         ) -> dict[str, Any]:
+    """The stationarity diagnostic (scoring.stationarity) on the images the control was trained on: its
+    residual, form, metrics and sentence for the rows; {} when it cannot be computed (the reason logged)."""
+    try:
+        res = stationarity(model, trained_on.train, meta)
+    except StationarityError as exc:
+        log(f"stationarity: not computed ({exc})")
+        return {}
+    log(f"stationarity: {res.sentence()}")
+    return {"stationarity_residual": res.residual, "stationarity_form": res.form, "stationarity": res.metrics(),
+            "stationarity_sentence": res.sentence()}
 
 
 def run_attack(attack: str, model: nn.Module, bundle: DatasetBundle, args: argparse.Namespace, log: Log
@@ -89,7 +112,8 @@ def run_attack(attack: str, model: nn.Module, bundle: DatasetBundle, args: argpa
         cfg = KKTConfig.from_flat({**args.kkt, "steps": args.kkt_steps, "seed": args.seed, "device": device,
                                    "log_every": max(1, args.kkt_steps // 6),
                                    "per_class": args.kkt_per_class or args.kkt.get("per_class")})
-        out = run_kkt(model, bundle.num_classes, bundle.image_shape, cfg, train_per_class=per_class, log=log)
+        out = run_kkt(model, bundle.num_classes, bundle.image_shape, cfg, train_per_class=per_class, log=log,
+                      resume=getattr(args, "kkt_state", None))
         return score_attack(out, model, bundle, seed=args.seed)
     raise ValueError(f"unknown attack {attack!r}; choose from {', '.join(ATTACKS)}")
 
@@ -109,24 +133,26 @@ def canary_stats(res: Any, canaries: Any) -> dict[str, Any]:
 
 def cell(control: Control, attack: str, res: Any, baselines: dict, meta: dict, canaries: Any,
          seconds: float) -> dict[str, Any]:
-    """One row of the table: the scores, the verdict and whether it matches the expected one (None for
-    the class-mean reference, which is not an attack)."""
+    """One row of the table: the scores, the verdict and whether it matches the expected one. A model-free
+    reference (scoring.references) is expected at most its bound (class mean of T: MEDIUM; of P: LOW)."""
     risk = assess(res.metrics, baselines)
-    above = risk.level != "LOW"
-    reference = attack == REFERENCE
-    return {"control": control.name, "attack": attack, "expected": "-" if reference else control.expected,
+    if attack in REFERENCES:
+        bound = REFERENCES[attack][1]
+        expected, as_expected = ("LOW" if bound == "LOW" else f"at most {bound}"), within_bound(attack, risk.level)
+    else:
+        expected, as_expected = control.expected, (risk.level != "LOW") == control.leaky
+    return {"control": control.name, "attack": attack, "expected": expected, "reference": attack in REFERENCES,
             "why": control.why, "risk": risk.level, "criterion": risk.criterion, "reasons": risk.reasons,
-            "as_expected": None if reference else above == control.leaky, "metrics": res.metrics,
-            "classifier": {k: meta.get(k) for k in ("train_accuracy", "test_accuracy", "train_size", "path")},
+            "as_expected": as_expected, "metrics": res.metrics,
+            "classifier": {k: meta.get(k) for k in CLASSIFIER_FIELDS},
             "steps": int(getattr(res, "steps", 0)), "seconds": round(seconds, 1), **canary_stats(res, canaries)}
 
 
-def class_mean_row(control: Control, model: nn.Module, bundle: DatasetBundle, baselines: dict, meta: dict,
-                   canaries: Any, seed: int) -> dict[str, Any]:
-    """The reference row: each class's mean training image scored as if it were a reconstruction."""
-    means, labels = baseline_sets(bundle.train, bundle.test, bundle.num_classes, 1, seed=seed)["class_mean"]
-    res = score_attack(AttackOutput(REFERENCE, means, labels), model, bundle, seed=seed)
-    return cell(control, REFERENCE, res, baselines, meta, canaries, 0.0)
+def reference_rows(control: Control, model: nn.Module, bundle: DatasetBundle, baselines: dict, meta: dict,
+                   canaries: Any, seed: int) -> list[dict[str, Any]]:
+    """The model-free reference rows (class mean of T, class mean of P), judged by the same rule."""
+    return [cell(control, name, res, baselines, meta, canaries, 0.0)
+            for name, res in score_references(model, bundle, seed=seed).items()]
 
 
 def run_control(control: Control, data: DatasetBundle, args: argparse.Namespace, out: Path, log: Log
@@ -135,7 +161,8 @@ def run_control(control: Control, data: DatasetBundle, args: argparse.Namespace,
     log(f"{control.name}: train accuracy {meta['train_accuracy']:.3f}, test accuracy {meta['test_accuracy']:.3f}")
     baselines = score_baselines(bundle.train, bundle.heldout, bundle.test, bundle.num_classes, args.per_class,
                                 classifier=model, seed=args.seed)
-    rows = [class_mean_row(control, model, bundle, baselines, meta, canaries, args.seed)]
+    membership = control_membership(control, model, bundle, meta, canaries, args, log)
+    rows = reference_rows(control, model, bundle, baselines, meta, canaries, args.seed)
     for attack in args.attacks:
         t0 = time.time()
         log(f"{control.name} x {attack}: running")
@@ -148,11 +175,37 @@ def run_control(control: Control, data: DatasetBundle, args: argparse.Namespace,
             write_artifacts(out / control.name / attack, bundle, res, meta={"control": control.name})
         rows.append(cell(control, attack, res, baselines, meta, canaries, seconds))
         m = res.metrics
-        log(f"{control.name} x {attack}: {rows[-1]['risk']} (expected {control.expected}); exposure TPR@1%FPR "
-            f"{m['exposure_tpr']:.2f} [{m['exposure_tpr_lo']:.2f}, {m['exposure_tpr_hi']:.2f}], AUC "
-            f"{m['exposure_auc']:.2f}, gap {m['gap']:+.3f}, matched@0.4 {m['matched_train_040']:.0f} vs "
-            f"{m['matched_heldout_040']:.0f} ({rows[-1]['seconds']:.0f}s)")
-    return rows
+        log(f"{control.name} x {attack}: {rows[-1]['risk']} (expected {control.expected}); calibrated TPR@1%FPR "
+            f"{m['exposure_tpr']:.2f} [{m['exposure_tpr_lo']:.2f}, {m['exposure_tpr_hi']:.2f}] (raw "
+            f"{m['raw_exposure_tpr']:.2f}), AUC {m['exposure_auc']:.2f}, gap {m['gap']:+.3f}, matched@0.6 "
+            f"{m['matched_train_060']:.0f} vs {m['matched_heldout_060']:.0f} ({rows[-1]['seconds']:.0f}s)")
+    return [{**r, **membership} for r in rows]
+
+
+def control_membership(control: Control, model: nn.Module, bundle: DatasetBundle, meta: dict[str, Any],
+                       canaries: Any, args: argparse.Namespace, log: Log) -> dict[str, Any]:
+    """The control's membership axis (scoring.mia, scoring.membership_risk) for its rows: LiRA with
+    --membership-refs reference models (Ray tasks, cached) when their training fits --membership-budget,
+    else the margin attack alone (the row says why); the canaries' membership ranks within T."""
+    if args.no_membership:
+        return {}
+    k = args.membership_refs
+    cost = float(meta.get("train_seconds") or 0.0) * k / max(1, os.cpu_count() or 1)
+    note = ""
+    if k and cost > args.membership_budget:
+        note = (f"LiRA skipped: {k} reference models would take about {cost:.0f} s (> --membership-budget "
+                f"{args.membership_budget:.0f} s); margin attack only")
+        log(f"{control.name}: membership: {note}")
+        k = 0
+    refs = train_references(bundle, control.settings, k, log=log) if k else []
+    res = score_membership(model, bundle.train, bundle.heldout, references=[r.model for r in refs], seed=args.seed)
+    risk = assess_membership(res.metrics())
+    log(f"{control.name}: membership {risk.level} ({res.best}): {risk.reason}")
+    out = {"membership": {"risk": risk.level, "criterion": risk.criterion, "reasons": risk.reasons,
+                          "attack": res.best, "reference_models": k, "note": note, "metrics": res.metrics()}}
+    if canaries.numel():
+        out["canary_membership_ranks"] = [int(r) for r in res.ranks()[canaries]]
+    return out
 
 
 def _value(text: str) -> Any:
@@ -199,6 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KKT candidates per class (default 2 x the training images per class)")
     p.add_argument("--kkt-set", action="append", default=[], metavar="NAME=VALUE",
                    help=f"a KKT setting ({', '.join(KKTConfig.names())}); repeatable (default: none, KKTConfig's)")
+    p.add_argument("--kkt-resume", default=None, metavar="PATH",
+                   help=KKT_RESUME_HELP + "; with one control and --attacks including kkt")
+    p.add_argument("--membership-refs", type=int, default=DEFAULT_K, metavar="K",
+                   help="reference models for each control's LiRA (Ray tasks, cached); 0: margin attack only")
+    p.add_argument("--membership-budget", type=float, default=1800.0, metavar="SECONDS",
+                   help="skip LiRA (margin attack only) on a control whose K references would take longer than this "
+                        "on this machine's cores, from its own recorded training time")
+    p.add_argument("--no-membership", action="store_true", help="no membership axis in the table")
     p.add_argument("--seed", type=int, default=0, help="seed of the attacks")
     flags.add_device(p)
     p.add_argument("--smoke-test", action="store_true", help="shrunk controls on 8x8 digits, a few steps")
@@ -226,7 +287,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 #: What --smoke-test sets when the flag is not given (with data_root: digits-8x8 needs none).
-SMOKE = {"dataset": "digits-8x8", "data_root": None, "tldr_steps": 20, "kkt_steps": 30, "per_class": 4}
+SMOKE = {"dataset": "digits-8x8", "data_root": None, "tldr_steps": 20, "kkt_steps": 30, "per_class": 4,
+         "membership_refs": 0}
 #: What --overwrite may replace: the files and folders a controls run writes (".partial": a table being written).
 OUTPUT_NAMES = frozenset({"controls.json", "controls.md", ".controls.json.partial", ".controls.md.partial",
                           *CONTROLS})
@@ -247,6 +309,11 @@ def check_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     KKTConfig.from_flat({**args.kkt, "steps": args.kkt_steps,
                          "per_class": args.kkt_per_class or args.kkt.get("per_class")})
+    args.kkt_state = None
+    if args.kkt_resume is not None:  # one run continues: one control's kkt cell
+        if len(args.controls) != 1 or "kkt" not in args.attacks:
+            raise ConfigError("--kkt-resume continues one KKT run: give exactly one --controls and kkt in --attacks")
+        args.kkt_state = load_resume(args.kkt_resume)
 
 
 def check_kkt_bound(control: Control, data: DatasetBundle, args: argparse.Namespace) -> None:

@@ -30,15 +30,18 @@ def _matched(m: dict[str, Any], tag: str) -> str:
 
 
 def _membership(r: Row) -> str:
+    """The control's membership axis (the same on every row of a control): level, attack, TPR at 1 % FPR."""
     mb = r.get("membership")
     if not mb:
         return "-"
-    return f"**{mb['risk']}** {mb.get('attack', '')}: TPR {_ci(mb['metrics'], mb['prefix'] + '_tpr_01', '{:.3f}')}"
+    p = f"mia_{mb['attack']}_"
+    return f"**{mb['risk']}** ({mb['attack']}) {_ci(mb['metrics'], p + 'tpr_1', '{:.3f}')}"
 
 
 def _residual(r: Row) -> str:
-    v = r.get("stationarity", {}).get("stationarity_residual")
-    return "-" if v is None else f"{v:.3g}"
+    v = r.get("classifier", {}).get("stationarity_residual")
+    form = r.get("classifier", {}).get("stationarity_form")
+    return "-" if v is None else f"{v:.3g}" + (" (no wd)" if form == "margin" else "")
 
 
 def _train_cost(r: Row) -> str:
