@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -13,20 +12,9 @@ from tldr_core.scoring.exposure import NO_RECON, calibrated_matching, exposure, 
 from tldr_core.scoring.membership import auc, bootstrap_intervals, fpr_threshold, tpr_at_fpr
 from tldr_core.scoring.ssim import ssim_matrix
 
+from image_sets import S, textures  # noqa: E402 - tests/scoring/image_sets.py
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@dataclass
-class S:  # duck-typed stand-in for tldr_core.attack.data.Split
-    images: torch.Tensor
-    labels: torch.Tensor
-
-
-def _textures(n: int, seed: int, side: int = 16) -> torch.Tensor:
-    """(n, 1, side, side) random textures in [0, 1]. Two independent ones have SSIM < ~0.31
-    (measured: max over 19,900 pairs), so any pair >= 0.4 in a test is a (near) copy."""
-    g = torch.Generator().manual_seed(seed)
-    return (torch.rand(n, 1, side, side, generator=g) + 0.05 * torch.randn(n, 1, side, side, generator=g)).clamp(0, 1)
 
 
 # ----------------------------------------------------------------------------- AUC
@@ -148,8 +136,8 @@ def test_max_matching_is_exact_not_greedy():
 
 
 def test_exposure_matches_brute_force_and_chunks():
-    recon = _textures(7, 1)
-    refs = _textures(11, 2)
+    recon = textures(7, 1)
+    refs = textures(11, 2)
     recon[5] = refs[4]  # an exact copy, in a later row block than...
     recon[1] = refs[4]  # ...this one, which must win the tie (lowest index)
     rl = torch.tensor([0, 0, 1, 1, 0, 0, 1])
@@ -168,8 +156,8 @@ def test_exposure_matches_brute_force_and_chunks():
 
 
 def test_exposure_single_class():
-    refs = _textures(5, 4)
-    recon = torch.cat([refs[2:3], _textures(2, 5)])
+    refs = textures(5, 4)
+    recon = torch.cat([refs[2:3], textures(2, 5)])
     e, best = exposure(recon, torch.zeros(3), refs, torch.zeros(5))
     assert e[2] == pytest.approx(1.0, abs=1e-5) and best[2] == 0
     assert (e[[0, 1, 3, 4]] < 0.4).all()
@@ -191,11 +179,11 @@ def test_bootstrap_at_audit_scale():
 def test_population_match_and_recon_calibrated_scan_by_hand():
     """scan(offset=...) subtracts each reconstruction's offset before the maximum: checked against the
     full SSIM matrix minus the offsets, including a case where calibration picks another reconstruction."""
-    refs, recon = _textures(6, 20), _textures(4, 21)
+    refs, recon = textures(6, 20), textures(4, 21)
     recon[2] = refs[1]
     recon[0] = 0.7 * refs[1] + 0.3 * recon[0]  # a looser likeness of ref 1, with no population twin
     rl, fl = torch.tensor([0, 0, 0, 1]), torch.tensor([0, 0, 0, 1, 1, 0])
-    pop, pl = _textures(5, 22), torch.tensor([0, 0, 1, 1, 0])
+    pop, pl = textures(5, 22), torch.tensor([0, 0, 1, 1, 0])
     pop[0] = refs[1]  # recon 2's population twin: its offset is 1
     off, idx = population_match(recon, rl, pop, pl)
     s = ssim_matrix(recon, pop).double()
@@ -215,7 +203,7 @@ def test_population_match_and_recon_calibrated_scan_by_hand():
 
 
 def test_calibrated_matching_needs_a_reconstruction_per_image():
-    refs = _textures(3, 30)
+    refs = textures(3, 30)
     one = refs.mean(dim=0, keepdim=True)  # one image close-ish to all three
     sims = ssim_matrix(one, refs).double()[0]
     thr = float(sims.min()) - 0.01  # every pair is above it: one reconstruction, three "exposed" images

@@ -4,7 +4,6 @@ mean is not; an image whose population twin is reconstructed is not), the metric
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -14,19 +13,9 @@ from tldr_core.scoring.exposure_score import NO_RECON_CAL, ExposureResult, expos
 from tldr_core.scoring.membership import auc
 from tldr_core.scoring.ssim import ssim_matrix
 
+from image_sets import S, textures  # noqa: E402 - tests/scoring/image_sets.py
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@dataclass
-class S:  # duck-typed stand-in for tldr_core.attack.data.Split
-    images: torch.Tensor
-    labels: torch.Tensor
-
-
-def _textures(n: int, seed: int, side: int = 16) -> torch.Tensor:
-    """(n, 1, side, side) random textures in [0, 1]; two independent ones have SSIM < ~0.31."""
-    g = torch.Generator().manual_seed(seed)
-    return (torch.rand(n, 1, side, side, generator=g) + 0.05 * torch.randn(n, 1, side, side, generator=g)).clamp(0, 1)
 
 
 def _copies_setup():
@@ -35,14 +24,14 @@ def _copies_setup():
     30 (class 1), 57 (class 2) plus 3 noise images per class 0..2; class 3 has no reconstruction.
     Held-out images 0 and 1 (class 0) are near-copies (SSIM ~0.95) of training image 5: an unseen
     image can look like a memorised one, and they set the 1 % threshold (the 2nd largest H' score)."""
-    train = S(_textures(100, 10), torch.arange(4).repeat_interleave(25))
-    h_img, h_lab = _textures(120, 11), torch.arange(4).repeat_interleave(30)
+    train = S(textures(100, 10), torch.arange(4).repeat_interleave(25))
+    h_img, h_lab = textures(120, 11), torch.arange(4).repeat_interleave(30)
     g = torch.Generator().manual_seed(12)
     h_img[:2] = (train.images[5] + 0.1 * torch.randn(2, 1, 16, 16, generator=g)).clamp(0, 1)
     copied = [5, 30, 57]
     recon = torch.cat([train.images[copied], torch.rand(9, 1, 16, 16, generator=g), train.images[copied]])
     rl = torch.cat([torch.tensor([0, 1, 2]), torch.arange(3).repeat_interleave(3), torch.tensor([0, 1, 2])])
-    pop = S(_textures(160, 13), torch.arange(4).repeat_interleave(40))
+    pop = S(textures(160, 13), torch.arange(4).repeat_interleave(40))
     return recon, rl, train, S(h_img, h_lab), pop, copied
 
 

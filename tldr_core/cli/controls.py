@@ -208,21 +208,6 @@ def control_membership(control: Control, model: nn.Module, bundle: DatasetBundle
     return out
 
 
-def _value(text: str) -> Any:
-    """'3000' -> 3000, '1e-2' -> 0.01, 'true' -> True, 'null' -> None, anything else: the string."""
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text.strip()
-
-
 def kkt_overrides(pairs: list[str]) -> dict[str, Any]:
     """["lr=0.03", "alpha=150"] -> {"lr": 0.03, "alpha": 150}, validated by KKTConfig."""
     vals = {}
@@ -230,7 +215,7 @@ def kkt_overrides(pairs: list[str]) -> dict[str, Any]:
         if "=" not in kv:
             raise ValueError(f"expected NAME=VALUE, got {kv!r}")
         name, value = kv.split("=", 1)
-        vals[name.strip()] = _value(value)
+        vals[name.strip()] = flags.parse_value(value)
     KKTConfig.from_flat(vals)  # unknown names and bad values are errors here, before any training
     return vals
 

@@ -101,3 +101,19 @@ def add_ray_flags(p: Any) -> None:
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial")
     p.add_argument("--gpus-per-trial", type=float, default=0.0,
                    help="GPUs per trial, fractional allowed (0.25 packs four trials on a GPU)")
+
+
+def parse_value(text: str) -> Any:
+    """A NAME=VALUE flag's value: '3000' -> 3000, '1e-2' -> 0.01, 'true' -> True, 'null' -> None, anything
+    else the string (stripped). The setting it is given to checks its type and range."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
