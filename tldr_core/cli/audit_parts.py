@@ -19,11 +19,11 @@ from tldr_core.attack.config import AttackConfig, ConfigError
 from tldr_core.attack.data import DatasetBundle
 from tldr_core.attack.kkt import KKTConfig
 from tldr_core.attack.reference_models import settings_from_meta
-from tldr_core.scoring.audit import AuditResults, at_or_above, axis_levels, combined_sentence
+from tldr_core.scoring.audit import AuditResults, axis_levels, combined_sentence
+from tldr_core.scoring.fail_on import AXES, failing, parse_fail_on  # noqa: F401 - parse_fail_on: the command's
 
 Log = Callable[[str], None]
 FAIL_STATUS = 3  # exit status when a verdict axis is at or above --fail-on
-AXES = ("reconstruction", "membership", "any")
 
 
 def load_audited_classifier(args: argparse.Namespace, bundle: DatasetBundle, device: str, log: Log,
@@ -162,29 +162,11 @@ def summary_lines(res: AuditResults, tau: float) -> list[str]:
     return lines
 
 
-def parse_fail_on(values: list[str] | None) -> list[tuple[str, str]]:
-    """["high", "membership:medium"] -> [("reconstruction", "HIGH"), ("membership", "MEDIUM")]. A bare
-    level gates the reconstruction axis (as before there were two); "any:LEVEL" gates both."""
-    out = []
-    for v in values or []:
-        axis, _, level = v.rpartition(":")
-        axis = axis or "reconstruction"
-        if axis not in AXES or level.lower() not in ("medium", "high"):
-            raise ConfigError(f"--fail-on expects [AXIS:]LEVEL with AXIS one of {', '.join(AXES)} and LEVEL medium "
-                              f"or high, got {v!r}")
-        out.append((axis, level.upper()))
-    return out
-
-
 def fail_on_status(res: AuditResults, fail_on: list[tuple[str, str]]) -> int:
     """0, or FAIL_STATUS (saying which axis on stderr) when an axis is at or above its --fail-on level."""
-    levels = axis_levels(res)
-    for axis, bar in fail_on:
-        for name in (("reconstruction", "membership") if axis == "any" else (axis,)):
-            if at_or_above(levels[name], bar):
-                label = "verdict" if name == "reconstruction" else f"{name} verdict"
-                print(f"fail-on: the {label} {levels[name]} is at or above --fail-on "
-                      f"{'' if axis == 'reconstruction' else axis + ':'}{bar.lower()}: exit status {FAIL_STATUS}",
-                      file=sys.stderr, flush=True)
-                return FAIL_STATUS
+    for name, level, _bar, gate in failing(axis_levels(res), fail_on)[:1]:
+        label = "verdict" if name == "reconstruction" else f"{name} verdict"
+        print(f"fail-on: the {label} {level} is at or above --fail-on {gate}: exit status {FAIL_STATUS}",
+              file=sys.stderr, flush=True)
+        return FAIL_STATUS
     return 0

@@ -9,12 +9,14 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["auc", "fpr_threshold", "tpr_at_fpr", "bootstrap_intervals", "bootstrap_intervals_at"]
+__all__ = ["auc", "fpr_threshold", "tpr_at_fpr", "bootstrap_intervals", "bootstrap_intervals_at", "resample_counts",
+           "cumulative", "auc_tpr_of_counts", "check_scores"]
 
 _BOOT_ELEMS = 1 << 20  # resamples x (P + Q) per bootstrap block: ~10 float64 temporaries of <= 8 MB
 
 
-def _scores(x: Any, name: str) -> Tensor:
+def check_scores(x: Any, name: str) -> Tensor:
+    """``x`` as a flat float64 CPU tensor; ValueError when it is empty or holds NaN."""
     x = torch.as_tensor(x, dtype=torch.float64).detach().reshape(-1).cpu()
     if x.numel() == 0:
         raise ValueError(f"{name} is empty")
@@ -23,17 +25,25 @@ def _scores(x: Any, name: str) -> Tensor:
     return x
 
 
+def resample_counts(n: int, boots: int, g: torch.Generator) -> Tensor:
+    """(boots, n) float64: how often each of n items is drawn in each of ``boots`` resamples of size n
+    with replacement (one ``torch.randint`` call on ``g``)."""
+    idx = torch.randint(n, (boots, n), generator=g)
+    ones = torch.ones(boots, n, dtype=torch.float64)
+    return torch.zeros(boots, n, dtype=torch.float64).scatter_add_(1, idx, ones)
+
+
+def cumulative(counts: Tensor) -> Tensor:
+    """(B, n) counts -> (B, n + 1) cumulative counts with a leading 0 column (what the kernel reads)."""
+    return torch.cat([torch.zeros(counts.shape[0], 1, dtype=torch.float64), counts.cumsum(dim=1)], dim=1)
+
+
 def _sorted_counts(n: int, boots: int, g: torch.Generator | None) -> Tensor:
     """(boots, n + 1) cumulative resample counts of positions 0..n-1, leading 0 column.
 
     g None: one "resample" that is the sample itself (all counts 1)."""
-    if g is None:
-        counts = torch.ones(1, n, dtype=torch.float64)
-    else:
-        idx = torch.randint(n, (boots, n), generator=g)
-        ones = torch.ones(boots, n, dtype=torch.float64)
-        counts = torch.zeros(boots, n, dtype=torch.float64).scatter_add_(1, idx, ones)
-    return torch.cat([torch.zeros(counts.shape[0], 1, dtype=torch.float64), counts.cumsum(dim=1)], dim=1)
+    counts = torch.ones(1, n, dtype=torch.float64) if g is None else resample_counts(n, boots, g)
+    return cumulative(counts)
 
 
 def _auc_tpr(pos: Tensor, neg: Tensor, ks: Tensor, boots: int, g: torch.Generator | None) -> tuple[Tensor, Tensor]:
@@ -45,8 +55,15 @@ def _auc_tpr(pos: Tensor, neg: Tensor, ks: Tensor, boots: int, g: torch.Generato
     (lo, hi = searchsorted left / right), so AUC = sum_i w_i (C[lo_i] + (C[hi_i] - C[lo_i]) / 2) / (P Q):
     the Mann-Whitney statistic with midranks, in O(boots (P + Q)). Every FPR is read off the same
     resample. Returns (auc (boots,), tpr (boots, F))."""
+    cn, cp = _sorted_counts(neg.numel(), boots, g), _sorted_counts(pos.numel(), boots, g)
+    return auc_tpr_of_counts(pos, neg, ks, cp, cn)
+
+
+def auc_tpr_of_counts(pos: Tensor, neg: Tensor, ks: Tensor, cp: Tensor, cn: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`_auc_tpr`'s kernel for resamples given as cumulative counts (:func:`cumulative`) over the
+    sorted positions of ``pos`` (cp, (B, P + 1)) and ``neg`` (cn, (B, Q + 1)): the paired bootstrap of
+    :mod:`tldr_core.scoring.compare` draws the counts itself. Returns (auc (B,), tpr (B, F))."""
     p, q = pos.numel(), neg.numel()
-    cn, cp = _sorted_counts(q, boots, g), _sorted_counts(p, boots, g)
     lo = torch.searchsorted(neg, pos, right=False)
     hi = torch.searchsorted(neg, pos, right=True)
     below = cn.index_select(1, lo) + 0.5 * (cn.index_select(1, hi) - cn.index_select(1, lo))  # (B, P)
@@ -66,7 +83,7 @@ def auc(pos: Tensor, neg: Tensor) -> float:
 
     pos (P,), neg (Q,): scores (e.g. training / held-out exposures). 1.0: every positive above
     every negative; 0.5: indistinguishable (or all tied)."""
-    pos, neg = _scores(pos, "pos").sort().values, _scores(neg, "neg").sort().values
+    pos, neg = check_scores(pos, "pos").sort().values, check_scores(neg, "neg").sort().values
     return float(_auc_tpr(pos, neg, torch.zeros(1, dtype=torch.int64), 1, None)[0][0])
 
 
@@ -83,13 +100,13 @@ def fpr_threshold(neg: Tensor, fpr: float = 0.01) -> float:
 
     That is the (k+1)-th largest of ``neg``, k = floor(fpr * len(neg)): with 100 negatives and
     fpr = 0.01, the second largest. Ties with it are below the bar (scores must be > it)."""
-    neg = _scores(neg, "neg").sort(descending=True).values
+    neg = check_scores(neg, "neg").sort(descending=True).values
     return float(neg[_allowed(fpr, neg.numel())])
 
 
 def tpr_at_fpr(pos: Tensor, neg: Tensor, fpr: float = 0.01) -> tuple[float, float]:
     """(TPR, threshold): the fraction of ``pos`` strictly above :func:`fpr_threshold` (neg, fpr)."""
-    pos = _scores(pos, "pos")
+    pos = check_scores(pos, "pos")
     thr = fpr_threshold(neg, fpr)
     return float((pos > thr).double().mean()), thr
 
@@ -122,7 +139,7 @@ def bootstrap_intervals_at(pos: Tensor, neg: Tensor, *, fprs: Sequence[float] = 
         raise ValueError(f"level must be in (0, 1), got {level}")
     if len(fprs) == 0:
         raise ValueError("fprs is empty")
-    pos, neg = _scores(pos, "pos").sort().values, _scores(neg, "neg").sort().values
+    pos, neg = check_scores(pos, "pos").sort().values, check_scores(neg, "neg").sort().values
     ks = torch.tensor([_allowed(f, neg.numel()) for f in fprs], dtype=torch.int64)
     g = torch.Generator().manual_seed(seed)
     step = max(1, _BOOT_ELEMS // (pos.numel() + neg.numel()))
