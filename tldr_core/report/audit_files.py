@@ -80,6 +80,10 @@ def audit_record(bundle: Any, res: AuditResults, classifier_info: dict[str, Any]
     }
     if res.templates is not None:
         record["template_attack"] = res.templates.summary()
+    if res.others:  # further attacks (the re-audit's KKT): their files are in a sub-folder named by kind
+        record["other_attacks"] = {k: {"metrics": s.metrics, "settings": s.out.settings if s.out else {},
+                                       "steps": s.out.steps if s.out else 0, "folder": k}
+                                   for k, s in res.others.items()}
     return record
 
 
@@ -95,10 +99,12 @@ def write_audit_folder(folder: str | Path, bundle: Any, res: AuditResults, class
     write_artifacts(folder, bundle, res.attack, meta={"classifier": classifier_info.get("path")})
     if res.membership is not None:
         res.membership.write_csv(folder / MEMBERSHIP_CSV)
+    for kind, scored in res.others.items():
+        write_artifacts(folder / kind, bundle, scored, meta={"classifier": classifier_info.get("path")})
     record = audit_record(bundle, res, classifier_info)
     html = render_report(bundle, res.baselines, attack=res.attack, templates=res.templates, heldout=res.heldout,
                          spec=spec, record=record, references=res.references, membership=res.membership,
-                         stationarity=res.stationarity)
+                         stationarity=res.stationarity, others=res.others)
     (folder / "report.html").write_text(html, encoding="utf-8")
     (folder / "metrics.json").write_text(json.dumps(record, indent=2, default=_json_default))
     return record

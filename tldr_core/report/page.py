@@ -154,14 +154,17 @@ def _top_pairs(images, labels, refs, scores, names, left: str, n: int = 7) -> st
     return pairs_html(images[idx], labels[idx], refs[idx], scores[idx], names, left, "nearest training", per_class=n)
 
 
-def _attacks(attack, templates, record: dict[str, Any]) -> list[tuple[str, Any]]:
-    """(display name, result) of each attack shown, the generator's (or KKT candidates') first."""
+def _attacks(attack, templates, record: dict[str, Any], others: dict[str, Any] | None = None
+             ) -> list[tuple[str, Any]]:
+    """(display name, result) of each attack shown, the generator's (or KKT candidates') first, then
+    ``others`` (further attacks by kind), then the templates."""
     attacks: list[tuple[str, Any]] = []
-    if attack is not None and attack.kind == "kkt":
-        attacks.append((f"KKT candidates ({attack.steps} steps)", attack))
-    elif attack is not None:
-        variant = record.get("settings", {}).get("variant", "conditioned")
-        attacks.append((f"generator ({variant}, {attack.steps} steps)", attack))
+    for a in [attack, *(others or {}).values()]:
+        if a is not None and a.kind == "kkt":
+            attacks.append((f"KKT candidates ({a.steps} steps)", a))
+        elif a is not None:
+            variant = (record.get("settings", {}) if a is attack else a.out.settings).get("variant", "conditioned")
+            attacks.append((f"generator ({variant}, {a.steps} steps)", a))
     if templates is not None:
         attacks.append((f"weight templates ({templates.method})", templates))
     if not attacks:
@@ -300,7 +303,7 @@ def render_report(bundle: DatasetBundle, baselines: dict[str, dict[str, float]],
                   spec: dict[str, Any] | None = None, record: dict[str, Any] | None = None,
                   command: str | None = None, title: str | None = None,
                   references: dict[str, Scored] | None = None, membership: Any = None,
-                  stationarity: Any = None) -> str:
+                  stationarity: Any = None, others: dict[str, Scored] | None = None) -> str:
     """The audit report as an HTML string, from results computed by the caller.
 
     bundle: the DatasetBundle audited; baselines: score_baselines' dict; attack: the generator's
@@ -311,10 +314,11 @@ def render_report(bundle: DatasetBundle, baselines: dict[str, dict[str, float]],
     the line that reproduces it (default: derived from `record`); references: the model-free references
     (tldr_core.scoring.references.score_references), judged by the same rule beside the attacks;
     membership: a tldr_core.scoring.mia.MembershipResult (the verdict's second axis); stationarity: the
-    KKT premise on T (tldr_core.scoring.stationarity; its note from ``record["stationarity"]`` when None).
+    KKT premise on T (tldr_core.scoring.stationarity; its note from ``record["stationarity"]`` when None);
+    others: further scored attacks by kind, judged and shown beside the first (the re-audit's KKT).
     """
     record = dict(record or {})
-    attacks = _attacks(attack, templates, record)
+    attacks = _attacks(attack, templates, record, others)
     tau = float(attacks[0][1].metrics["tau"])
     risks = [assess(a.metrics, baselines) for _, a in attacks]
     mrisk = assess_membership(membership.metrics()) if membership is not None else None

@@ -48,10 +48,12 @@ class AuditResults:
     membership: MembershipResult | None = None  # membership inference of T vs H' (None: not run)
     stationarity: Stationarity | None = None    # the KKT premise on T (None: not computed, see stationarity_note)
     stationarity_note: str = ""
+    others: dict[str, Scored] = field(default_factory=dict)  # further attacks by kind (the re-audit's KKT)
 
     def risks(self) -> dict[str, Risk]:
-        """The reconstruction axis per attack ("tldr" or "kkt", then "templates")."""
+        """The reconstruction axis per attack ("tldr" or "kkt", the other attacks, then "templates")."""
         out = {self.attack.kind: assess(self.attack.metrics, self.baselines)}
+        out.update({kind: assess(s.metrics, self.baselines) for kind, s in self.others.items()})
         if self.templates is not None:
             out["templates"] = assess(self.templates.metrics, self.baselines)
         return out
@@ -97,15 +99,22 @@ def audit_stationarity(classifier: nn.Module, bundle: Any, meta: Mapping[str, An
 def run_audit(classifier: nn.Module, bundle: Any, cfg: AttackConfig | KKTConfig, *, tau: float = 0.5,
               log: Log | None = print, meta: Mapping[str, Any] | None = None,
               membership_refs: Sequence[nn.Module] | None = None, resume: KKTResume | None = None,
-              attack_out: AttackOutput | None = None) -> AuditResults:
+              attack_out: AttackOutput | None = None,
+              also: Sequence[AttackConfig | KKTConfig | AttackOutput] = ()) -> AuditResults:
     """The attack (scored with its exposure; ``attack_out``: reconstructions made elsewhere, e.g. pooled
     over a search), the baselines, the weight templates when they apply, the held-out comparison, the
     model-free references, membership inference (``membership_refs``: None skips it, [] runs loss and
-    margin only, K >= 2 models add LiRA) and the stationarity diagnostic, all against ``bundle``."""
+    margin only, K >= 2 models add LiRA) and the stationarity diagnostic, all against ``bundle``.
+    ``also``: further attacks (settings to run, or outputs made elsewhere) of other kinds, scored the same
+    way into ``AuditResults.others`` and judged beside the first (the re-audit adds KKT on FC models)."""
     say = log or (lambda s: None)
     index = reference_index(bundle)
     out = attack_out if attack_out is not None else run_attack(classifier, bundle, cfg, log=log, resume=resume)
     attack = score_attack(out, classifier, bundle, tau=tau, seed=cfg.seed, index=index)
+    others = {}
+    for extra in also:
+        o = extra if isinstance(extra, AttackOutput) else run_attack(classifier, bundle, extra, log=log)
+        others[o.kind] = score_attack(o, classifier, bundle, tau=tau, seed=cfg.seed, index=index)
     per_class = max(1, len(out.labels) // bundle.num_classes)
     say("scoring baselines (noise, class means, real held-out images) and the model-free references")
     baselines = score_baselines(bundle.train, bundle.heldout, bundle.test, bundle.num_classes, per_class,
@@ -122,7 +131,7 @@ def run_audit(classifier: nn.Module, bundle: Any, cfg: AttackConfig | KKTConfig,
     stat, note = audit_stationarity(classifier, bundle, meta)
     if stat is not None:
         say(stat.sentence())
-    return AuditResults(attack, baselines, heldout, templates, references, membership, stat, note)
+    return AuditResults(attack, baselines, heldout, templates, references, membership, stat, note, others)
 
 
 def combined_sentence(reconstruction: Risk, membership: Risk | None) -> str:
