@@ -1,6 +1,7 @@
 """Re-audit (tldr_core.platform.registry.reaudit, run as tune/reaudit.py): which classifier versions get
-audited, the search it runs in-process, the tags written back, idempotence, a model that does not
-load, --dry-run; end to end on mnist-bundled with a sqlite registry."""
+audited, the search it runs in-process with --search, the tags written back, idempotence, a model that
+does not load, --dry-run; end to end on mnist-bundled with a sqlite registry. The audit itself, the
+comparison and the gates: test_registry_gate.py."""
 from __future__ import annotations
 
 import datetime as dt
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from tldr_core.platform.registry import reaudit as ra
+from tldr_core.platform.registry.audit_tags import rule_version
 from tldr_core.platform.tracking import store as tr
 from tldr_core.platform.tracking.trial_runs import trial_runs
 
@@ -20,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 REAUDIT = REPO / "tune" / "reaudit.py"
 DATASET = "mnist-bundled"
 NAME = f"tldr-classifier-{DATASET}"
-TINY = ["--smoke-test", "--trials", "1", "--steps", "8", "--per-class", "2", "--quiet"]
+TINY = ["--smoke-test", "--search", "--trials", "1", "--steps", "8", "--per-class", "2", "--quiet"]
 NOW = dt.datetime(2026, 1, 31, tzinfo=dt.timezone.utc)
 
 
@@ -89,7 +91,8 @@ def test_help_and_unreachable_server():
     out = subprocess.run([sys.executable, str(REAUDIT), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
     for flag in ("--tracking-uri", "--max-age-days", "--dry-run", "--trials", "--steps", "--smoke-test",
-                 "--dataset", "--data-root", "--download"):
+                 "--dataset", "--data-root", "--download", "--search", "--fail-on-regression", "--fail-on",
+                 "--membership-refs", "--kkt"):
         assert flag in out.stdout, flag
     import socket
 
@@ -137,14 +140,17 @@ def test_reaudit_end_to_end(tmp_path, monkeypatch):
     exp = tr.ensure_experiment(c, "classifiers", runs / "mlartifacts")
     run_id = c.create_run(exp).info.run_id
     meta = {"test_accuracy": 0.1, "train_size": 100}
-    v_audited = register_classifier(c, run_id, _checkpoint(tmp_path / "a" / "a.pt", 0), DATASET, meta).version
+    # the new version first: nothing before it to compare with (a later version would first re-audit the
+    # hand-tagged one, whose audit has no files to compare with)
     v_new = register_classifier(c, run_id, _checkpoint(tmp_path / "b" / "b.pt", 1), DATASET, meta).version
+    v_audited = register_classifier(c, run_id, _checkpoint(tmp_path / "a" / "a.pt", 0), DATASET, meta).version
     corrupt = tmp_path / "c" / "c.pt"
     corrupt.parent.mkdir()
     corrupt.write_bytes(b"not a checkpoint" * 64)
     v_bad = register_classifier(c, run_id, corrupt, DATASET, meta).version
     c.set_terminated(run_id)
-    audited = {"audit.status": "done", "audit.time": ra.now_iso(), "audit.quality": "0.1", "audit.risk": "LOW"}
+    audited = {"audit.status": "done", "audit.time": ra.now_iso(), "audit.quality": "0.1", "audit.risk": "LOW",
+               "audit.rule_version": rule_version()}  # audited under the current rule: up to date
     for k, v in audited.items():
         c.set_model_version_tag(NAME, v_audited, k, v)
     before = _tags(c)
@@ -168,7 +174,8 @@ def test_reaudit_end_to_end(tmp_path, monkeypatch):
     for k in ("audit.quality", "audit.gap", "audit.coverage", "audit.gap_ci_low"):
         float(new[k])
     assert ra.parse_iso(new["audit.time"]) is not None and "audit.error" not in new
-    search = c.get_run(new["audit.run_id"])
+    assert c.get_run(new["audit.run_id"]).data.tags["tldr.reaudit"] == "true"  # the audit's own run
+    search = c.get_run(new["audit.search_run"])
     assert search.data.tags["tldr.classifier_version"] == v_new and search.info.status == "FINISHED"
     champion = c.get_model_version_by_alias(f"tldr-generator-{DATASET}", "champion")  # promoted as the search does
     assert champion.tags["classifier_version"] == v_new
@@ -200,12 +207,12 @@ def test_reaudit_end_to_end(tmp_path, monkeypatch):
     print(out.stdout)
     assert out.returncode == 0 and "1 done, 0 model(s)" in out.stdout, out.stdout[-4000:] + out.stderr[-4000:]
     again = _tags(c)[v_new]
-    assert again["audit.status"] == "done" and again["audit.run_id"] != new["audit.run_id"]
+    assert again["audit.status"] == "done" and again["audit.search_run"] != new["audit.search_run"]
     assert again["audit.warm_start"] == source
     import mlflow
 
-    settings = mlflow.artifacts.load_dict(f"{c.get_run(again['audit.run_id']).info.artifact_uri}/search/settings.json")
+    settings = mlflow.artifacts.load_dict(f"{c.get_run(again['audit.search_run']).info.artifact_uri}/search/settings.json")
     assert settings["space"]["initial_points"][0] == point
-    trial0 = [r for r in trial_runs(c, search.info.experiment_id, again["audit.run_id"])
+    trial0 = [r for r in trial_runs(c, search.info.experiment_id, again["audit.search_run"])
               if r.data.tags.get(tr.TRIAL_NUMBER) == "1"]
     assert trial0 and trial0[0].data.params["variant"] == point["variant"]
