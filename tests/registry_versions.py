@@ -26,23 +26,23 @@ RECIPES = (("clean", dict(epochs=20, weight_decay=1e-2, hidden=32, seed=0)),
 FAST = ["--smoke-test", "--kkt-steps", "20", "--membership-refs", "0", "--quiet"]
 
 
-def train_versions(folder: Path) -> list[tuple[Path, dict]]:
-    """(checkpoint, meta) of the three versions, trained into ``folder`` (a few seconds on one core)."""
+def train_versions(folder: Path, n: int = 3) -> list[tuple[Path, dict]]:
+    """(checkpoint, meta) of the first ``n`` versions, trained into ``folder`` (seconds on one core)."""
     from tldr_core.attack.checkpoints import CLASSIFIER_FORMAT, save_checkpoint
     from tldr_core.attack.classifier import ClassifierSettings, train_classifier
     from tldr_core.attack.data import load_dataset
 
     bundle = load_dataset(DATASET, TRAIN_SIZE, seed=0)
     out = []
-    for name, kw in RECIPES:
+    for name, kw in RECIPES[:n]:
         model, meta = train_classifier(bundle, ClassifierSettings(arch="mlp", **kw), log=lambda s: None)
         meta["data_seed"] = 0
         out.append((save_checkpoint(folder / f"{name}.pt", model, CLASSIFIER_FORMAT, meta), meta))
     return out
 
 
-def register_versions(uri: str, folder: Path) -> list[str]:
-    """Train the three versions and register them in the store ``uri``; their version numbers."""
+def register_versions(uri: str, folder: Path, n: int = 3) -> list[str]:
+    """Train the first ``n`` versions and register them in the store ``uri``; their version numbers."""
     from tldr_core.platform.registry.models import register_classifier
     from tldr_core.platform.tracking import store as tr
 
@@ -50,6 +50,6 @@ def register_versions(uri: str, folder: Path) -> list[str]:
     c = tr.client(uri)
     exp = tr.ensure_experiment(c, "classifiers", folder / "mlartifacts")
     run_id = c.create_run(exp).info.run_id
-    versions = [register_classifier(c, run_id, path, DATASET, meta).version for path, meta in train_versions(folder)]
+    versions = [register_classifier(c, run_id, path, DATASET, meta).version for path, meta in train_versions(folder, n)]
     c.set_terminated(run_id)
     return versions

@@ -11,6 +11,11 @@ Documented substitutions, the only changes to the manifests' command lines:
 - where things go: --storage, --data-root and --tracking-uri (sqlite) under the test's folder;
 - `ray job submit --working-dir <repo>` (the image has the code in /app instead).
 
+The regression test registers two versions of one lineage (tests/registry_versions.py: a clean and a
+leaky MLP on mnist-bundled) in a store of its own and submits the CronJob's entrypoint with its
+--tracking-uri and --data-root substituted and --smoke-test --kkt-steps 20 --membership-refs 0 added:
+the job must fail (the re-audit exits 3 on the regression, --fail-on-regression is in the manifest).
+
 The head runs in its own process group and is stopped by that group and by its temp folder, not by
 `ray stop` (which stops every Ray on the machine, other people's included)."""
 from __future__ import annotations
@@ -134,16 +139,37 @@ def test_rayjob_entrypoint_runs_through_the_jobs_api(head):
     assert len(trials) == 1 and trials[0].info.status == "FINISHED", [t.info.status for t in trials]
 
 
+def _cron_entrypoint(db: Path, work: Path, extra: list[str]) -> list[str]:
+    (cron,) = [o for o in base_objects() if o["kind"] == "CronJob"]
+    args = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    return substitute(args[args.index("--") + 1:], {"--tracking-uri": f"sqlite:///{db}", "--data-root": str(work / "data")},
+                      extra)
+
+
 def test_reaudit_cronjob_entrypoint_runs_through_the_jobs_api(head):
     """After the search above registered its classifier, the CronJob's re-audit, submitted the same way,
     joins the cluster (--address auto) and finds that classifier version in MLflow."""
     url, env, work = head
-    (cron,) = [o for o in base_objects() if o["kind"] == "CronJob"]
-    args = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"]
-    entry = substitute(args[args.index("--") + 1:], {"--tracking-uri": f"sqlite:///{work / 'mlflow.db'}",
-                                                     "--data-root": str(work / "data")},
-                       ["--smoke-test", "--trials", "1", "--steps", "8", "--per-class", "3"])
+    entry = _cron_entrypoint(work / "mlflow.db", work, ["--smoke-test", "--trials", "1", "--steps", "8", "--per-class", "3"])
     assert entry[:2] == ["python", "tune/reaudit.py"]
     out = submit(url, env, entry)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert "re-audit of tldr-classifier-*" in out.stdout and "(max age 30 days)" in out.stdout, out.stdout[-3000:]
+
+
+def test_reaudit_cronjob_fails_on_a_regression(head):
+    """Two versions, the second far leakier: the CronJob's entrypoint, submitted as the CronJob submits it,
+    ends the Ray job FAILED (so the CronJob's pod exits non-zero), naming the regressed version."""
+    import registry_versions as rv
+
+    url, env, work = head
+    db = work / "gate" / "mlflow.db"
+    db.parent.mkdir()
+    versions = rv.register_versions(f"sqlite:///{db}", work / "gate", n=2)
+    entry = _cron_entrypoint(db, work, ["--smoke-test", "--kkt-steps", "20", "--membership-refs", "0"])
+    assert "--fail-on-regression" in entry  # the manifest's gate, not added here
+    out = submit(url, env, entry)
+    logs = out.stdout + out.stderr
+    assert out.returncode != 0, logs[-4000:]
+    assert f"gate: models:/{rv.NAME}/{versions[1]} regressed against models:/{rv.NAME}/{versions[0]}" in logs, logs[-4000:]
+    assert "2 done, 0 model(s) that do not load, 0 failed" in logs

@@ -252,7 +252,7 @@ def test_reaudit_cronjob(overlay):
     assert entrypoint[:2] == ["python", REAUDIT_SCRIPT]
     _s, flags = kc.parse_command(entrypoint)
     assert flags == {"--address": "auto", "--tracking-uri": "$(MLFLOW_TRACKING_URI)", "--data-root": "/data",
-                     "--download": True, "--max-age-days": "30"}
+                     "--download": True, "--max-age-days": "30", "--fail-on-regression": True}
     assert all("/data" in {m["mountPath"] for m in ray["volumeMounts"]} for _p, ray, _pod in
                kh.ray_node_containers(cluster))
 
