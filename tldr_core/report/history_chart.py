@@ -59,35 +59,45 @@ def _series(ax: Any, rows: Sequence[dict[str, Any]], key: str, level_key: str, l
             ax.scatter([x], [y], s=110, marker="*", color="#f2c200", edgecolor="k", linewidths=0.5, zorder=5)
 
 
+def _tick(r: dict[str, Any]) -> str:
+    """The version's x label: its number, both verdict levels, a regression and the champion."""
+    lines = [f"v{r['version']}" + (" (champion)" if r.get("champion") else ""),
+             f"rec. {r.get('reconstruction') or '-'}", f"mem. {r.get('membership') or '-'}"]
+    if str(r.get("regression")) == "true":
+        lines.append("REGRESSION")
+    return "\n".join(lines)
+
+
 def history_figure(rows: Sequence[dict[str, Any]], name: str) -> Any:
     """The chart (a matplotlib figure) of ``rows`` (sorted by version)."""
     rows = sorted(rows, key=lambda r: int(r["version"]))
-    fig, axes = plt.subplots(3, 1, figsize=(8.0, 7.6), sharex=True)
+    fig, axes = plt.subplots(3, 1, figsize=(9.5, 8.2), sharex=True)
     ax = axes[0]
     for attack in _attacks(rows):
         _series(ax, rows, f"exposure_auc.{attack}", "reconstruction", f"{attack}: AUC", "-o")
         _series(ax, rows, f"exposure_tpr.{attack}", "reconstruction", f"{attack}: TPR at 1% FPR", "--o")
-    ax.axhline(0.5, color="#999", lw=0.8, ls=":")
-    ax.axhline(0.01, color="#999", lw=0.8, ls=":")
     ax.set_ylabel("calibrated exposure")
-    ax.set_title("reconstruction axis (colour: its level)", fontsize=9, loc="left")
+    ax.set_title("reconstruction axis: calibrated exposure per attack (point colour: the axis' level)", fontsize=9,
+                 loc="left")
     _series(axes[1], rows, "membership_auc", "membership", "AUC", "-o")
     _series(axes[1], rows, "membership_tpr", "membership", "TPR at 1% FPR", "--o")
-    axes[1].axhline(0.5, color="#999", lw=0.8, ls=":")
-    axes[1].axhline(0.01, color="#999", lw=0.8, ls=":")
     axes[1].set_ylabel("membership score")
-    axes[1].set_title("membership axis (colour: its level)", fontsize=9, loc="left")
+    axes[1].set_title("membership axis: the strongest membership attack (point colour: the axis' level)", fontsize=9,
+                      loc="left")
+    for a in axes[:2]:  # chance: AUC 0.5, TPR = FPR = 1 %
+        a.axhline(0.5, color="#999", lw=0.8, ls=":")
+        a.axhline(0.01, color="#999", lw=0.8, ls=":")
     _series(axes[2], rows, "quality", "reconstruction", "quality (mean SSIM to T)", "-o")
     axes[2].set_ylabel("quality")
-    axes[2].set_xlabel("registered version")
-    axes[2].set_xticks([int(r["version"]) for r in rows])
+    axes[2].set_xticks([int(r["version"]) for r in rows], [_tick(r) for r in rows], fontsize=8)
+    axes[2].set_xlim(min(r["version"] for r in rows) - 0.5, max(r["version"] for r in rows) + 0.5)
     for a in axes:
         a.grid(alpha=0.3)
         if a.get_legend_handles_labels()[0]:
-            a.legend(fontsize=7, loc="upper left")
-    fig.suptitle(f"{name}: the verdict's axes over its versions (red ring: regression against the version it "
-                 "would replace; star: champion)", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
+            a.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.suptitle(f"{name}: the verdict's axes over its registered versions\nred ring: a regression against the "
+                 "version it would replace; star: the champion; dotted: chance (AUC 0.5, TPR 1%)", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     return fig
 
 
