@@ -13,7 +13,8 @@ Documented substitutions, the only changes to the manifests' command lines:
 
 The regression test registers two versions of one lineage (tests/registry_versions.py: a clean and a
 leaky MLP on mnist-bundled) in a store of its own and submits the CronJob's entrypoint with its
---tracking-uri and --data-root substituted and --smoke-test --kkt-steps 20 --membership-refs 0 added:
+--tracking-uri and --data-root substituted and --smoke-test --steps 4 --per-class 2 --kkt off
+--membership-refs 0 added (the regression is on the membership axis):
 the job must fail (the re-audit exits 3 on the regression, --fail-on-regression is in the manifest).
 
 The head runs in its own process group and is stopped by that group and by its temp folder, not by
@@ -166,7 +167,8 @@ def test_reaudit_cronjob_fails_on_a_regression(head):
     db = work / "gate" / "mlflow.db"
     db.parent.mkdir()
     versions = rv.register_versions(f"sqlite:///{db}", work / "gate", n=2)
-    entry = _cron_entrypoint(db, work, ["--smoke-test", "--kkt-steps", "20", "--membership-refs", "0"])
+    entry = _cron_entrypoint(db, work, ["--smoke-test", "--steps", "4", "--per-class", "2", "--kkt", "off",
+                                        "--membership-refs", "0"])
     assert "--fail-on-regression" in entry  # the manifest's gate, not added here
     out = submit(url, env, entry)
     logs = out.stdout + out.stderr
