@@ -11,6 +11,21 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def pytest_configure(config):
+    """The session's blank MLflow store (tests/blank_store.py), made once by the main process: xdist's
+    workers inherit its variable."""
+    if not hasattr(config, "workerinput"):
+        import blank_store
+
+        config._tldr_blank_store = blank_store.start()
+
+
+def pytest_unconfigure(config):
+    store = getattr(config, "_tldr_blank_store", None)
+    if store is not None:
+        store.stop()
+
+
 @pytest.fixture
 def tiny_cnn():
     from tldr_core.attack.models import PaperCNN

@@ -6,6 +6,7 @@ import socket
 
 import pytest
 
+from blank_store import without_blank_store
 from local_servers import free_port
 from tldr_core.platform.probe import tcp_reachable
 from tldr_core.platform.tracking import store as tr
@@ -102,8 +103,9 @@ def test_processes_creating_one_fresh_sqlite_store_at_once_all_succeed(tmp_path)
 
     uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
     start = time.time() + 8  # after every interpreter has imported MLflow
+    env = without_blank_store()  # MLflow's own schema creation, racing (not the session's blank copy)
     procs = [subprocess.Popen([sys.executable, "-c", _CREATE, uri, str(start)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(4)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, [e[-600:] for _o, e in outs]
     c = tr.client(uri)  # the schema is complete: a later client works
@@ -142,3 +144,38 @@ def test_logged_models_land_in_their_runs_experiment(tmp_path, tiny_cnn):
     assert list(c.search_logged_models(["0"])) == [] and not (tmp_path / "mlruns").exists()
     for run_id in (idle, active):
         assert len(c.get_run(run_id).outputs.model_outputs) == 1  # the run page's Models column
+
+
+@pytest.mark.slow
+def test_a_store_copied_from_the_blank_file_is_the_store_mlflow_makes(tmp_path, monkeypatch):
+    """The session's shortcut (tests/blank_store.py) changes nothing a store holds: the same tables,
+    indexes and schema revision, and the same Default experiment, as a store MLflow creates itself."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    import blank_store
+
+    def clauses(sql):  # MLflow's table rebuilds list CHECK constraints in no fixed order (run to run too)
+        return sorted(line.strip().rstrip(",") for line in (sql or "").splitlines())
+
+    def contents(db):
+        with sqlite3.connect(db) as con:
+            return ([(t, n, tbl, clauses(sql)) for t, n, tbl, sql in
+                     con.execute("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name")],
+                    con.execute("SELECT * FROM alembic_version").fetchall(),
+                    con.execute("SELECT experiment_id, name, artifact_location, lifecycle_stage FROM experiments")
+                    .fetchall())
+
+    monkeypatch.delenv(tr.BLANK_STORE_ENV, raising=False)
+    made = tmp_path / "made" / "mlflow.db"
+    tr.client(f"sqlite:///{made}")
+    blank = tmp_path / "blank.db"
+    subprocess.run([sys.executable, "-c", blank_store._MAKE, str(blank)], check=True, timeout=300, cwd=tmp_path)
+    monkeypatch.setenv(tr.BLANK_STORE_ENV, str(blank))
+    copied = tmp_path / "copied" / "mlflow.db"
+    tr.client(f"sqlite:///{copied}")
+    assert contents(blank)[2] == []  # schema only: the Default experiment is made by the store that copies it
+    tables, revision, experiments = contents(copied)
+    assert (tables, revision) == contents(made)[:2] and len(tables) > 20 and revision
+    assert [e[1] for e in experiments] == ["Default"] and experiments == contents(made)[2]

@@ -139,6 +139,21 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
 
 
 _READY: set[str] = set()  # sqlite stores this process has created or checked under the lock
+# A schema-only sqlite file made by this MLflow (`mlflow db upgrade` on an empty file): a new store starts
+# as a copy of it when it exists. MLflow's migrations take seconds for every new store; the test suite
+# makes one per session. MLflow still adds the Default experiment and checks the schema's revision.
+BLANK_STORE_ENV = "TLDR_MLFLOW_BLANK_DB"
+
+
+def _copy_blank_store(db: Path) -> None:
+    blank = os.environ.get(BLANK_STORE_ENV)
+    if not blank or db.exists() or not Path(blank).is_file():
+        return
+    import shutil
+
+    part = db.with_name(db.name + ".part")
+    shutil.copyfile(blank, part)
+    os.replace(part, db)  # whole or not at all
 
 
 def _create_sqlite_store(uri: str) -> None:
@@ -152,6 +167,7 @@ def _create_sqlite_store(uri: str) -> None:
     db = Path(uri[len("sqlite:///"):])
     db.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(db.with_name(db.name + ".lock"), timeout=300):
+        _copy_blank_store(db)
         c = MlflowClient(tracking_uri=uri, registry_uri=uri)
         c.search_experiments(max_results=1)
         c.search_registered_models(max_results=1)
