@@ -79,6 +79,27 @@ def test_comparison_tags():
     assert at.comparison_tags(None, None, "nothing")[at.COMPARED_WITH] == "none"
 
 
+def test_a_kkt_search_is_the_audits_kkt_attack_through_its_pooled_candidates(monkeypatch, tmp_path):
+    """--search --search-attack kkt: the audit's KKT reconstructions are the search's pooled union."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from tldr_core.attack.output import AttackOutput
+    from tldr_core.platform.registry import version_audit
+    from tldr_core.platform.search import pooled
+
+    union = AttackOutput(kind="kkt", images=torch.zeros(4, 1, 8, 8), labels=torch.tensor([0, 0, 1, 1]))
+    seen = []
+    monkeypatch.setattr(pooled, "pooled_candidates",
+                        lambda c, run_id, dest, shape: (seen.append((run_id, shape)) or (union, [], [])))
+    run = SimpleNamespace(data=SimpleNamespace(tags={"tldr.attack": "kkt"}), info=SimpleNamespace(experiment_id="1"))
+    client = SimpleNamespace(get_run=lambda run_id: run)
+    got = version_audit.search_outputs(client, "s" * 32, SimpleNamespace(image_shape=(1, 8, 8)), tmp_path)
+    assert got == {"kkt": union} and seen == [("s" * 32, (1, 8, 8))]
+    assert [version_audit._typed(v) for v in ("0.5", "400", "True", "label")] == [0.5, 400, True, "label"]
+
+
 # ------------------------------------------------------------------------------------ three versions
 
 def _main(module, argv: list[str]) -> tuple[int, str, str]:

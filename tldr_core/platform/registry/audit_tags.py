@@ -20,13 +20,16 @@ from tldr_core.platform.tracking.trial_runs import best_trial, summarize_trials
 
 STATUS, STARTED, TIME, ERROR, RUN_ID = "audit.status", "audit.started", "audit.time", "audit.error", "audit.run_id"
 REQUEST_TAG, REQUESTED = "reaudit", "requested"
-RESULT_TAGS = ("audit.quality", "audit.gap", "audit.gap_ci_low", "audit.gap_ci_high", "audit.coverage",
-               "audit.label_agreement", "audit.risk", "audit.risk_reason", RUN_ID, "audit.trial_run",
-               "audit.generator", "audit.promotion")
-
-
 RULE_VERSION, SHA256, LINEAGE = "audit.rule_version", "audit.sha256", "audit.lineage"
 REGRESSION, REGRESSION_AXES, COMPARED_WITH = "audit.regression", "audit.regression.axes", "audit.compared_with"
+#: Removed when an audit writes results without them: a search's or `tldr audit`'s result on a version that
+#: a re-audit had judged leaves no rule version or comparison behind, so the version is stale again.
+RESULT_TAGS = ("audit.quality", "audit.gap", "audit.gap_ci_low", "audit.gap_ci_high", "audit.coverage",
+               "audit.label_agreement", "audit.risk", "audit.risk_reason", RUN_ID, "audit.trial_run",
+               "audit.generator", "audit.promotion", RULE_VERSION, SHA256, LINEAGE, REGRESSION, REGRESSION_AXES,
+               COMPARED_WITH, "audit.membership", "audit.history_run", "audit.search_run")
+
+
 #: Bumped by hand when the verdict's logic changes (rule_version() hashes the thresholds in itself).
 #: 1: the search's best trial judged alone; 2: every attack + membership, compared with the version it replaces.
 RULE_SERIES = "2"

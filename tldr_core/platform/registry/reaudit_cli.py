@@ -99,9 +99,14 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.membership_refs is not None and (args.membership_refs < 0 or args.membership_refs == 1):
         raise ra.ReauditError(f"--membership-refs must be 0 (loss and margin only) or >= 2 (LiRA), got "
                               f"{args.membership_refs}")
+    from tldr_core.attack.train import resolve_device
     from tldr_core.scoring.fail_on import parse_fail_on
 
     args.fail_on = parse_fail_on(args.fail_on)
+    try:
+        resolve_device(args.device)
+    except RuntimeError as exc:  # cuda without CUDA, an unknown name: before any version is marked running
+        raise ra.ReauditError(f"--device {args.device}: {ra.one_line(exc, 200)}") from None
     if args.max_age_days < 0:
         raise ra.ReauditError(f"--max-age-days must be >= 0, got {args.max_age_days}")
     if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0:

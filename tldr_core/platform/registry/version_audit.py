@@ -126,8 +126,10 @@ def attack_configs(classifier: Any, opts: Options) -> tuple[Any, Any | None]:
     from tldr_core.attack.config import AttackConfig
     from tldr_core.attack.kkt import KKTConfig
     from tldr_core.attack.templates import applies
+    from tldr_core.attack.train import resolve_device
 
-    flat: dict[str, Any] = {"seed": opts.seed, "device": opts.device}
+    device = str(resolve_device(opts.device))
+    flat: dict[str, Any] = {"seed": opts.seed, "device": device}
     if opts.steps is not None or opts.smoke_test:
         flat["steps"] = opts.steps if opts.steps is not None else 20
     if opts.per_class is not None or opts.smoke_test:
@@ -136,14 +138,13 @@ def attack_configs(classifier: Any, opts: Options) -> tuple[Any, Any | None]:
     if opts.kkt == "off" or (opts.kkt == "auto" and not applies(classifier)):
         return tldr, None
     steps = opts.kkt_steps if opts.kkt_steps is not None else (SMOKE_KKT_STEPS if opts.smoke_test else KKTConfig.steps)
-    device = str(tldr.device)
-    return tldr, KKTConfig(steps=steps, seed=opts.seed, device=device if device != "auto" else "cpu",
-                           log_every=max(1, min(KKTConfig.log_every, steps)))
+    return tldr, KKTConfig(steps=steps, seed=opts.seed, device=device, log_every=max(1, min(KKTConfig.log_every, steps)))
 
 
 def reference_models(classifier: Any, meta: dict[str, Any], bundle: Any, opts: Options, say: Say) -> list | None:
     """Membership inference's reference models (None: off; []: loss and margin only), as `tldr audit`."""
     from tldr_core.attack.reference_models import settings_from_meta
+    from tldr_core.attack.train import resolve_device
     from tldr_core.platform.references import DEFAULT_K, MembershipStageError, train_references
 
     if opts.no_membership:
@@ -156,7 +157,8 @@ def reference_models(classifier: Any, meta: dict[str, Any], bundle: Any, opts: O
         say(f"  membership: the checkpoint does not record {', '.join(unknown)}: loss and margin attacks only")
         return []
     try:
-        refs = train_references(bundle, settings, k, address=opts.address, log=say)
+        refs = train_references(bundle, settings, k, address=opts.address, log=say,
+                                gpus_per_task=1.0 if str(resolve_device(opts.device)).startswith("cuda") else 0.0)
     except (MembershipStageError, ValueError) as exc:
         raise ReauditError(f"reference models: {exc}") from None
     return [r.model for r in refs]
