@@ -215,3 +215,24 @@ def test_malformed_attack_flags_are_argparse_errors(tmp_path, capsys, argv, need
         audit.main([*argv, "--out", str(tmp_path / "o")])
     assert exc.value.code == 2 and needle in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv,epochs", [(["--smoke-test"], 2), (["--smoke-test", "--classifier-epochs", "3"], 3),
+                                         ([], 15), (["--classifier-epochs", "7"], 7)])
+def test_smoke_test_never_replaces_an_explicit_classifier_epochs(monkeypatch, argv, epochs):
+    seen = {}
+
+    def fake(bundle, settings, **kw):
+        seen["epochs"] = settings.epochs
+        return torch.nn.Identity(), {}, "p"
+
+    monkeypatch.setattr(audit_parts, "load_or_train", fake)
+    args = audit.build_parser().parse_args(argv)
+    audit_parts.load_audited_classifier(args, None, "cpu", lambda s: None)
+    assert seen["epochs"] == epochs
+
+
+def test_kkt_candidate_bound_is_checked_before_any_classifier_is_trained(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(audit_parts, "load_or_train", lambda *a, **k: pytest.fail("trained a classifier"))
+    code = audit.main([*TINY, "--attack", "kkt", "--kkt-per-class", "500000", "--out", str(tmp_path / "o")])
+    assert code == 2 and "candidates per class" in capsys.readouterr().err

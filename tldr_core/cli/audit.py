@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from tldr_core.attack.bounds import check_kkt_candidates
 from tldr_core.attack.checkpoints import CheckpointError
 from tldr_core.attack.classifier import ClassifierSettings
 from tldr_core.attack.config import (GRAD_MODES, GRAD_SCOPES, MODES, PERTURBATIONS, VARIANTS, AttackConfig, ConfigError,
@@ -43,7 +44,7 @@ from tldr_core.paths import runs_dir
 from tldr_core.platform import cli_flags as flags
 from tldr_core.report.artifacts import checkpoint_name
 from tldr_core.report.audit_files import MEMBERSHIP_CSV, write_audit_folder
-from tldr_core.scoring.audit import AuditResults, run_audit
+from tldr_core.scoring.audit import AuditResults, run_audit, train_per_class
 
 OUTPUT_FILES = ("metrics.json", "reconstructions.npz", "grid.png", "nearest.png", "exposure.csv", "exposure.png",
                 MEMBERSHIP_CSV, "generator.pt", "report.html")
@@ -74,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data-seed", type=int, default=0, help="seed of the train/held-out split (default 0)")
     flags.add_classifier(d, "train one, or reuse the cached one trained with the same settings")
     d.add_argument("--arch", default="cnn", choices=["cnn", "mlp"], help="architecture when training (default cnn)")
-    d.add_argument("--classifier-epochs", type=int, default=ClassifierSettings.epochs,
-                   help="epochs when training the classifier (2 with --smoke-test)")
+    d.add_argument("--classifier-epochs", type=int, default=None,
+                   help=f"epochs when training the classifier (default {ClassifierSettings.epochs}; 2 with --smoke-test "
+                        "unless given)")
     d.add_argument("--image-size", default=None, metavar="HxW",
                    help="image-folder only: resize every image to this size (HxW, or one number for a square); "
                         "without it (the default), images of different sizes are an error")
@@ -174,7 +176,7 @@ def check_args(args: argparse.Namespace) -> tuple[AttackConfig | KKTConfig, tupl
     cfg = config_from_args(args)
     if not 0 < args.tau <= 1:
         raise ConfigError(f"--tau must be in (0, 1], got {args.tau}")
-    if args.classifier_epochs < 1:
+    if args.classifier_epochs is not None and args.classifier_epochs < 1:
         raise ConfigError(f"--classifier-epochs must be >= 1, got {args.classifier_epochs}")
     image_size = parse_image_size(args.image_size) if args.image_size is not None else None
     check_membership_flags(args)
@@ -192,6 +194,9 @@ def run(args: argparse.Namespace, cfg: AttackConfig | KKTConfig, image_size: tup
                           download=args.download, test_size=500 if args.smoke_test else None, image_size=image_size)
     log(f"data: {bundle.name} T={len(bundle.train)} H'={len(bundle.heldout)} test={len(bundle.test)} "
         f"{bundle.image_shape} from {bundle.source}")
+    if isinstance(cfg, KKTConfig):  # the data-dependent candidate bound, before a classifier is trained
+        per = train_per_class(bundle)
+        check_kkt_candidates(cfg.per_class or 2 * per, per, bundle.num_classes, tuple(bundle.image_shape))
     classifier, info = load_audited_classifier(args, bundle, device, log, mlflow_uri)
     refs = membership_refs(args, classifier, info, bundle, device, log)  # before the attack: a bad flag fails fast
     log(describe_attack(cfg, device))

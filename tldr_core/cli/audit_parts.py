@@ -19,6 +19,7 @@ from tldr_core.attack.config import AttackConfig, ConfigError
 from tldr_core.attack.data import DatasetBundle
 from tldr_core.attack.kkt import KKTConfig
 from tldr_core.attack.reference_models import settings_from_meta
+from tldr_core.platform import cli_flags as flags
 from tldr_core.scoring.audit import AuditResults, axis_levels, combined_sentence
 from tldr_core.scoring.fail_on import AXES, failing, parse_fail_on  # noqa: F401 - parse_fail_on: the command's
 
@@ -44,7 +45,7 @@ def load_audited_classifier(args: argparse.Namespace, bundle: DatasetBundle, dev
         meta = {**meta, "path": str(meta.get("path", args.classifier)),
                 "test_accuracy": accuracy(model, bundle.test.images, bundle.test.labels)}
         return model, meta
-    epochs = 2 if args.smoke_test else args.classifier_epochs
+    epochs = args.classifier_epochs or (2 if args.smoke_test else ClassifierSettings.epochs)  # explicit flags win
     settings = ClassifierSettings(arch=args.arch, epochs=epochs, seed=args.data_seed)
     model, meta, path = load_or_train(bundle, settings, device=device, log=log)
     return model, {**meta, "path": str(path)}
@@ -74,25 +75,12 @@ def check_membership_flags(args: argparse.Namespace) -> dict[str, Any]:
         name, sep, value = kv.partition("=")
         if not sep or not name.strip():
             raise ConfigError(f"--ref-set expects NAME=VALUE, got {kv!r}")
-        out[name.strip()] = _value(value)
+        out[name.strip()] = flags.parse_value(value)
     unknown = sorted(set(out) - set(ClassifierSettings.__dataclass_fields__))
     if unknown:
         raise ConfigError(f"--ref-set: unknown classifier setting(s) {unknown}; known: "
                           f"{sorted(ClassifierSettings.__dataclass_fields__)}")
     return out
-
-
-def _value(text: str) -> Any:
-    """'30' -> 30, '1e-3' -> 0.001, 'true' -> True, anything else: the string."""
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text.strip()
 
 
 def membership_refs(args: argparse.Namespace, classifier: nn.Module, meta: dict[str, Any], bundle: DatasetBundle,
