@@ -22,7 +22,7 @@ SECRET = "hunter2-s3cr3t"
 def parsers() -> dict[str, argparse.ArgumentParser]:
     from tldr_core.cli.audit import build_parser as audit
     from tldr_core.cli.controls import build_parser as controls
-    from tldr_core.platform.registry.reaudit_cli import build_parser as reaudit
+    from tldr_core.platform.registry.audits.reaudit_cli import build_parser as reaudit
     from tldr_core.platform.registry.cli import build_parser as registry
     from tldr_core.platform.search.cli import build_parser as search
 
@@ -119,7 +119,7 @@ def test_registry_takes_tracking_uri_after_the_subcommand(tmp_path):
 
 
 def test_reaudit_passes_its_ray_flags_to_each_search(tmp_path, monkeypatch):
-    from tldr_core.platform.registry import reaudit as ra
+    from tldr_core.platform.registry.audits import reaudit as ra
 
     monkeypatch.setenv("TLDR_RUNS", str(tmp_path / "runs"))
     space = ra.write_space(None, None, tmp_path / "space.yaml")

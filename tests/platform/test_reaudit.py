@@ -1,4 +1,4 @@
-"""Re-audit (tldr_core.platform.registry.reaudit, run as tune/reaudit.py): which classifier versions get
+"""Re-audit (tldr_core.platform.registry.audits.reaudit, run as tune/reaudit.py): which classifier versions get
 audited, the search it runs in-process with --search, the tags written back, idempotence, a model that
 does not load, --dry-run; end to end on mnist-bundled with a sqlite registry. The audit itself, the
 comparison and the gates: test_registry_gate.py."""
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tldr_core.platform.registry import reaudit as ra
-from tldr_core.platform.registry.audit_tags import rule_version
+from tldr_core.platform.registry.audits import reaudit as ra
+from tldr_core.platform.registry.audits.audit_tags import rule_version
 from tldr_core.platform.tracking import store as tr
 from tldr_core.platform.tracking.trial_runs import trial_runs
 

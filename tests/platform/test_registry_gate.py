@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 import registry_versions as rv
-from tldr_core.platform.registry import audit_tags as at
-from tldr_core.platform.registry.compare_versions import expected_baseline, lineage_difference
-from tldr_core.platform.registry.gate import stale_reason
-from tldr_core.platform.registry.reaudit import pending_reason
+from tldr_core.platform.registry.audits import audit_tags as at
+from tldr_core.platform.registry.audits.compare_versions import expected_baseline, lineage_difference
+from tldr_core.platform.registry.audits.gate import stale_reason
+from tldr_core.platform.registry.audits.reaudit import pending_reason
 
 NAME = rv.NAME
 
@@ -86,7 +86,7 @@ def test_a_kkt_search_is_the_audits_kkt_attack_through_its_pooled_candidates(mon
     import torch
 
     from tldr_core.attack.output import AttackOutput
-    from tldr_core.platform.registry import version_audit
+    from tldr_core.platform.registry.audits import version_audit
     from tldr_core.platform.search import pooled
 
     union = AttackOutput(kind="kkt", images=torch.zeros(4, 1, 8, 8), labels=torch.tensor([0, 0, 1, 1]))
@@ -112,7 +112,7 @@ def _main(module, argv: list[str]) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def reaudited(tmp_path_factory):
     """(client, uri, versions, exit status, stdout, stderr) after one re-audit of the three versions."""
-    from tldr_core.platform.registry import reaudit_cli
+    from tldr_core.platform.registry.audits import reaudit_cli
     from tldr_core.platform.tracking import store as tr
 
     work = tmp_path_factory.mktemp("gate")
@@ -152,7 +152,7 @@ def test_the_leaky_version_is_a_regression_and_the_others_are_not(reaudited):
 @pytest.mark.slow
 def test_the_deltas_are_the_paired_bootstrap_of_the_two_runs_files(reaudited, tmp_path):
     """The tag is recomputed from the per-image files of both audit runs (membership.csv): same number."""
-    from tldr_core.platform.registry.compare_versions import download_scores
+    from tldr_core.platform.registry.audits.compare_versions import download_scores
     from tldr_core.scoring.compare import compare_axis
 
     c, _uri, (v1, v2, _v3), *_ = reaudited
@@ -218,7 +218,7 @@ def test_promotion_is_gated_and_force_is_tagged(reaudited):
     assert "regressed" in t2["promotion.overridden"]
     assert str(c.get_model_version_by_alias(NAME, "champion").version) == v2
     # version 3 was compared with version 2, the champion now: allowed; a stale rule or file is not
-    from tldr_core.platform.registry.gate import gate_reasons
+    from tldr_core.platform.registry.audits.gate import gate_reasons
 
     assert gate_reasons(c, NAME, v3) == []
     c.set_model_version_tag(NAME, v3, at.SHA256, "0" * 64)

@@ -25,7 +25,7 @@ from typing import Callable
 COMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("tldr_core.cli.audit", "audit one classifier: attack, scores, verdict, report (optionally in MLflow)"),
     "search": ("tldr_core.platform.search.cli", "Ray Tune + Optuna search over the attack's settings, in MLflow"),
-    "reaudit": ("tldr_core.platform.registry.reaudit_cli", "re-audit registered classifiers without a recent audit"),
+    "reaudit": ("tldr_core.platform.registry.audits.reaudit_cli", "re-audit registered classifiers without a recent audit"),
     "registry": ("tldr_core.platform.registry.cli", "promote a search's generator, or show the registered versions"),
     "controls": ("tldr_core.cli.controls", "every attack on classifiers whose leakage is known"),
     "defence": ("tldr_core.cli.defence", "training choices (optimiser, weight decay, ...) against leakage"),

@@ -5,7 +5,7 @@
     tldr registry show --dataset mnist-bundled      (versions, tags and the champion)
 
 `promote NAME VERSION` refuses a version whose audit is missing, stale or regressed (exit status 3,
-the reasons on stderr; tldr_core.platform.registry.gate); --force promotes it anyway and tags who and
+the reasons on stderr; tldr_core.platform.registry.audits.gate); --force promotes it anyway and tags who and
 when. The routine: docs/registry.md.
 
 (also `python -m tldr_core.platform.registry.cli ...`)
@@ -18,7 +18,7 @@ import sys
 
 from tldr_core.platform import cli_flags as flags
 from tldr_core.platform.registry.champion import CHAMPION, PromotionLockError
-from tldr_core.platform.registry.gate import GATE_STATUS, promote_version
+from tldr_core.platform.registry.audits.gate import GATE_STATUS, promote_version
 from tldr_core.platform.registry.models import alias_version, model_versions
 from tldr_core.platform.registry.names import RegistryError, classifier_model_name, generator_model_name
 from tldr_core.platform.registry.promotion import promote

@@ -98,7 +98,7 @@ def _finish(st: SearchSettings, search: SearchRun, report: Say) -> None:
     """Close early-stopped trials, write the summary, promote the best generator, print the summary."""
     from tldr_core.platform.registry.promotion import promote
 
-    from tldr_core.platform.registry.audit_tags import record_search_audit
+    from tldr_core.platform.registry.audits.audit_tags import record_search_audit
 
     close_open_trial_runs(search.c, search.experiment_id, search.run_id, "FINISHED", "early-stopped")
     summary = write_summary(search.c, search.experiment_id, search.run_id, st.objective, search.space,

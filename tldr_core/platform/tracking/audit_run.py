@@ -142,7 +142,7 @@ def _log_audit(uri: str, out_dir: Path, record: dict[str, Any], bundle: Any, say
 
 def tag_classifier_version(c, name: str, version: str, record: dict[str, Any], run_id: str) -> None:
     """The audit's verdict on the registered classifier version, as the re-audit writes it (audit.*)."""
-    from tldr_core.platform.registry.audit_tags import Candidate, set_audit_tags
+    from tldr_core.platform.registry.audits.audit_tags import Candidate, set_audit_tags
 
     m = record.get("metrics", {})
     results = {"audit.risk": record["risk"], "audit.risk_reason": "; ".join(record.get("reasons", []))[:480],

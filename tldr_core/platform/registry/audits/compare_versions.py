@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tldr_core.platform.registry.audit_tags import RULE_VERSION, RUN_ID, SHA256, STATUS, rule_version
+from tldr_core.platform.registry.audits.audit_tags import RULE_VERSION, RUN_ID, SHA256, STATUS, rule_version
 from tldr_core.platform.registry.champion import CHAMPION
 from tldr_core.platform.registry.models import alias_version, model_versions
 from tldr_core.platform.tracking import store as tr

@@ -27,7 +27,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Callable
 
-from tldr_core.platform.registry.audit_tags import (COMPARED_WITH, REGRESSION, REGRESSION_AXES, RULE_VERSION, RUN_ID,
+from tldr_core.platform.registry.audits.audit_tags import (COMPARED_WITH, REGRESSION, REGRESSION_AXES, RULE_VERSION, RUN_ID,
                                                     SHA256, STATUS, Candidate, now_iso, rule_version,
                                                     set_version_tags)
 from tldr_core.platform.registry.champion import CHAMPION, promotion_lock
@@ -72,7 +72,7 @@ def _file_sha(c, name: str, version: str) -> str:
 
 def gate_reasons(c, name: str, version: str, check_file: bool = True) -> list[str]:
     """Why ``version`` may not be promoted (empty: it may). ``check_file``: hash the model's file now."""
-    from tldr_core.platform.registry.compare_versions import baseline_version
+    from tldr_core.platform.registry.audits.compare_versions import baseline_version
 
     mv = tr.retry(lambda: c.get_model_version(name, version))
     tags = dict(mv.tags or {})

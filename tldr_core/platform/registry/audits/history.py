@@ -1,12 +1,12 @@
 """A registered classifier's history: one row per audited version, read from the versions' `audit.*` tags
 (the rows tldr_core.report.history_chart draws and writes), and the model's history run brought up to
-date after a version's audit (tldr_core.platform.registry.reaudit_runs logs it)."""
+date after a version's audit (tldr_core.platform.registry.audits.reaudit_runs logs it)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from tldr_core.platform.registry.audit_tags import COMPARED_WITH, REGRESSION
+from tldr_core.platform.registry.audits.audit_tags import COMPARED_WITH, REGRESSION
 from tldr_core.platform.registry.champion import CHAMPION
 from tldr_core.platform.registry.models import alias_version, model_versions
 
@@ -46,7 +46,7 @@ def history_rows(c, name: str, override: dict[str, dict[str, str]] | None = None
 
 def update_history(c, name: str, run_id: str, rows: list[dict[str, Any]], version: str, work: Path) -> list[Path]:
     """Write the history files of ``rows`` and log them (and ``version``'s row as metrics) to the run."""
-    from tldr_core.platform.registry.reaudit_runs import log_history
+    from tldr_core.platform.registry.audits.reaudit_runs import log_history
     from tldr_core.report.history_chart import write_history
 
     files = write_history(work, rows, name)

@@ -42,13 +42,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from tldr_core.platform.registry.audit_tags import (ERROR, LINEAGE, REQUEST_TAG, REQUESTED, RULE_VERSION, RUN_ID,
+from tldr_core.platform.registry.audits.audit_tags import (ERROR, LINEAGE, REQUEST_TAG, REQUESTED, RULE_VERSION, RUN_ID,
                                                     SHA256, STARTED, STATUS, TIME, Candidate, ReauditError,
                                                     audit_results, comparison_tags, now_iso, one_line, parse_iso,
                                                     record_tags, replace_audit_tags, rule_version, set_version_tags)
-from tldr_core.platform.registry.reaudit_search import (_echo, prepare_space, run_search, search_settings,  # noqa: F401
+from tldr_core.platform.registry.audits.reaudit_search import (_echo, prepare_space, run_search, search_settings,  # noqa: F401
                                                         warm_start_point, write_space)
-from tldr_core.platform.registry.version_audit import Options, VersionAudit, audit_version  # noqa: F401
+from tldr_core.platform.registry.audits.version_audit import Options, VersionAudit, audit_version  # noqa: F401
 from tldr_core.platform.tracking import store as tr
 
 PREFIX = "tldr-classifier-"
@@ -78,7 +78,7 @@ def pending_reason(tags: dict[str, str], max_age_days: float, now: _dt.datetime,
     if age > max_age_days:
         return f"last audit ({status}) is {age:.1f} days old (> {max_age_days:g})"
     if status == "done" and (check_rule or expected_baseline is not None):
-        from tldr_core.platform.registry.gate import stale_reason
+        from tldr_core.platform.registry.audits.gate import stale_reason
 
         stale = stale_reason(tags if check_rule else {**tags, RULE_VERSION: rule_version()}, expected_baseline)
         if stale:
@@ -134,7 +134,7 @@ Ensure = Callable[[Candidate], None]
 
 def _baseline_scores(c, cand: Candidate, tmp: Path, ensure: Ensure | None, say: Say):
     """(the baseline's ModelVersion or None, how chosen, its VersionScores or None, why not usable)."""
-    from tldr_core.platform.registry.compare_versions import baseline_version, download_scores, unusable
+    from tldr_core.platform.registry.audits.compare_versions import baseline_version, download_scores, unusable
 
     base, how = baseline_version(c, cand.name, cand.version)
     if base is None:
@@ -156,7 +156,7 @@ def _baseline_scores(c, cand: Candidate, tmp: Path, ensure: Ensure | None, say: 
 def compare_with_baseline(c, cand: Candidate, va: VersionAudit, tmp: Path, ensure: Ensure | None,
                           say: Say) -> tuple[dict | None, str | None, str]:
     """(Comparison.as_dict() or None, the baseline's URI or None, how it was chosen)."""
-    from tldr_core.platform.registry.compare_versions import compare_scores
+    from tldr_core.platform.registry.audits.compare_versions import compare_scores
     from tldr_core.report.score_files import read_version_scores
     from tldr_core.scoring.compare import Comparison, verdict_levels
 
@@ -176,8 +176,8 @@ def compare_with_baseline(c, cand: Candidate, va: VersionAudit, tmp: Path, ensur
 def _sections(c, cand: Candidate, va: VersionAudit, cmp: dict | None, base: str | None, how: str,
               tags: dict[str, str], opts: Options) -> tuple[str, list[dict]]:
     """Write the comparison and history sections into the report; returns (history run id, rows)."""
-    from tldr_core.platform.registry.history import history_rows
-    from tldr_core.platform.registry.reaudit_runs import history_run, ui_link
+    from tldr_core.platform.registry.audits.history import history_rows
+    from tldr_core.platform.registry.audits.reaudit_runs import history_run, ui_link
     from tldr_core.report.comparison import comparison_section, history_section, insert_sections
     from tldr_core.report.history_chart import history_figure
 
@@ -197,8 +197,8 @@ def _sections(c, cand: Candidate, va: VersionAudit, cmp: dict | None, base: str 
 def _finish(c, cand: Candidate, va: VersionAudit, opts: Options, tmp: Path, ensure: Ensure | None,
             say: Say) -> Outcome:
     """After the audit: compare, write the sections, log the run, tag the version, update the history."""
-    from tldr_core.platform.registry.history import update_history
-    from tldr_core.platform.registry.reaudit_runs import log_version_audit
+    from tldr_core.platform.registry.audits.history import update_history
+    from tldr_core.platform.registry.audits.reaudit_runs import log_version_audit
 
     cmp, base, how = compare_with_baseline(c, cand, va, tmp, ensure, say)
     tags = {**record_tags(va.record), **comparison_tags(cmp, base, how), RULE_VERSION: rule_version(),

@@ -32,8 +32,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from tldr_core.attack.config import ConfigError  # noqa: E402
 from tldr_core.platform import cli_flags as flags  # noqa: E402
-from tldr_core.platform.registry import reaudit as ra  # noqa: E402
-from tldr_core.platform.registry.gate import GATE_STATUS  # noqa: E402
+from tldr_core.platform.registry.audits import reaudit as ra  # noqa: E402
+from tldr_core.platform.registry.audits.gate import GATE_STATUS  # noqa: E402
 from tldr_core.platform.search.settings import SearchError  # noqa: E402
 from tldr_core.platform.tracking import store as tr  # noqa: E402
 from tldr_core.platform.tracking.uris import UriError, normalize_tracking_uri  # noqa: E402

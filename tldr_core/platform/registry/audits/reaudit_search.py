@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from tldr_core.platform.registry.audit_tags import Candidate, one_line
-from tldr_core.platform.registry.version_audit import Options
+from tldr_core.platform.registry.audits.audit_tags import Candidate, one_line
+from tldr_core.platform.registry.audits.version_audit import Options
 from tldr_core.platform.tracking import store as tr
 
 

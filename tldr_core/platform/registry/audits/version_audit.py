@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from tldr_core.platform.registry.audit_tags import Candidate, ReauditError
+from tldr_core.platform.registry.audits.audit_tags import Candidate, ReauditError
 
 Say = Callable[[str], None]
 SMOKE_KKT_STEPS = 50
