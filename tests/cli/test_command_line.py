@@ -94,11 +94,12 @@ def test_pyproject_names_the_dispatcher():
 def test_dispatcher_lists_and_refuses(capsys):
     assert tldr.main([]) == 2 and "commands:" in capsys.readouterr().out
     assert tldr.main(["--help"]) == 0
-    for name in ("audit", "search", "reaudit", "registry", "controls"):
+    for name in ("audit", "search", "reaudit", "registry", "controls", "controls-rescore"):
         assert name in tldr.usage() and callable(tldr.command(name))
     assert tldr.main(["bogus"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: unknown command 'bogus'; choose one of: audit, search, reaudit, registry, controls, defence"]
+    assert err == ["error: unknown command 'bogus'; choose one of: audit, search, reaudit, registry, controls, "
+                   "controls-rescore, defence"]
 
 
 def test_dispatched_help_is_named_as_typed():

@@ -49,6 +49,17 @@ def test_shrunk_leaky_and_clean_controls_end_to_end(tmp_path, tmp_cache):
     assert md.count("\n| leaky-fc |") == 4 and "| never-saw-t | kkt |" in md and "high_tpr_ci_low" in md
     assert "calibrated TPR@1%FPR [95% CI] | raw TPR@1%FPR [95% CI]" in md and "model-free reference cells" in md
     assert "| membership |" in md and "(margin)" in md
+    # re-judged from the saved cells: the same cells, every verdict the rule's on the new scores
+    from tldr_core.cli import controls_rescore
+
+    before = json.loads((out / "controls.json").read_text())["rows"]
+    assert controls_rescore.main([str(out)]) == 0
+    after = json.loads((out / "controls.json").read_text())["rows"]
+    assert [(r["control"], r["attack"], r["steps"], r["seconds"]) for r in after] == \
+        [(r["control"], r["attack"], r["steps"], r["seconds"]) for r in before]
+    assert [r["metrics"]["exposure_auc"] for r in after] == pytest.approx([r["metrics"]["exposure_auc"] for r in before])
+    assert all(r["membership"]["risk"] in levels for r in after)
+    assert controls_rescore.main([str(tmp_path / "nothing")]) == 2
 
 
 def test_exact_copies_of_training_images_are_high_on_a_leaky_control_and_flagged_on_a_clean_one():

@@ -13,6 +13,7 @@ from tldr_core.attack.templates import weight_templates
 from tldr_core.attack.tldr import run_tldr
 from tldr_core.attack.train import generate, train_generator
 from tldr_core.scoring.exposure_score import score_exposure
+from tldr_core.scoring.gap_test import gap_permutation_test
 from tldr_core.scoring.metrics import baseline_sets, nn_ssim, score_reconstructions
 from tldr_core.scoring.pipeline import (attack_and_score, exposure_gallery, heldout_nearest, reference_index,
                                         score_attack, template_attack)
@@ -40,7 +41,9 @@ def test_score_attack_equals_the_metrics_and_nearest_images_by_hand(digits_case)
     want = score_reconstructions(out.images, out.labels, bundle.train, bundle.heldout, classifier=clf, tau=0.4,
                                  seed=3, n_boot=50)
     exp = score_exposure(out.images, out.labels, bundle.train, bundle.heldout, bundle.test, seed=3, n_boot=50)
-    want.update(exp.metrics())  # one flat dict: the reconstruction metrics and the exposure summary
+    gap, gap_p = gap_permutation_test(out.images, out.labels, bundle.train, bundle.heldout, n_perm=50, seed=3)
+    want.update(gap_p=gap_p, **exp.metrics())  # one flat dict: the reconstruction metrics, the gap's test, exposure
+    assert gap == pytest.approx(want["gap"], abs=1e-6)  # the test's observed gap is the metric's (brute vs prefilter)
     near = nn_ssim(out.images, out.labels, bundle.train.images, bundle.train.labels)
     assert scored.metrics == want and scored.metrics["tau"] == 0.4
     assert torch.equal(scored.exposure.e_train, exp.e_train) and scored.exposure.exposed == exp.exposed
@@ -72,6 +75,7 @@ def test_heldout_nearest_and_template_attack_by_hand(digits_case):
     assert torch.equal(t.images, ref.images) and t.method == "linear"
     assert t.metrics == {**score_reconstructions(ref.images, ref.labels, bundle.train, bundle.heldout, classifier=clf,
                                                  seed=2),
+                         "gap_p": gap_permutation_test(ref.images, ref.labels, bundle.train, bundle.heldout, seed=2)[1],
                          **score_exposure(ref.images, ref.labels, bundle.train, bundle.heldout, bundle.test, seed=2).metrics()}
     assert torch.equal(t.nearest_ssim, nn_ssim(ref.images, ref.labels, bundle.train.images,
                                                bundle.train.labels).values)

@@ -61,6 +61,11 @@ def test_medium_is_a_training_set_signal_without_per_image_evidence():
     r = assess({**_exp(0.01, 0.0, 0.03), **_m(gap=0.09, lo=0.05, hi=0.12)}, BASE)
     assert (r.level, r.criterion) == ("MEDIUM", "gap_significant")
     assert assess(_m(gap=0.5, lo=0.4, hi=0.6), BASE).level == "MEDIUM"  # older metrics, no exposure keys
+    # the bootstrap interval above the noise but a random split of T and H' as large: not significant
+    r = assess({**_exp(0.01, 0.0, 0.03), **_m(gap=0.026, lo=0.007, hi=0.048), "gap_p": 0.2}, BASE)
+    assert (r.level, r.criterion) == ("LOW", "none") and "random split of T and H' gives as large a gap" in r.reason
+    r = assess({**_exp(0.01, 0.0, 0.03), **_m(gap=0.026, lo=0.007, hi=0.048), "gap_p": 0.002}, BASE)
+    assert (r.level, r.criterion) == ("MEDIUM", "gap_significant") and "p = 0.002" in r.reason
     assert assess(_m(gap=0.004, lo=0.001, hi=0.007), BASE).level == "LOW"  # within run-to-run noise
 
 

@@ -326,7 +326,8 @@ def run_controls(args: argparse.Namespace, out: Path, log: Log) -> list[dict[str
         data = load_dataset(args.dataset, control.train_size, seed=0, data_root=args.data_root)
         check_kkt_bound(control, data, args)
         rows += run_control(control, data, args, out, log=log)
-        meta = {"dataset": args.dataset, "tldr_steps": args.tldr_steps, "kkt_steps": args.kkt_steps,
+        meta = {"dataset": args.dataset, "data_root": args.data_root, "smoke_test": args.smoke_test,
+                "seed": args.seed, "tldr_steps": args.tldr_steps, "kkt_steps": args.kkt_steps,
                 "kkt": args.kkt, "controls": {c: asdict(CONTROLS[c]) for c in args.controls}}
         _write_text(out / "controls.json", json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
         _write_text(out / "controls.md", render_controls(rows, meta))

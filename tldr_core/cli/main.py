@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reaudit": ("tldr_core.platform.registry.audits.reaudit_cli", "re-audit registered classifiers without a recent audit"),
     "registry": ("tldr_core.platform.registry.cli", "promote a search's generator, or show the registered versions"),
     "controls": ("tldr_core.cli.controls", "every attack on classifiers whose leakage is known"),
+    "controls-rescore": ("tldr_core.cli.controls_rescore", "re-judge a controls run's saved cells with the current rule"),
     "defence": ("tldr_core.cli.defence", "training choices (optimiser, weight decay, ...) against leakage"),
 }
 

@@ -27,6 +27,7 @@ from tldr_core.attack.templates import RENDERINGS, TemplateResult, weight_templa
 from tldr_core.attack.tldr import run_tldr
 from tldr_core.attack.train import Callback
 from tldr_core.scoring.exposure_score import ExposureResult, score_exposure
+from tldr_core.scoring.gap_test import gap_permutation_test
 from tldr_core.scoring.metrics import baseline_sets, score_reconstructions
 from tldr_core.scoring.nearest import ReferenceIndex, SearchStats
 from tldr_core.scoring.ssim import ssim_matrix
@@ -141,7 +142,8 @@ def score_images(images: Tensor, labels: Tensor, classifier: nn.Module | None, b
     metrics = score_reconstructions(images, labels, index, bundle.heldout, classifier=classifier, tau=tau,
                                     seed=seed, n_boot=n_boot, method=method, stats=stats)
     exp = score_exposure(images, labels, bundle.train, bundle.heldout, population(bundle), seed=seed, n_boot=n_boot)
-    return {**metrics, **exp.metrics()}, exp
+    _, gap_p = gap_permutation_test(images, labels, bundle.train, bundle.heldout, n_perm=n_boot, seed=seed)
+    return {**metrics, "gap_p": gap_p, **exp.metrics()}, exp
 
 
 def attack_and_score(classifier: nn.Module, bundle: Any, cfg: AttackConfig, *, tau: float = 0.5,

@@ -16,8 +16,10 @@ HIGH    individual training images are recovered: per-image evidence only, eithe
 MEDIUM  a signal specific to this training set, without per-image evidence: the calibrated
         exposure's TPR above chance (``exposure_significant``: lower end > ``medium_tpr_ci_low``, 0.01,
         the FPR itself, and AUC's lower end > 0.5), or the raw exposure's (``raw_exposure``), or a
-        significant memorisation gap (``gap_significant``: lower end > ``medium_gap_ci_low``, 0.005,
-        the run-to-run noise of the gap measured in docs/defence.md).
+        significant memorisation gap (``gap_significant``: its bootstrap interval's lower end >
+        ``medium_gap_ci_low``, 0.005, the run-to-run noise of the gap measured in docs/defence.md,
+        and its permutation test of T against H' (tldr_core.scoring.gap_test) at p < ``medium_gap_p``,
+        0.01: the bootstrap resamples only the reconstructions, the permutation the draw of T and H').
 LOW     neither. Reconstructions that only look like the classes (as close to T as each class's
         average image, but no closer to T than to unseen images) are class statistics, not a leak of
         this training set; the reason says so.
@@ -25,7 +27,9 @@ LOW     neither. Reconstructions that only look like the classes (as close to T 
 The memorisation gap alone never makes HIGH (the class mean of a small T has a large gap). The
 criteria are checked in that order and the first that holds sets the level (:data:`CRITERIA`).
 Metrics without a criterion's keys (older runs) are judged by the others. The thresholds were
-written down before the controls were re-run (docs/controls.md).
+written down before the controls were re-run (docs/controls.md), except the gap's permutation test,
+added after that run showed the class mean of P (an image set that knows nothing of T) with a gap
+interval above 0 on the leaky controls.
 """
 from __future__ import annotations
 
@@ -37,7 +41,8 @@ LEVELS = ("LOW", "MEDIUM", "HIGH")
 
 #: The thresholds :func:`assess` uses unless given others.
 THRESHOLDS: dict[str, float] = {"high_tpr_ci_low": 0.10, "high_distinct_fraction": 0.10, "high_min_images": 5,
-                                "high_match_p": 0.01, "medium_tpr_ci_low": 0.01, "medium_gap_ci_low": 0.005}
+                                "high_match_p": 0.01, "medium_tpr_ci_low": 0.01, "medium_gap_ci_low": 0.005,
+                                "medium_gap_p": 0.01}
 
 #: The criteria in the order they are checked; Risk.criterion is one of them.
 CRITERIA = ("exposure", "matches", "exposure_significant", "raw_exposure", "gap_significant", "none")
@@ -141,9 +146,13 @@ def assess(m: Mapping[str, float], baselines: Mapping[str, Mapping[str, float]],
                                               f"chance, but no more closely than population images "
                                               f"({separation_clause(m, 'raw_exposure')})")
     gap = f"memorisation gap {m['gap']:+.3f}, 95% CI {m['gap_ci_low']:+.3f} to {m['gap_ci_high']:+.3f}"
-    if m["gap_ci_low"] > th["medium_gap_ci_low"]:
+    gap_p = m.get("gap_p", 0.0)  # older metrics: the bootstrap interval alone
+    if m["gap_ci_low"] > th["medium_gap_ci_low"] and gap_p < th["medium_gap_p"]:
         return risk("MEDIUM", "gap_significant", f"on average closer to this model's training images than to "
-                                                 f"unseen images of the same classes ({gap})")
+                                                 f"unseen images of the same classes ({gap}; permutation test of "
+                                                 f"T against H' p = {gap_p:.2g})")
+    if m["gap_ci_low"] > th["medium_gap_ci_low"]:
+        gap += f"; but a random split of T and H' gives as large a gap with p = {gap_p:.2g}"
     qc = baselines["class_mean"]["quality"]
     look = f"quality {m['quality']:.2f} against {qc:.2f} for the class-mean image"
     if not math.isnan(real) and real >= 1.0:
@@ -151,8 +160,8 @@ def assess(m: Mapping[str, float], baselines: Mapping[str, Mapping[str, float]],
                                    f"closer to them than to unseen ones ({gap}): class statistics, not this training set")
     realism_words = f"{real:.0%} of the way from noise to it" if not math.isnan(real) else "the baselines coincide"
     return risk("LOW", "none", f"no closer to the training images than to unseen images of the same classes beyond "
-                               f"the gap's run-to-run noise ({gap}), and they resemble the data less than a class "
-                               f"average does ({look}; {realism_words})")
+                               f"chance ({gap}), and they resemble the data less than a class average does ({look}; "
+                               f"{realism_words})")
 
 
 def worst(risks: Sequence[Risk]) -> int:
