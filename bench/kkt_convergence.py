@@ -56,15 +56,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--control", default="stationary-fc", choices=sorted(CONTROLS))
     p.add_argument("--dataset", default="mnist-bundled")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--steps", type=int, default=50_000, help="total steps (counted from the first run's start)")
-    p.add_argument("--every", type=int, default=5_000, help="score after every this many steps")
+    p.add_argument("--steps", type=int, default=None,
+                   help="total steps, counted from the first run's start (default 50000; 40 with --smoke-test)")
+    p.add_argument("--every", type=int, default=None, help="score after every this many steps (default 5000; 20)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a KKTConfig setting")
     p.add_argument("--resume", default=None, help="a kkt.pt this script wrote: continue it")
     p.add_argument("--out", default="runs/kkt-convergence")
     p.add_argument("--smoke-test", action="store_true", help="digits-8x8, a shrunk control, 2 chunks of 20 steps")
     args = p.parse_args(argv)
-    if args.smoke_test:
-        args.dataset, args.steps, args.every = "digits-8x8", 40, 20
+    if args.smoke_test:  # shrinks what was not given
+        args.dataset = "digits-8x8"
+    args.steps = args.steps or (40 if args.smoke_test else 50_000)
+    args.every = args.every or (20 if args.smoke_test else 5_000)
     return args
 
 
