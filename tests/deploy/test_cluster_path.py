@@ -56,7 +56,8 @@ def substitute(tokens: list[str], values: dict[str, str], extra: list[str]) -> l
 
 def stop_head(proc: subprocess.Popen, temp: Path) -> None:
     """Stop the head's process group, then anything else still running from its temp folder."""
-    stop_process_group(proc, ((signal.SIGTERM, 30), (signal.SIGKILL, 10)))
+    # the head, once it has run jobs, did not exit within 30 s of SIGTERM (a 31 s teardown): 10 s, then KILL
+    stop_process_group(proc, ((signal.SIGTERM, 10), (signal.SIGKILL, 10)))
     for pid, args in command_lines():
         if any(str(temp).encode() in a for a in args):
             try:
