@@ -33,11 +33,16 @@ search: venv
 ui: venv
 	$(BIN)/python mlflow/serve.py
 
+# Two pytest-xdist workers: many slow tests wait on processes (Ray, MLflow, PostgreSQL, pip), and tests sharing
+# an expensive fixture stay on one worker (tests/xdist_groups.py). WORKERS=0: one process. ARGS: more pytest flags.
+WORKERS ?= 2
+XDIST = $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadgroup)
+
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(XDIST) $(ARGS)
 
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" $(XDIST) $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

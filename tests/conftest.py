@@ -2,28 +2,53 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
 
 # Keep every framework's temp/cache files inside the test run's own folders.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# one torch thread per xdist worker (make test runs two on the 2-core CI machine), else up to two
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 def pytest_configure(config):
-    """The session's blank MLflow store (tests/blank_store.py), made once by the main process: xdist's
-    workers inherit its variable."""
+    """On the main process: the session's blank MLflow store (tests/blank_store.py) and, under xdist,
+    the file of the workers' groups (tests/xdist_groups.py); the workers inherit both variables."""
     if not hasattr(config, "workerinput"):
         import blank_store
+        import xdist_groups
 
         config._tldr_blank_store = blank_store.start()
+        config._tldr_xdist_groups = xdist_groups.start(config)
 
 
 def pytest_unconfigure(config):
     store = getattr(config, "_tldr_blank_store", None)
     if store is not None:
         store.stop()
+    groups = getattr(config, "_tldr_xdist_groups", None)
+    if groups is not None:
+        shutil.rmtree(groups, ignore_errors=True)
+
+
+@pytest.hookimpl(trylast=True)  # after deselection, and after xdist names marked groups (pytest < 9)
+def pytest_collection_modifyitems(config, items):
+    """On xdist's workers with --dist loadgroup (make test): tests/xdist_groups.py's groups and order."""
+    if hasattr(config, "workerinput") and config.getoption("loadgroup", False):
+        import xdist_groups
+
+        xdist_groups.group_and_order(items)
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: pytest without xdist does not know it
+def pytest_xdist_make_scheduler(config, log):
+    import xdist_groups
+
+    if getattr(config, "_tldr_xdist_groups", None) is not None:
+        return xdist_groups.make_scheduler(config, log)
+    return None
 
 
 @pytest.fixture
