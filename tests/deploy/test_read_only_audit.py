@@ -26,7 +26,8 @@ import pod_sandbox as sb  # noqa: E402
 
 pytestmark = pytest.mark.slow
 AUDIT = ["python", "-m", "tldr_core.cli.audit", "--dataset", "digits-8x8", "--train-size", "100",
-         "--classifier-epochs", "1", "--steps", "3", "--per-class", "2", "--batch-size", "8", "--device", "cpu"]
+         "--classifier-epochs", "1", "--steps", "3", "--per-class", "2", "--batch-size", "8", "--device", "cpu",
+         "--membership-refs", "2"]  # LiRA's reference models on Ray inside the sandbox too, the fewest it takes
 
 
 def image_env() -> dict[str, str]:
@@ -69,7 +70,9 @@ def test_audit_writes_only_into_the_configured_volumes(head, tmp_path):
     runs = tmp_path / "runs"
     metrics = json.loads((runs / "audit" / "metrics.json").read_text())  # the default --out, under TLDR_RUNS
     assert metrics["risk"] in ("LOW", "MEDIUM", "HIGH") and 0 <= metrics["metrics"]["quality"] <= 1
-    assert len(list((runs / "cache" / "classifiers").glob("*.pt"))) == 1  # the classifier cache, in TLDR_CACHE
+    # the classifier and the 2 reference models, cached in TLDR_CACHE
+    assert len(list((runs / "cache" / "classifiers").glob("*.pt"))) == 3
+    assert metrics["membership"]["reference_models"] == 2
     after = sb.snapshot(kc.REPO)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     # other people may edit the working tree meanwhile: what this audit would write is what matters

@@ -92,8 +92,8 @@ def test_corrupt_classifier_file_is_rejected(tmp_path, capsys):
 
 def test_non_finite_loss_stops_the_run_and_leaves_no_complete_output(tmp_path, capsys):
     model = PaperCNN((1, 28, 28), 10, width=4, hidden=8).eval()
-    with torch.no_grad():
-        model.out.bias.fill_(float("nan"))
+    with torch.no_grad():  # finite weights (a NaN weight is refused on loading) whose logits overflow to inf
+        model.out.weight.fill_(3e38)
     f = save_checkpoint(tmp_path / "nan.pt", model, CLASSIFIER_FORMAT)
     out = tmp_path / "o"
     code, _, err = _run(["--classifier", str(f), "--train-size", "100", "--steps", "5", "--batch-size", "8",

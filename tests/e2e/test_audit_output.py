@@ -11,6 +11,7 @@ import torch
 from tldr_core.attack.checkpoints import CLASSIFIER_FORMAT, save_checkpoint
 from tldr_core.attack.models import MLP
 from tldr_core.cli import audit
+from tldr_core.report import audit_files
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -51,14 +52,14 @@ def test_a_second_audit_needs_overwrite_and_a_failed_one_keeps_the_first(classif
     with monkeypatch.context() as m:  # refused before any work, the first output untouched
         m.setattr(audit, "load_dataset", lambda *a, **k: pytest.fail("data loaded before the --out check"))
         code, _, err = _run([*TINY, "--classifier", classifier, "--out", out], capsys)
-    assert code == 2 and err.startswith(f"error: --out {out} already holds 8 file(s)") and "--overwrite" in err
+    assert code == 2 and err.startswith(f"error: --out {out} already holds {len(first)} file(s)") and "--overwrite" in err
     assert snapshot(out) == first
 
     def crash(*a, **k):
         raise RuntimeError("disk trouble while writing report.html")
 
     with monkeypatch.context() as m:  # the attack runs, then writing fails half-way: nothing of it shows
-        m.setattr(audit, "render_report", crash)
+        m.setattr(audit_files, "render_report", crash)
         code, _, err = _run([*TINY, "--classifier", classifier, "--seed", 2, "--out", out, "--overwrite"], capsys)
     assert code == 2 and err == "error: disk trouble while writing report.html\n"
     assert snapshot(out) == first

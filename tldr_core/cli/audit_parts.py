@@ -95,11 +95,13 @@ def membership_refs(args: argparse.Namespace, classifier: nn.Module, meta: dict[
     spec = classifier.spec() if hasattr(classifier, "spec") else None
     try:
         settings, unknown = settings_from_meta(meta, spec, overrides)
-    except ValueError as exc:
-        raise ConfigError(f"reference models: {exc}") from exc
-    if unknown:
         why = (f"reference models must be trained like the audited classifier, but its checkpoint does not record "
-               f"{', '.join(unknown)}")
+               f"{', '.join(unknown)}") if unknown else ""
+    except ValueError as exc:
+        if args.membership_refs is not None:
+            raise ConfigError(f"reference models: {exc}") from exc
+        unknown, why = ["architecture"], f"reference models cannot be built like the audited classifier ({exc})"
+    if unknown:
         if args.membership_refs is not None:  # asked for explicitly: say what is missing
             raise ConfigError(f"{why}: give them with --ref-set NAME=VALUE, or run --membership-refs 0 (loss and "
                               f"margin attacks only)")
