@@ -8,14 +8,17 @@ no staging folder left beside it.
 from __future__ import annotations
 
 import os
-import resource
 import subprocess
 import sys
+import resource
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+#: Runs each probe and writes its own peak memory (see its docstring for why a launcher).
+LAUNCHER = Path(__file__).with_name("peak_launcher.py")
 #: A probe must fail before any training (checked on stdout) and within this much CPU time: 3-6 s of
 #: it is importing torch. CPU time, not wall time: on shared cores a probe's wall time varies tenfold.
 MAX_CPU_SECONDS = 30.0
@@ -25,6 +28,11 @@ TIMEOUT_SECONDS = 600.0
 PREVIOUS = {"metrics.json": '{"risk": "LOW"}', "report.html": "<html>earlier audit</html>", "grid.png": "png"}
 
 
+def _children_cpu() -> float:  # CPU time adds up over children, so a difference gives this probe's
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 @dataclass
 class Result:
     code: int
@@ -32,15 +40,12 @@ class Result:
     stderr: str
     seconds: float
     cpu_seconds: float
+    #: Peak resident memory of this probe's own process (not of every child the test worker ever ran).
+    peak_kb: int
 
     @property
     def errors(self) -> list[str]:
         return [line for line in self.stderr.splitlines() if line.startswith("error:")]
-
-
-def _children_cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
 
 
 def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = TIMEOUT_SECONDS) -> Result:
@@ -49,9 +54,12 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeo
             "TLDR_RUNS": str(cwd / "runs"), "PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "true",
             **(env or {})}
     t0, cpu0 = time.monotonic(), _children_cpu()
-    p = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=full,
-                       timeout=timeout)
-    return Result(p.returncode, p.stdout, p.stderr, time.monotonic() - t0, _children_cpu() - cpu0)
+    with tempfile.TemporaryDirectory() as tmp:
+        peak_file = Path(tmp) / "peak_kb"
+        p = subprocess.run([sys.executable, str(LAUNCHER), str(peak_file), sys.executable, *map(str, args)],
+                           capture_output=True, text=True, cwd=cwd, env=full, timeout=timeout)
+        peak = int(peak_file.read_text())
+    return Result(p.returncode, p.stdout, p.stderr, time.monotonic() - t0, _children_cpu() - cpu0, peak)
 
 
 def make_previous_output(folder: Path) -> dict[str, bytes]:
