@@ -17,14 +17,23 @@ def pytest_configure(config):
     """On the main process: the session's blank MLflow store (tests/blank_store.py) and, under xdist,
     the file of the workers' groups (tests/xdist_groups.py); the workers inherit both variables."""
     if not hasattr(config, "workerinput"):
+        import tempfile
+
         import blank_store
         import xdist_groups
 
+        # Nothing a test runs in-process writes into the checkout: Ray sessions, caches and searches go to a
+        # folder of this session's own (tests that need another TLDR_RUNS set it). In ./runs a test's Ray
+        # logs landed in the tree that the read-only-audit test watches, and failed it when run beside it.
+        if not os.environ.get("TLDR_RUNS"):
+            os.environ["TLDR_RUNS"] = config._tldr_runs = tempfile.mkdtemp(prefix="tldr-tests-")
         config._tldr_blank_store = blank_store.start()
         config._tldr_xdist_groups = xdist_groups.start(config)
 
 
 def pytest_unconfigure(config):
+    if getattr(config, "_tldr_runs", None):
+        shutil.rmtree(config._tldr_runs, ignore_errors=True)
     store = getattr(config, "_tldr_blank_store", None)
     if store is not None:
         store.stop()

@@ -32,7 +32,7 @@ def test_cifar_shaped_audit_end_to_end(tmp_path, tmp_cache, capsys):
     out = tmp_path / "audit"
     code = audit.main(["--dataset", "cifar10", "--data-root", str(data), "--train-size", "30",
                        "--classifier-epochs", "1", "--steps", "4", "--per-class", "2", "--batch-size", "8",
-                       "--out", str(out), "--device", "cpu"])
+                       "--out", str(out), "--device", "cpu", "--membership-refs", "0"])
     err = capsys.readouterr().err
     assert code == 0, err
     record = json.loads((out / "metrics.json").read_text())

@@ -23,7 +23,8 @@ from tldr_core.scoring.risk import THRESHOLDS, assess
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
-TINY = ["--dataset", "digits-8x8", "--train-size", "100", "--device", "cpu"]
+TINY = ["--dataset", "digits-8x8", "--train-size", "100", "--device", "cpu",
+        "--membership-refs", "0"]  # LiRA on Ray (9 s an audit): tests/e2e/test_audit.py
 TLDR_TINY = ["--steps", "3", "--per-class", "2", "--batch-size", "8"]
 
 

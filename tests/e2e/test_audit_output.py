@@ -16,7 +16,7 @@ from tldr_core.report import audit_files
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 TINY = ["--dataset", "digits-8x8", "--train-size", "100", "--device", "cpu", "--steps", "3", "--per-class", "2",
-        "--batch-size", "8"]
+        "--batch-size", "8", "--membership-refs", "0"]  # LiRA on Ray: tests/e2e/test_audit.py
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,8 @@ pytestmark = pytest.mark.slow  # one Python process per probe: ~3-8 s each, minu
 
 AUDIT = ["-m", "tldr_core.cli.audit"]
 #: Tiny work settings, so a probe that wrongly gets through ends in seconds (and fails the checks).
-TINY = ["--device", "cpu", "--steps", "3", "--per-class", "2", "--batch-size", "8", "--classifier-epochs", "1"]
+TINY = ["--device", "cpu", "--steps", "3", "--per-class", "2", "--batch-size", "8", "--classifier-epochs", "1",
+        "--membership-refs", "0"]  # LiRA's Ray stage (9 s an audit) is tested in tests/e2e/test_audit.py
 DIGITS = ["--dataset", "digits-8x8", "--train-size", "100", *TINY]
 
 

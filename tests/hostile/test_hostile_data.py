@@ -28,7 +28,8 @@ from tldr_core.attack.models import MLP  # noqa: E402
 pytestmark = pytest.mark.slow  # one Python process per probe
 
 AUDIT = ["-m", "tldr_core.cli.audit"]
-TINY = ["--device", "cpu", "--steps", "3", "--per-class", "2", "--batch-size", "8", "--classifier-epochs", "1"]
+TINY = ["--device", "cpu", "--steps", "3", "--per-class", "2", "--batch-size", "8", "--classifier-epochs", "1",
+        "--membership-refs", "0"]  # LiRA's Ray stage (9 s an audit) is tested in tests/e2e/test_audit.py
 #: Peak resident memory a refused probe may reach (importing torch is ~0.5 GB); the inputs ask for 6-3,900 GB.
 PEAK_KB = 2_000_000
 

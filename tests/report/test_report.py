@@ -150,7 +150,8 @@ def test_report_renders_in_headless_chromium_with_all_images_and_no_errors(leaky
 def test_audit_of_a_fully_connected_model_writes_a_report_with_templates(tmp_path, tmp_cache, capsys):
     out = tmp_path / "audit"
     code = audit.main(["--dataset", "digits-8x8", "--train-size", "100", "--arch", "mlp", "--classifier-epochs", "3",
-                       "--steps", "3", "--per-class", "2", "--batch-size", "8", "--device", "cpu", "--out", str(out)])
+                       "--steps", "3", "--per-class", "2", "--batch-size", "8", "--device", "cpu", "--out", str(out),
+                       "--membership-refs", "0"])
     assert code == 0, capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == sorted(audit.OUTPUT_FILES)
     record = json.loads((out / "metrics.json").read_text())

@@ -40,6 +40,18 @@ class TrainResult:
 Callback = Callable[[int, dict[str, float], ConditionedGenerator], "bool | None"]
 
 
+def _non_finite(terms: dict[str, torch.Tensor], step: int, lr: float, exact: bool) -> NonFiniteLossError:
+    """The error for a non-finite loss, naming its likely cause (``exact``: found at this step, not by it)."""
+    bad = {k: t.item() for k, t in terms.items()}
+    if step == 1:  # no update yet: the learning rate played no part
+        why = ("the loss weights are too large (every term is finite, their weighted sum is not)"
+               if all(math.isfinite(v) for v in bad.values()) else
+               "the classifier's outputs on the generator's images are not finite")
+        return NonFiniteLossError(f"generator loss is non-finite at step 1, before any update (terms: {bad}): {why}")
+    return NonFiniteLossError(f"generator loss became non-finite {'at' if exact else 'by'} step {step} (terms: {bad}); "
+                              f"lower the learning rate (now {lr}) or the largest loss weights")
+
+
 def train_generator(classifier: nn.Module, num_classes: int, image_shape: tuple[int, int, int], cfg: AttackConfig, *,
                     callback: Callback | None = None, log_every: int = 50,
                     log: Callable[[str], None] | None = print) -> TrainResult:
@@ -74,16 +86,7 @@ def train_generator(classifier: nn.Module, num_classes: int, image_shape: tuple[
         log_now = step % log_every == 0 or step == cfg.steps or step == 1
         # Reading the loss on the host waits for the device; on CUDA only the logged steps pay that.
         if (log_now or device.type == "cpu") and not torch.isfinite(total):
-            bad = {k: t.item() for k, t in terms.items()}
-            if step == 1:  # no update yet: the learning rate played no part
-                why = ("the loss weights are too large (every term is finite, their weighted sum is not)"
-                       if all(math.isfinite(v) for v in bad.values()) else
-                       "the classifier's outputs on the generator's images are not finite")
-                raise NonFiniteLossError(f"generator loss is non-finite at step 1, before any update (terms: {bad}): "
-                                         f"{why}")
-            when = "at" if device.type == "cpu" else "by"
-            raise NonFiniteLossError(f"generator loss became non-finite {when} step {step} (terms: {bad}); "
-                                     f"lower the learning rate (now {cfg.lr}) or the largest loss weights")
+            raise _non_finite(terms, step, cfg.lr, exact=device.type == "cpu")
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(gen.parameters(), 10.0)  # Grad's double backward can spike
