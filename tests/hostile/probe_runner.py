@@ -8,9 +8,9 @@ no staging folder left beside it.
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
-import resource
 import tempfile
 import time
 from dataclasses import dataclass

@@ -142,6 +142,10 @@ class KKTConfig:
         check(self.plateau_tol >= 0, f"plateau_tol must be >= 0, got {self.plateau_tol}")
         check(isinstance(self.compile, bool), f"compile must be true or false, got {self.compile!r}")
 
+    def candidates_per_class(self, train_per_class: int) -> int:
+        """Candidates per class: ``per_class``, else 2 per training image of the class (the 2n of Haim et al.)."""
+        return self.per_class or 2 * train_per_class
+
     @classmethod
     def names(cls) -> tuple[str, ...]:
         """The settings that change the result (what a search may tune)."""
@@ -233,7 +237,7 @@ def run_kkt(classifier: nn.Module, num_classes: int, image_shape: tuple[int, int
     if not isinstance(train_per_class, int) or train_per_class < 1:
         raise ConfigError(f"kkt: train_per_class must be a positive integer, got {train_per_class!r}")
     device = resolve_device(cfg.device)
-    per_class = cfg.per_class or 2 * train_per_class
+    per_class = cfg.candidates_per_class(train_per_class)
     check_kkt_candidates(per_class, train_per_class, num_classes, image_shape)  # before allocating them
     if resume is not None:
         check_resume(resume, cfg, num_classes, per_class, image_shape)

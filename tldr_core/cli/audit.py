@@ -196,7 +196,7 @@ def run(args: argparse.Namespace, cfg: AttackConfig | KKTConfig, image_size: tup
         f"{bundle.image_shape} from {bundle.source}")
     if isinstance(cfg, KKTConfig):  # the data-dependent candidate bound, before a classifier is trained
         per = train_per_class(bundle)
-        check_kkt_candidates(cfg.per_class or 2 * per, per, bundle.num_classes, tuple(bundle.image_shape))
+        check_kkt_candidates(cfg.candidates_per_class(per), per, bundle.num_classes, tuple(bundle.image_shape))
     classifier, info = load_audited_classifier(args, bundle, device, log, mlflow_uri)
     refs = membership_refs(args, classifier, info, bundle, device, log)  # before the attack: a bad flag fails fast
     log(describe_attack(cfg, device))

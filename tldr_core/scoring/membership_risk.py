@@ -74,12 +74,13 @@ def assess_membership(m: Mapping[str, float], *, thresholds: Mapping[str, float]
 
     tpr_lo, auc_lo = m.get(p + "tpr_1_lo", math.nan), m[p + "auc_lo"]
     above = auc_lo > th["membership_auc_ci_low"]
-    if not math.isnan(tpr_lo) and above and tpr_lo > th["membership_high_tpr_ci_low"]:
+    # a NaN TPR (H' under 100 images) fails both comparisons: only the AUC's criterion can hold then
+    if above and tpr_lo > th["membership_high_tpr_ci_low"]:
         return risk("HIGH", "membership", f"the model memorises individual training images: {_numbers(m, p, who)}. "
                                           f"Whoever can query it can tell who was in its training set; retrain with "
                                           f"stronger regularisation, fewer epochs or more data (or DP-SGD) before "
                                           f"release")
-    if not math.isnan(tpr_lo) and above and tpr_lo > th["membership_medium_tpr_ci_low"]:
+    if above and tpr_lo > th["membership_medium_tpr_ci_low"]:
         return risk("MEDIUM", "membership_significant",
                     f"some training images are recognisable as members above chance: {_numbers(m, p, who)}. "
                     f"membership.csv lists them, most exposed first; check whether they are outliers or duplicates")

@@ -40,7 +40,7 @@ def prepare_kkt(config: dict[str, Any], inputs: TrialInputs, run: TrialRun, tria
                      log_every=int(s["log_every"]))
     cfg = inputs.space.attack_config(config, base=base)
     tpc = train_per_class(inputs.bundle.train.labels, inputs.bundle.num_classes)
-    run.log_params({**cfg.flat(), "per_class": cfg.per_class or 2 * tpc, "train_per_class": tpc,
+    run.log_params({**cfg.flat(), "per_class": cfg.candidates_per_class(tpc), "train_per_class": tpc,
                     **run_params(inputs, trial_id)})
     return cfg, trial_classifier(inputs), tpc
 
