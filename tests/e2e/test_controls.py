@@ -62,6 +62,22 @@ def test_shrunk_leaky_and_clean_controls_end_to_end(tmp_path, tmp_cache):
     assert controls_rescore.main([str(tmp_path / "nothing")]) == 2
 
 
+@pytest.mark.parametrize("content, says", [
+    (None, "controls.json does not exist: give the folder a controls run wrote"),
+    ("{not json", "controls.json is not a controls run's table (Expecting property name"),
+    ('{"rows": []}', "controls.json is not a controls run's table (no 'meta' with a dataset and 'rows' list)"),
+    ('[1, 2]', "controls.json is not a controls run's table"),
+])
+def test_rescore_of_a_folder_that_is_no_controls_run_is_one_clear_line(tmp_path, capsys, content, says):
+    from tldr_core.cli import controls_rescore
+
+    if content is not None:
+        (tmp_path / "controls.json").write_text(content)
+    assert controls_rescore.main([str(tmp_path)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and says in line, line
+
+
 def test_exact_copies_of_training_images_are_high_on_a_leaky_control_and_flagged_on_a_clean_one():
     bundle = load_dataset("digits-8x8", 100, seed=0)
     # the "attack" hands back 40 training images exactly: a leak by construction

@@ -227,3 +227,18 @@ def test_promotion_is_gated_and_force_is_tagged(reaudited):
     assert any(r.startswith("stale: audited under rule 1-old") for r in gate_reasons(c, NAME, v3, check_file=False))
     rc, _out, err = _main(cli, ["--tracking-uri", uri, "promote", NAME, "99"])
     assert rc == 2 and "no such registered model version" in err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["promote", "tldr-classifier-x"], "promote takes NAME VERSION (a registered model and a version) or --search-run"),
+    (["promote", "tldr-classifier-x", "1", "2"], "promote takes NAME VERSION"),
+    (["promote", "tldr-classifier-x", "1", "--search-run", "abc"], "promote takes NAME VERSION"),
+    (["promote", "--search-run", "abc", "--force"], "--force applies to promote NAME VERSION, not to --search-run"),
+])
+def test_promote_with_the_wrong_arguments_is_one_clear_line(tmp_path, argv, says):
+    from tldr_core.platform.registry import cli
+
+    rc, out, err = _main(cli, ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *argv])
+    assert rc == 2 and out == "", out
+    (line,) = [e for e in err.splitlines() if e.startswith("error:")]  # (MLflow logs the new store's creation)
+    assert says in line and "Traceback" not in err, err

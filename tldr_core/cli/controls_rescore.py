@@ -91,6 +91,21 @@ def rescore_control(name: str, old: list[Row], run: Path, meta: dict[str, Any], 
     return out
 
 
+def read_run(run: Path) -> dict[str, Any]:
+    """The run's controls.json ({"meta", "rows"}); ValueError naming the file when it is not one."""
+    path = run / "controls.json"
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: give the folder a controls run wrote (tldr controls --out)")
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or not isinstance(record.get("rows"), list) or \
+                not isinstance(record.get("meta"), dict) or "dataset" not in record["meta"]:
+            raise ValueError("no 'meta' with a dataset and 'rows' list")
+    except ValueError as exc:  # json's JSONDecodeError is one
+        raise ValueError(f"{path} is not a controls run's table ({exc})") from exc
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
     p = flags.parser("python -m tldr_core.cli.controls_rescore", __doc__)
     p.add_argument("run", help="a controls run's folder (holding controls.json)")
@@ -98,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     run = Path(args.run)
     try:
-        record = json.loads((run / "controls.json").read_text())
+        record = read_run(run)
         rows: list[Row] = []
         names = list(dict.fromkeys(r["control"] for r in record["rows"]))
         for name in names:
