@@ -24,7 +24,7 @@ from tldr_core.attack.checkpoints import CLASSIFIER_FORMAT, GENERATOR_FORMAT, sa
 from tldr_core.attack.models import MLP, ConditionedGenerator  # noqa: E402
 from tldr_core.locks import FileLock  # noqa: E402
 
-pytestmark = pytest.mark.slow  # one Python process per probe: ~3-8 s each, minutes in all
+pytestmark = pytest.mark.slow  # one process per probe: ~0.4-3 s each, a minute in all
 
 AUDIT = ["-m", "tldr_core.cli.audit"]
 #: Tiny work settings, so a probe that wrongly gets through ends in seconds (and fails the checks).
