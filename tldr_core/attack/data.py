@@ -63,6 +63,11 @@ class DatasetBundle:
     class_names: list[str]
     source: str  # where the data came from (path or package)
 
+    def train_per_class(self) -> int:
+        """Training images per class, what the KKT attacker is assumed to know: the largest class count of T
+        (every loader balances T, so it is |T| / classes; the largest keeps KKT's 2x default above every class)."""
+        return max(1, int(torch.bincount(self.train.labels.cpu(), minlength=self.num_classes).max()))
+
 
 def available_datasets() -> tuple[str, ...]:
     return DATASETS

@@ -44,7 +44,7 @@ from tldr_core.paths import runs_dir
 from tldr_core.platform import cli_flags as flags
 from tldr_core.report.artifacts import checkpoint_name
 from tldr_core.report.audit_files import MEMBERSHIP_CSV, write_audit_folder
-from tldr_core.scoring.audit import AuditResults, run_audit, train_per_class
+from tldr_core.scoring.audit import AuditResults, run_audit
 
 OUTPUT_FILES = ("metrics.json", "reconstructions.npz", "grid.png", "nearest.png", "exposure.csv", "exposure.png",
                 MEMBERSHIP_CSV, "generator.pt", "report.html")
@@ -195,7 +195,7 @@ def run(args: argparse.Namespace, cfg: AttackConfig | KKTConfig, image_size: tup
     log(f"data: {bundle.name} T={len(bundle.train)} H'={len(bundle.heldout)} test={len(bundle.test)} "
         f"{bundle.image_shape} from {bundle.source}")
     if isinstance(cfg, KKTConfig):  # the data-dependent candidate bound, before a classifier is trained
-        per = train_per_class(bundle)
+        per = bundle.train_per_class()
         check_kkt_candidates(cfg.candidates_per_class(per), per, bundle.num_classes, tuple(bundle.image_shape))
     classifier, info = load_audited_classifier(args, bundle, device, log, mlflow_uri)
     refs = membership_refs(args, classifier, info, bundle, device, log)  # before the attack: a bad flag fails fast

@@ -98,6 +98,12 @@ def control_stationarity(model: nn.Module, trained_on: DatasetBundle, meta: dict
             "stationarity_sentence": res.sentence()}
 
 
+def kkt_config(args: argparse.Namespace, **extra: Any) -> KKTConfig:
+    """The KKT settings of the flags (--kkt NAME=VALUE, --kkt-steps, and --kkt-per-class over --kkt per_class=)."""
+    return KKTConfig.from_flat({**args.kkt, "steps": args.kkt_steps,
+                                "per_class": args.kkt_per_class or args.kkt.get("per_class"), **extra})
+
+
 def run_attack(attack: str, model: nn.Module, bundle: DatasetBundle, args: argparse.Namespace, log: Log
                ) -> Scored | Any | None:
     """One attack, scored; None when it does not apply to this model (templates on a CNN)."""
@@ -108,12 +114,9 @@ def run_attack(attack: str, model: nn.Module, bundle: DatasetBundle, args: argpa
     if attack == "templates":
         return template_attack(model, bundle, seed=args.seed) if templates_apply(model) else None
     if attack == "kkt":
-        per_class = len(bundle.train) // bundle.num_classes
-        cfg = KKTConfig.from_flat({**args.kkt, "steps": args.kkt_steps, "seed": args.seed, "device": device,
-                                   "log_every": max(1, args.kkt_steps // 6),
-                                   "per_class": args.kkt_per_class or args.kkt.get("per_class")})
-        out = run_kkt(model, bundle.num_classes, bundle.image_shape, cfg, train_per_class=per_class, log=log,
-                      resume=getattr(args, "kkt_state", None))
+        cfg = kkt_config(args, seed=args.seed, device=device, log_every=max(1, args.kkt_steps // 6))
+        out = run_kkt(model, bundle.num_classes, bundle.image_shape, cfg, train_per_class=bundle.train_per_class(),
+                      log=log, resume=getattr(args, "kkt_state", None))
         return score_attack(out, model, bundle, seed=args.seed)
     raise ValueError(f"unknown attack {attack!r}; choose from {', '.join(ATTACKS)}")
 
@@ -292,8 +295,7 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("tldr_steps", "per_class", "kkt_steps", "kkt_per_class"):
         if getattr(args, name) is not None and getattr(args, name) < 1:  # 0 would read as "not given"
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    KKTConfig.from_flat({**args.kkt, "steps": args.kkt_steps,
-                         "per_class": args.kkt_per_class or args.kkt.get("per_class")})
+    kkt_config(args)
     args.kkt_state = None
     if args.kkt_resume is not None:  # one run continues: one control's kkt cell
         if len(args.controls) != 1 or "kkt" not in args.attacks:
@@ -306,9 +308,8 @@ def check_kkt_bound(control: Control, data: DatasetBundle, args: argparse.Namesp
     if "kkt" not in args.attacks:
         return
     scored = control_bundles(control, data)[1]
-    train_per_class = len(scored.train) // scored.num_classes
-    per_class = args.kkt_per_class or args.kkt.get("per_class") or 2 * train_per_class
-    check_kkt_candidates(per_class, train_per_class, scored.num_classes, tuple(scored.image_shape))
+    per = scored.train_per_class()
+    check_kkt_candidates(kkt_config(args).candidates_per_class(per), per, scored.num_classes, tuple(scored.image_shape))
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -70,17 +70,12 @@ class AuditResults:
         return assess_membership(self.membership.metrics()) if self.membership is not None else None
 
 
-def train_per_class(bundle: Any) -> int:
-    """Training images per class (the sets are class-balanced): what the KKT attacker is assumed to know."""
-    return max(1, round(len(bundle.train) / bundle.num_classes))
-
-
 def run_attack(classifier: nn.Module, bundle: Any, cfg: AttackConfig | KKTConfig, *,
                log: Log | None = print, resume: KKTResume | None = None) -> AttackOutput:
     """TLDR (an AttackConfig) or the KKT attack (a KKTConfig) against ``classifier`` on ``bundle``'s shapes."""
     if isinstance(cfg, KKTConfig):
         return run_kkt(classifier, bundle.num_classes, tuple(bundle.image_shape), cfg,
-                       train_per_class=train_per_class(bundle), log=log, resume=resume)
+                       train_per_class=bundle.train_per_class(), log=log, resume=resume)
     return run_tldr(classifier, bundle.num_classes, tuple(bundle.image_shape), cfg, log=log)
 
 

@@ -22,14 +22,6 @@ from tldr_core.platform.search.trial_inputs import (TrialInputs, report_progress
 from tldr_core.platform.tracking.trial_runs import TrialRun
 
 
-def train_per_class(labels: Any, num_classes: int) -> int:
-    """Training images per class as run_kkt needs it: the largest class count (the sets are class-balanced;
-    the largest keeps the default 2x candidates above every class)."""
-    import torch
-
-    return int(torch.bincount(labels.cpu(), minlength=num_classes).max())
-
-
 def prepare_kkt(config: dict[str, Any], inputs: TrialInputs, run: TrialRun, trial_id: str):
     """(KKTConfig of this trial, frozen classifier, train_per_class); the settings go to the run's params,
     per_class as resolved (None in the config means 2 x train_per_class)."""
@@ -39,7 +31,7 @@ def prepare_kkt(config: dict[str, Any], inputs: TrialInputs, run: TrialRun, tria
     base = KKTConfig(steps=int(s["steps"]), seed=int(s["seed"]), device=trial_device(inputs),
                      log_every=int(s["log_every"]))
     cfg = inputs.space.attack_config(config, base=base)
-    tpc = train_per_class(inputs.bundle.train.labels, inputs.bundle.num_classes)
+    tpc = inputs.bundle.train_per_class()
     run.log_params({**cfg.flat(), "per_class": cfg.candidates_per_class(tpc), "train_per_class": tpc,
                     **run_params(inputs, trial_id)})
     return cfg, trial_classifier(inputs), tpc
