@@ -4,8 +4,6 @@ flags (same name, default and help in every command), every default shown in --h
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import pytest
 from local_servers import free_port
 from tldr_core.cli import main as tldr
 from tldr_core.platform import cli_flags
+from cli_process import run_python  # tests/: commands forked from a server that imported torch once
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "hunter2-s3cr3t"
@@ -44,9 +43,8 @@ def options_without_default(p: argparse.ArgumentParser, prefix: str = "") -> lis
     return out
 
 
-def run_tldr(*args: str, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tldr_core.cli.main", *args], capture_output=True, text=True,
-                          timeout=300, cwd=cwd, env=env)
+def run_tldr(*args: str, env: dict | None = None, cwd: Path = REPO):
+    return run_python(["-m", "tldr_core.cli.main", *args], cwd=cwd, env=env, timeout=300)
 
 
 # ------------------------------------------------------------------------------------ help and flags
@@ -145,9 +143,8 @@ def test_a_password_in_the_tracking_uri_is_never_printed(command, tmp_path):
 
 
 def test_reaudit_checks_the_ray_address_before_any_audit(tmp_path):
-    out = subprocess.run([sys.executable, str(REPO / "tune" / "reaudit.py"), "--tracking-uri",
-                          f"sqlite:///{tmp_path / 'm.db'}", "--address", f"127.0.0.1:{free_port()}"],
-                         capture_output=True, text=True, timeout=300)
+    out = run_python([REPO / "tune" / "reaudit.py", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}",
+                      "--address", f"127.0.0.1:{free_port()}"], timeout=300)
     assert out.returncode == 2 and out.stderr.startswith("error: Ray cluster at 127.0.0.1:"), out.stderr
     assert not (tmp_path / "m.db").exists()
 

@@ -744,8 +744,9 @@ def script_help_flags(script: str) -> frozenset[str]:
     if not path.is_file():
         raise SetupError(f"{script} does not exist in {REPO}: the manifests run it, so its --help "
                          "must list every flag they pass")
-    proc = subprocess.run([sys.executable, str(path), "--help"], cwd=REPO, capture_output=True,
-                          text=True, timeout=180)
+    from cli_process import run_python  # tests/: forked from a server that imported torch once
+
+    proc = run_python([path, "--help"], cwd=REPO, timeout=180)
     if proc.returncode != 0:
         raise SetupError(f"python {script} --help exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return frozenset(re.findall(r"(?<![\w-])(--[A-Za-z0-9][\w-]*)", proc.stdout))

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
+
+from cli_process import run_python
 
 from tldr_core.platform.tracking import store as tr
 
@@ -18,14 +18,14 @@ TINY = ["--smoke-test", "--trials", "3", "--steps", "8", "--train-size", "100", 
 
 
 def run_search(runs: Path, cache: Path, args: list[str], extra_env: dict[str, str] | None = None,
-               script: Path = SEARCH) -> subprocess.CompletedProcess:
-    """`script` (tune/search.py) run from the runs folder's parent, so a stray ./mlruns would show there."""
+               script: Path = SEARCH):
+    """`script` (tune/search.py) run from the runs folder's parent, so a stray ./mlruns would show there
+    (forked from the suite's server, tests/cli_process.py: its result reads like subprocess.run's)."""
     env = {**os.environ, "TLDR_RUNS": str(runs), "TLDR_CACHE": str(cache), "RAY_AUTH_MODE": "disabled",
            **(extra_env or {})}
     env.pop("MLFLOW_TRACKING_URI", None)
     runs.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600,
-                          cwd=runs.parent, env=env)
+    return run_python([script, *args], cwd=runs.parent, env=env, timeout=600)
 
 
 def client_of(runs: Path, experiment: str = "tldr-mnist-bundled"):

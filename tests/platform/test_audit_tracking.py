@@ -6,25 +6,23 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tldr_core.platform.tracking import store as tr
+from cli_process import run_python  # tests/: commands forked from a server that imported torch once
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--dataset", "digits-8x8", "--train-size", "100", "--smoke-test", "--steps", "6", "--per-class", "2",
         "--quiet"]
 
 
-def audit(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def audit(tmp_path: Path, *args: str):
     env = {**os.environ, "TLDR_RUNS": str(tmp_path / "runs"), "TLDR_CACHE": str(tmp_path / "cache"),
            "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, "-m", "tldr_core.cli.main", "audit", *args], capture_output=True,
-                          text=True, timeout=900, cwd=tmp_path, env=env)
+    return run_python(["-m", "tldr_core.cli.main", "audit", *args], cwd=tmp_path, env=env, timeout=900)
 
 
 def _audit_runs(c, exp: str) -> list:
@@ -70,8 +68,7 @@ def test_audit_logs_one_run_and_tags_the_registered_classifier(tmp_path):
     assert tags["audit.run_id"] == audit2.info.run_id and float(tags["audit.quality"]) == pytest.approx(
         record2["metrics"]["quality"], rel=1e-5)
     env = {**os.environ, "TLDR_RUNS": str(tmp_path / "runs")}
-    dry = subprocess.run([sys.executable, str(REPO / "tune" / "reaudit.py"), "--tracking-uri", uri, "--dry-run"],
-                         capture_output=True, text=True, timeout=300, env=env)
+    dry = run_python([REPO / "tune" / "reaudit.py", "--tracking-uri", uri, "--dry-run"], env=env, timeout=300)
     # recorded, but not the re-audit's (no rule version, no comparison): it audits the version in full
     assert dry.returncode == 0 and "1 version(s) to audit, 0 up to date" in dry.stdout, dry.stdout + dry.stderr
     assert "stale audit: audited under rule none" in dry.stdout and "never audited" not in dry.stdout

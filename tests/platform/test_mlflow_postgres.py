@@ -23,6 +23,7 @@ import pytest
 
 from local_servers import POSTGRES_SERVER as SERVER
 from local_servers import REPO, command_lines, free_port, load_postgres_script, postgres_cluster
+from cli_process import run_python  # tests/: commands forked from a server that imported torch once
 
 TINY = ["--smoke-test", "--trials", "1", "--steps", "8", "--train-size", "100", "--per-class", "3", "--quiet"]
 
@@ -170,8 +171,7 @@ def test_smoke_search_against_postgres_backed_server(pg_server):
     env = {**os.environ, "TLDR_RUNS": str(tmp_path / "runs"), "TLDR_CACHE": str(tmp_path / "cache"),
            "RAY_AUTH_MODE": "disabled"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    out = subprocess.run([sys.executable, str(REPO / "tune" / "search.py"), "--tracking-uri", uri, *TINY],
-                         capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    out = run_python([REPO / "tune" / "search.py", "--tracking-uri", uri, *TINY], cwd=REPO, env=env, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     c = MlflowClient(uri)
     exp = c.get_experiment_by_name("tldr-mnist-bundled")
@@ -183,7 +183,6 @@ def test_smoke_search_against_postgres_backed_server(pg_server):
     assert champion.tags["search_run"] == search.info.run_id
     assert not (tmp_path / "runs" / "mlflow.db").exists()  # everything went to the server
     # the re-audit sees the one classifier version the search registered there (audited by it or not)
-    out = subprocess.run([sys.executable, str(REPO / "tune" / "reaudit.py"), "--tracking-uri", uri, "--dry-run"],
-                         capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    out = run_python([REPO / "tune" / "reaudit.py", "--tracking-uri", uri, "--dry-run"], cwd=REPO, env=env, timeout=300)
     counts = re.search(r"(\d+) version\(s\) to audit, (\d+) up to date", out.stdout)
     assert out.returncode == 0 and counts and sum(map(int, counts.groups())) == 1, out.stdout + out.stderr

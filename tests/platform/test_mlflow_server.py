@@ -13,6 +13,7 @@ from local_servers import REPO, free_port, stop_process_group, wait_until_answer
 from tldr_core.attack.config import LossWeights
 from tldr_core.platform.tracking import store as tr
 from tldr_core.platform.tracking.trial_runs import TrialRun
+from cli_process import run_python  # tests/: commands forked from a server that imported torch once
 
 SERVE = REPO / "mlflow" / "serve.py"
 
@@ -24,8 +25,7 @@ def test_mlflow_folder_is_not_a_package():
 
 
 def test_serve_binds_loopback_by_default(tmp_path):
-    out = subprocess.run([sys.executable, str(SERVE), "--db", str(tmp_path / "x.db"), "--print-command"],
-                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    out = run_python([SERVE, "--db", tmp_path / "x.db", "--print-command"], cwd=REPO, timeout=60)
     assert out.returncode == 0, out.stderr
     cmd = out.stdout.split()
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"

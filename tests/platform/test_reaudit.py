@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from tldr_core.platform.registry.audits import reaudit as ra
 from tldr_core.platform.registry.audits.audit_tags import rule_version
 from tldr_core.platform.tracking import store as tr
 from tldr_core.platform.tracking.trial_runs import trial_runs
+from cli_process import run_python  # tests/: commands forked from a server that imported torch once
 
 REPO = Path(__file__).resolve().parents[2]
 REAUDIT = REPO / "tune" / "reaudit.py"
@@ -88,7 +87,7 @@ def test_audit_takes_the_run_id_the_search_returns(tmp_path, monkeypatch):
 
 
 def test_help_and_unreachable_server():
-    out = subprocess.run([sys.executable, str(REAUDIT), "--help"], capture_output=True, text=True, timeout=120)
+    out = run_python([REAUDIT, "--help"], timeout=120)
     assert out.returncode == 0
     for flag in ("--tracking-uri", "--max-age-days", "--dry-run", "--trials", "--steps", "--smoke-test",
                  "--dataset", "--data-root", "--download", "--search", "--fail-on-regression", "--fail-on",
@@ -99,8 +98,7 @@ def test_help_and_unreachable_server():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = subprocess.run([sys.executable, str(REAUDIT), "--tracking-uri", f"http://127.0.0.1:{port}"],
-                         capture_output=True, text=True, timeout=120)
+    out = run_python([REAUDIT, "--tracking-uri", f"http://127.0.0.1:{port}"], timeout=120)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "unreachable" in lines[0] and "Traceback" not in out.stderr
@@ -117,11 +115,10 @@ def _checkpoint(path: Path, seed: int) -> Path:
     return save_checkpoint(path, model, CLASSIFIER_FORMAT, {"test_accuracy": 0.1, "train_size": 100})
 
 
-def _run(runs: Path, uri: str, *args: str) -> subprocess.CompletedProcess:
+def _run(runs: Path, uri: str, *args: str):
     env = {**os.environ, "TLDR_RUNS": str(runs), "TLDR_CACHE": str(runs / "cache"), "RAY_AUTH_MODE": "disabled"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, str(REAUDIT), "--tracking-uri", uri, *args], capture_output=True,
-                          text=True, timeout=600, cwd=REPO, env=env)
+    return run_python([REAUDIT, "--tracking-uri", uri, *args], cwd=REPO, env=env, timeout=600)
 
 
 def _tags(c) -> dict[str, dict[str, str]]:

@@ -4,11 +4,8 @@ run per trial, statuses, failures, resume, the champion."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -22,6 +19,7 @@ from tldr_core.platform.tracking.trial_runs import trial_runs
 
 from local_servers import free_port
 from search_helpers import REPO, SEARCH, TINY, client_of, done_counts, run_search, searches_of  # noqa: E402 - this folder
+from cli_process import run_python  # tests/: commands forked from a server that imported torch once
 
 
 def load_search_module():
@@ -136,8 +134,7 @@ def test_invalid_space_is_one_clear_error(case):
 # ------------------------------------------------------------------------------------ up-front checks
 
 def test_help_lists_every_option():
-    out = subprocess.run([sys.executable, str(SEARCH), "--help"], capture_output=True, text=True, timeout=120,
-                         cwd=REPO)
+    out = run_python([SEARCH, "--help"], cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr
     for flag in ("--dataset", "--train-size", "--trials", "--max-concurrent", "--cpus-per-trial", "--gpus-per-trial",
                  "--steps", "--address", "--storage", "--tracking-uri", "--experiment", "--classifier", "--resume",

@@ -6,8 +6,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ from tldr_core.platform.search.spaces.load import (DEFAULT_SPACE, DEFAULT_SPACES
                                                    space_from_dict)
 from tldr_core.platform.tracking import store as tr
 from tldr_core.platform.tracking.trial_runs import trial_runs
+from cli_process import run_python  # tests/: commands forked from a server that imported torch once
 
 REPO = Path(__file__).resolve().parents[2]
 SEARCH = REPO / "tune" / "search.py"
@@ -183,8 +182,7 @@ def test_settings_attack_and_exposure_objectives(tmp_path, monkeypatch):
 
 
 def test_help_shows_the_attack_and_the_objectives():
-    out = subprocess.run([sys.executable, str(SEARCH), "--help"], capture_output=True, text=True, timeout=120,
-                         cwd=REPO)
+    out = run_python([SEARCH, "--help"], cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr
     text = " ".join(out.stdout.split())
     assert "--attack {tldr,kkt}" in text
@@ -212,8 +210,7 @@ def kkt_search(tmp_path_factory):
     args = ["--attack", "kkt", "--smoke-test", "--dataset", "digits-8x8", "--train-size", "100", "--classifier",
             str(root / "fc.pt"), "--trials", "2", "--steps", "8", "--objective", "exposure", "--scheduler", "fifo",
             "--max-concurrent", "1"]
-    proc = subprocess.run([sys.executable, str(SEARCH), *args], capture_output=True, text=True, timeout=600,
-                          cwd=REPO, env=env)
+    proc = run_python([SEARCH, *args], cwd=REPO, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     c = tr.client(f"sqlite:///{root / 'runs' / 'mlflow.db'}")
     exp = c.get_experiment_by_name("tldr-digits-8x8").experiment_id

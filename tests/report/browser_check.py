@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -82,15 +84,39 @@ def _errors(events: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the browser's process group, SIGKILL after 10 s; then wait until no member is left."""
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+        end = time.time() + wait  # the browser is gone; its helpers may take a moment longer
+        while time.time() < end:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+
+
 def check_page(html_path: str | Path, screenshot: str | Path | None = None, width: int = 1240,
                timeout: float = 60.0) -> dict[str, Any]:
     """Load `html_path` in headless Chromium; returns {"errors": [...], "images": [...], "bad_images": [...],
     "height": px, "screenshot": path or None, "title": str}."""
     chromium = find_chromium()
     url = Path(html_path).resolve().as_uri()
-    with tempfile.TemporaryDirectory(prefix="tldr-chromium-") as profile:
+    # Chromium's helper processes may still write into the profile just after the browser exits (a loaded
+    # machine once failed the folder's removal with "Directory not empty"): the whole group is stopped, and
+    # what one still writes after that does not fail the check.
+    with tempfile.TemporaryDirectory(prefix="tldr-chromium-", ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen([chromium, *FLAGS, f"--user-data-dir={profile}", f"--window-size={width},900",
-                                 "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                 "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
         try:
             port_file, end = Path(profile) / "DevToolsActivePort", time.time() + timeout
             while not (port_file.exists() and port_file.read_text().strip()):
@@ -123,11 +149,7 @@ def check_page(html_path: str | Path, screenshot: str | Path | None = None, widt
             errors = _errors(page.events)
             page.ws.close()
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            _stop_group(proc)
     return {"errors": errors, "images": images, "bad_images": [i for i in images if not i["ok"]],
             "height": height, "screenshot": shot, "title": title}
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from tldr_core.attack.bounds import check_kkt_candidates
 from tldr_core.attack.checkpoints import CheckpointError
-from tldr_core.attack.classifier import ClassifierSettings, load_or_train
+from tldr_core.attack.classifier import load_or_train
 from tldr_core.attack.config import AttackConfig, ConfigError
 from tldr_core.attack.data import DataError, DatasetBundle, DatasetNotFoundError, load_dataset
 from tldr_core.attack.kkt import KKTConfig, run_kkt
@@ -50,7 +50,7 @@ from tldr_core.platform.references import DEFAULT_K, train_references
 from tldr_core.report.artifacts import write_artifacts
 from tldr_core.report.controls import render_controls
 from tldr_core.scoring.metrics import score_baselines
-from tldr_core.scoring.pipeline import Scored, attack_and_score, reference_index, score_attack, template_attack
+from tldr_core.scoring.pipeline import Scored, attack_and_score, score_attack, template_attack
 from tldr_core.scoring.membership_risk import assess_membership
 from tldr_core.scoring.mia import score_membership
 from tldr_core.scoring.references import REFERENCES, score_references, within_bound

@@ -1,6 +1,7 @@
-"""A fork server for the hostile probes: imports torch and the CLIs once, then forks one child per probe.
+"""A fork server for the suite's command runs (tests/cli_process.py): imports torch and the CLIs once, then
+forks one child per command.
 
-Why: a probe is refused in well under a second, but a fresh interpreter spends ~2 s importing torch,
+Why: a bad input is refused in well under a second, but a fresh interpreter spends ~2 s importing torch,
 matplotlib and the package first; the ~80 probes of tests/hostile spent most of their time there. A child
 forked from this process has those modules already, and then runs the command as ``python -m MODULE
 ARGS`` or ``python SCRIPT ARGS`` would: its own process, working folder, environment, stdin from
@@ -22,13 +23,15 @@ import os
 import runpy
 import sys
 
-# What the probed commands import before they check anything: loaded once, here.
+# What the commands import before they check anything: loaded once, here. Not mlflow: its import starts a
+# thread (jemalloc's), and a fork copies only the thread that forks.
 import matplotlib
 
 matplotlib.use("Agg")
 import torch  # noqa: E402,F401
 import tldr_core.cli.audit  # noqa: E402,F401
 import tldr_core.cli.controls  # noqa: E402,F401
+import tldr_core.cli.main  # noqa: E402,F401
 import tldr_core.platform.registry.audits.reaudit_cli  # noqa: E402,F401
 import tldr_core.platform.search.cli  # noqa: E402,F401
 
