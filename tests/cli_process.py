@@ -4,7 +4,7 @@ command refused in 0.1 s no longer spends ~2 s importing first (tests/hostile: 2
 
 `run_python` is ``subprocess.run([sys.executable, *args], capture_output=True, text=True)`` for the suite,
 with the command's own peak memory and CPU time (`Result`). ``-c CODE`` runs in a new interpreter under
-peak_launcher.py. tests/hostile/test_probe_server.py shows what the fork keeps of a new interpreter.
+peak_launcher.py. tests/test_cli_process.py shows what the fork keeps of a new interpreter.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class Result:
     stderr: str
     seconds: float
     cpu_seconds: float
-    #: Peak resident memory of this probe's own process (not of every child the test worker ever ran).
+    #: Peak resident memory of this command's own process (not of every child the test worker ever ran).
     peak_kb: int
 
     @property

@@ -38,7 +38,10 @@ def test_no_module_or_function_of_tldr_core_is_too_long():
 
 
 def test_no_platform_folder_holds_more_than_about_ten_modules():
-    crowded = {str(d.relative_to(PACKAGE.parent)): n for d in [PACKAGE / "platform", *(PACKAGE / "platform").rglob("*/")]
-               if d.is_dir() and d.name != "__pycache__"
-               and (n := len([f for f in d.glob("*.py") if f.name != "__init__.py"])) > MAX_PLATFORM_MODULES}
+    platform = PACKAGE / "platform"
+    crowded = {}
+    for folder in [platform, *(d for d in platform.rglob("*") if d.is_dir() and d.name != "__pycache__")]:
+        modules = [f for f in folder.glob("*.py") if f.name != "__init__.py"]
+        if len(modules) > MAX_PLATFORM_MODULES:
+            crowded[str(folder.relative_to(PACKAGE.parent))] = len(modules)
     assert crowded == {}

@@ -307,7 +307,8 @@ def test_impossible_sizes(tmp_path):
 def test_train_per_class_is_the_largest_class_of_t():
     def bundle(labels: list[int], num_classes: int) -> D.DatasetBundle:
         split = D.Split(torch.zeros(len(labels), 1, 2, 2), torch.tensor(labels))
-        return D.DatasetBundle("t", split, split, split, num_classes, (1, 2, 2), [str(c) for c in range(num_classes)], "")
+        names = [str(c) for c in range(num_classes)]
+        return D.DatasetBundle("t", split, split, split, num_classes, (1, 2, 2), names, "")
 
     assert bundle([0, 1, 2] * 4, 3).train_per_class() == 4  # balanced: |T| / classes
     assert bundle([0, 0, 0, 1, 2], 3).train_per_class() == 3  # the largest class, not 5 / 3 rounded

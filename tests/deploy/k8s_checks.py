@@ -33,6 +33,8 @@ from typing import Any, Iterable, Iterator
 
 import yaml
 
+from cli_process import run_python  # tests/: commands forked from a server that imported torch once
+
 REPO = Path(__file__).resolve().parents[2]
 K8S_DIR = REPO / "k8s"
 OVERLAYS = ("cpu-dev", "gpu")
@@ -744,8 +746,6 @@ def script_help_flags(script: str) -> frozenset[str]:
     if not path.is_file():
         raise SetupError(f"{script} does not exist in {REPO}: the manifests run it, so its --help "
                          "must list every flag they pass")
-    from cli_process import run_python  # tests/: forked from a server that imported torch once
-
     proc = run_python([path, "--help"], cwd=REPO, timeout=180)
     if proc.returncode != 0:
         raise SetupError(f"python {script} --help exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")

@@ -13,12 +13,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cli_process import Result, run_python  # noqa: F401 - Result: the probes' type
+from cli_process import SERVER_ENV, Result, run_python
 
 REPO = Path(__file__).resolve().parents[2]
-#: Every probe's environment: one thread, local Ray without auth, the checkout importable.
-BASE_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO),
-            "MLFLOW_DISABLE_TELEMETRY": "true"}
+#: Every probe's environment: the server's (one thread, the checkout importable) and a local Ray without auth.
+BASE_ENV = {**SERVER_ENV, "RAY_AUTH_MODE": "disabled"}
 #: A probe must fail before any training (checked on stdout) and within this much CPU time. CPU time, not
 #: wall time: on shared cores a probe's wall time varies tenfold.
 MAX_CPU_SECONDS = 30.0

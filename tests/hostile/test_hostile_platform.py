@@ -134,7 +134,8 @@ def broken_server():
 
 
 AUDIT_TINY = ["-m", "tldr_core.cli.audit", "--dataset", "digits-8x8", "--train-size", "100", "--device", "cpu",
-              "--steps", "3", "--per-class", "2", "--batch-size", "8", "--classifier-epochs", "1", "--membership-refs", "0"]
+              "--steps", "3", "--per-class", "2", "--batch-size", "8", "--classifier-epochs", "1",
+              "--membership-refs", "0"]
 
 
 def test_an_audit_to_a_server_whose_api_is_broken_is_refused_before_any_work(tmp_path, broken_server):

@@ -1,4 +1,4 @@
-"""Running real (tiny) searches in tests: `tune/search.py` in a subprocess with its own runs folder,
+"""Running real (tiny) searches in tests: `tune/search.py` in a process of its own with its own runs folder,
 and reading the results back through the MLflow client. Shared by the search test modules (imported
 by name: pytest puts this folder on sys.path) and the fixtures in this folder's conftest.py."""
 from __future__ import annotations

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -20,6 +19,9 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, also when run as a script
+from local_servers import stop_process_group  # noqa: E402
 
 INSTALL = "apt-get update && apt-get install -y chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -84,26 +86,6 @@ def _errors(events: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to the browser's process group, SIGKILL after 10 s; then wait until no member is left."""
-    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-        except subprocess.TimeoutExpired:
-            continue
-        end = time.time() + wait  # the browser is gone; its helpers may take a moment longer
-        while time.time() < end:
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.05)
-
-
 def check_page(html_path: str | Path, screenshot: str | Path | None = None, width: int = 1240,
                timeout: float = 60.0) -> dict[str, Any]:
     """Load `html_path` in headless Chromium; returns {"errors": [...], "images": [...], "bad_images": [...],
@@ -149,7 +131,7 @@ def check_page(html_path: str | Path, screenshot: str | Path | None = None, widt
             errors = _errors(page.events)
             page.ws.close()
         finally:
-            _stop_group(proc)
+            stop_process_group(proc, ((signal.SIGTERM, 10), (signal.SIGKILL, 10)))  # its helpers with it
     return {"errors": errors, "images": images, "bad_images": [i for i in images if not i["ok"]],
             "height": height, "screenshot": shot, "title": title}
 
